@@ -1,0 +1,3 @@
+from kifmerge.cli import main
+
+main()

@@ -1,0 +1,233 @@
+"""Open and validate Hugging Face model folders and PEFT LoRA adapters, lazily.
+
+Only safetensors are read (never pickle). Tensor shapes and dtypes come from the file
+headers, so validating a checkpoint against its base touches no weights except for the
+streaming finite-value check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from kifmerge.errors import InvalidInputError, NotFoundError
+from kifmerge.units import UnitLayout, layout_for, lora_module_of
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"
+PEFT_PREFIX = "base_model.model."
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+@dataclass
+class TensorFiles:
+    """The safetensors files of a checkpoint and the header of every tensor in them."""
+
+    files: dict[str, Path]
+    weight_map: dict[str, str]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+
+    def iter_tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+        """Yield (name, tensor) one at a time, one file open at a time."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in sorted(by_file.items()):
+            with safe_open(self.files[file], framework="pt") as handle:
+                for name in sorted(names):
+                    yield name, handle.get_tensor(name)
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise NotFoundError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_headers(files: dict[str, Path], weight_map: dict[str, str] | None = None) -> TensorFiles:
+    """Shapes and dtypes of every tensor, from headers only. Builds the weight map when absent."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes, dtypes, found = {}, {}, {}
+    for file, path in files.items():
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for name in handle.keys():
+                    if name in found:
+                        raise InvalidInputError(f"tensor {name} appears in both {found[name]} and {file}")
+                    piece = handle.get_slice(name)
+                    shapes[name], dtypes[name], found[name] = tuple(piece.get_shape()), piece.get_dtype(), file
+        except SafetensorError as exc:
+            raise InvalidInputError(f"{path} is not a readable safetensors file ({exc})") from None
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(found))
+        if missing:
+            raise InvalidInputError(f"index names tensor {missing[0]} but no shard holds it ({len(missing)} missing)")
+    return TensorFiles(files=files, weight_map=found, shapes=shapes, dtypes=dtypes)
+
+
+def model_tensor_files(folder: Path) -> TensorFiles:
+    """The safetensors of a full model folder, single-file or sharded with an index."""
+    index = folder / MODEL_INDEX
+    if index.is_file():
+        weight_map = read_json(index, "index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InvalidInputError(f"{index} has no weight_map")
+        files = {}
+        for name in sorted(set(weight_map.values())):
+            if not (folder / name).is_file():
+                raise NotFoundError(f"shard {name} named in {index} is missing")
+            files[name] = folder / name
+        return read_headers(files, weight_map)
+    if (folder / MODEL_WEIGHTS).is_file():
+        return read_headers({MODEL_WEIGHTS: folder / MODEL_WEIGHTS})
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return read_headers({p.name: p for p in shards})
+    if any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+        raise InvalidInputError(f"{folder} has no safetensors weights; pickle-based files are never read "
+                                "(re-save with save_pretrained(safe_serialization=True))")
+    raise NotFoundError(f"no model weights in {folder}")
+
+
+@dataclass
+class BaseModel:
+    """A local Hugging Face model folder as the registry records it."""
+
+    path: Path
+    config: dict
+    tensors: TensorFiles
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or [self.config.get("model_type", "unknown")])[0]
+
+    @property
+    def model_type(self) -> str:
+        return self.config.get("model_type", "unknown")
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the config plus every tensor's name, dtype and shape (not the values)."""
+        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        for name in sorted(self.tensors.shapes):
+            digest.update(f"{name}|{self.tensors.dtypes[name]}|{self.tensors.shapes[name]}\n".encode())
+        return digest.hexdigest()
+
+
+def open_model(folder: str | Path) -> BaseModel:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotFoundError(f"model folder not found: {folder}")
+    config = read_json(folder / "config.json", "config.json of the model")
+    return BaseModel(path=folder.resolve(), config=config, tensors=model_tensor_files(folder))
+
+
+@dataclass
+class Checkpoint:
+    """A task checkpoint: a LoRA adapter (`kind='lora'`) or a full fine-tuned model (`'full'`)."""
+
+    path: Path
+    kind: str
+    tensors: TensorFiles
+    adapter_config: dict | None
+    layout: UnitLayout
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotFoundError(f"checkpoint folder not found: {folder}")
+    if (folder / ADAPTER_CONFIG).exists():
+        config = read_json(folder / ADAPTER_CONFIG, "adapter config")
+        if not (folder / ADAPTER_WEIGHTS).is_file():
+            if (folder / "adapter_model.bin").is_file():
+                raise InvalidInputError(f"{folder} holds a pickle adapter_model.bin, which is never read; "
+                                        "re-save the adapter with safe_serialization=True")
+            raise NotFoundError(f"{folder / ADAPTER_WEIGHTS} not found")
+        tensors = read_headers({ADAPTER_WEIGHTS: folder / ADAPTER_WEIGHTS})
+        _check_lora_config(folder, config, tensors)
+        return Checkpoint(folder, "lora", tensors, config, layout_for("lora", tensors.shapes))
+    if (folder / "config.json").exists():
+        model = open_model(folder)
+        return Checkpoint(folder, "full", model.tensors, None, layout_for("full", model.tensors.shapes))
+    raise NotFoundError(f"{folder} is neither a PEFT adapter ({ADAPTER_CONFIG}) nor a model folder (config.json)")
+
+
+def _check_lora_config(folder: Path, config: dict, tensors: TensorFiles) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InvalidInputError(f"{folder}: peft_type {config.get('peft_type')} is not supported (only LORA)")
+    if config.get("use_dora"):
+        raise InvalidInputError(f"{folder}: DoRA adapters are not supported (their magnitude vectors are not rank units)")
+    others = sorted(n for n in tensors.shapes if lora_module_of(n) is None)
+    if others:
+        raise InvalidInputError(f"{folder}: tensor {others[0]} is not a LoRA factor (modules_to_save and "
+                                f"trainable biases are not supported; {len(others)} such tensors)")
+    by_module: dict[str, dict[int, tuple[int, ...]]] = {}
+    for name, shape in tensors.shapes.items():
+        module, axis = lora_module_of(name)
+        if len(shape) != 2:
+            raise InvalidInputError(f"{folder}: {name} has shape {list(shape)}; LoRA factors are 2-D")
+        by_module.setdefault(module, {})[axis] = shape
+    for module, factors in sorted(by_module.items()):
+        if set(factors) != {0, 1}:
+            raise InvalidInputError(f"{folder}: module {module} lacks its lora_{'B' if 0 in factors else 'A'} factor")
+        if factors[0][0] != factors[1][1]:
+            raise InvalidInputError(f"{folder}: {module} has lora_A rank {factors[0][0]} but lora_B rank {factors[1][1]}")
+
+
+def validate_against_base(checkpoint: Checkpoint, base: BaseModel) -> None:
+    """Refuse a checkpoint that cannot have been trained from `base` (names and shapes)."""
+    if checkpoint.kind == "lora":
+        fan_in_fan_out = bool(checkpoint.adapter_config.get("fan_in_fan_out"))
+        for module in checkpoint.layout.groups:
+            base_name = (module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module) + ".weight"
+            if base_name not in base.tensors.shapes:
+                raise InvalidInputError(
+                    f"adapter module {module} does not exist in base {base.path.name} ({base.architecture}); "
+                    "was the adapter trained for another architecture?")
+            out_features, in_features = base.tensors.shapes[base_name][:2][:: -1 if fan_in_fan_out else 1]
+            a_shape = checkpoint.tensors.shapes[module + ".lora_A.weight"]
+            b_shape = checkpoint.tensors.shapes[module + ".lora_B.weight"]
+            if a_shape[1] != in_features or b_shape[0] != out_features:
+                raise InvalidInputError(
+                    f"adapter module {module} has shape in={a_shape[1]} out={b_shape[0]} but base weight "
+                    f"{base_name} has in={in_features} out={out_features}")
+        return
+    config = read_json(checkpoint.path / "config.json", "config.json")
+    if config.get("model_type") != base.model_type:
+        raise InvalidInputError(f"checkpoint is a {config.get('model_type')} model but base is {base.model_type}")
+    ours, theirs = checkpoint.tensors.shapes, base.tensors.shapes
+    for name in sorted(set(ours) | set(theirs)):
+        if name not in theirs:
+            raise InvalidInputError(f"checkpoint tensor {name} does not exist in the base model")
+        if name not in ours:
+            raise InvalidInputError(f"checkpoint lacks tensor {name} of the base model")
+        if ours[name] != theirs[name]:
+            raise InvalidInputError(f"tensor {name} has shape {list(ours[name])} but the base has {list(theirs[name])}")
+
+
+def check_finite(tensors: TensorFiles, progress: Callable[[int], None] | None = None) -> None:
+    """Stream every tensor once; refuse NaN or infinite values."""
+    import torch
+
+    for name, tensor in tensors.iter_tensors():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InvalidInputError(f"tensor {name} holds {bad} NaN or infinite values")
+        if progress:
+            progress(1)

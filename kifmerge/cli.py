@@ -1,0 +1,275 @@
+"""The command line: a thin Typer layer. Each command parses, calls one service in
+`kifmerge.api`, and renders the result (rich table, or JSON with `--json`).
+
+Errors print one line on stderr and exit with the error class's code (see `errors.py`);
+`--debug` (or KIFMERGE_DEBUG=1) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Optional
+
+import typer
+
+from kifmerge.errors import KifError
+
+app = typer.Typer(
+    name="kifmerge",
+    help="Continual learning of language models by importance-guided merging (KIF).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+base_app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+
+RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", envvar="KIFMERGE_REGISTRY",
+                                                     help="Registry folder [default: ./registry].", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", envvar="KIFMERGE_DEBUG")]
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def handled(fn: Callable) -> Callable:
+    """Turn KifError (and anything unexpected) into one line on stderr plus its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            print("kifmerge: interrupted; nothing was recorded", file=sys.stderr)
+            raise typer.Exit(130)
+        except KifError as exc:
+            if kwargs.get("debug"):
+                raise
+            print(f"kifmerge: error: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code)
+        except Exception as exc:  # a bug or an environment problem: still one line by default
+            if kwargs.get("debug"):
+                raise
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            print(f"kifmerge: unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]] | None]:
+    """A rich progress display on stderr, handed to services as `progress(description, total)`."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_stderr(), transient=True) as bars:
+        def start(description: str, total: int) -> Callable[[int], None]:
+            task_id = bars.add_task(description, total=total)
+            return lambda n=1: bars.advance(task_id, n)
+
+        yield start
+
+
+def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    else:
+        render(result)
+
+
+def render_mapping(result: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, sort_keys=True, default=str)
+        console.print(f"[bold]{key}[/bold]: {value}", highlight=False, soft_wrap=True)
+
+
+def render_table(rows: list[dict], columns: list[str], empty: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not rows:
+        console.print(empty)
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*[_cell(row.get(c)) for c in columns])
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _float_list(text: str | None, count: int, option: str) -> tuple[float, ...] | None:
+    from kifmerge.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{option} takes {count} comma-separated numbers, got {text!r}") from None
+    if len(values) != count:
+        raise UsageError(f"{option} takes {count} comma-separated numbers, got {len(values)}")
+    return values
+
+
+# ---- commands -----------------------------------------------------------------------------
+@app.command()
+@handled
+def init(registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Create the registry (or upgrade its schema); safe to run twice."""
+    from kifmerge import api
+
+    result = api.init(registry)
+    emit(result, json_out, lambda r: print(f"{'created' if r['created'] else 'ready'}: registry at {r['registry']}"))
+
+
+@base_app.command("add")
+@handled
+def base_add(
+    name: Annotated[str, typer.Argument(help="Name for the base model.")],
+    model: Annotated[Path, typer.Argument(help="Local Hugging Face model folder (safetensors).")],
+    copy: Annotated[bool, typer.Option("--copy", help="Also store the model's files in the registry.")] = False,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Register a base model: its path, architecture and a fingerprint of config + weight headers."""
+    from kifmerge import api
+
+    with progress_bars(not json_out) as progress:
+        result = api.add_base(name, model, copy=copy, registry=registry, progress=progress)
+    emit(result, json_out, render_mapping)
+
+
+@app.command("add-task")
+@handled
+def add_task(
+    task: Annotated[str, typer.Argument(help="Name for the task.")],
+    checkpoint: Annotated[Path, typer.Argument(help="PEFT LoRA adapter folder or full fine-tuned model folder.")],
+    base: Annotated[str, typer.Option("--base", help="The registered base it was trained from.")],
+    profile: Annotated[Optional[Path], typer.Option("--profile", help="Importance profile (kifmerge-profile safetensors).")] = None,
+    line: Annotated[Optional[str], typer.Option("--line", help="The line whose newest version it was trained from.")] = None,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Register a checkpoint trained elsewhere, validated against its base."""
+    from kifmerge import api
+
+    with progress_bars(not json_out) as progress:
+        result = api.add_task(task, checkpoint, base=base, profile=profile, line=line, registry=registry, progress=progress)
+    emit(result, json_out, render_mapping)
+
+
+@app.command()
+@handled
+def fuse(
+    task: Annotated[str, typer.Argument(help="A registered task with a profile.")],
+    into: Annotated[str, typer.Option("--into", help="The line to fuse into (created when new).")],
+    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive")] = "kif",
+    top: Annotated[Optional[float], typer.Option("--top", help="Fraction of units counted important (kif).", show_default="0.2")] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", help="Softmax temperature (kif-adaptive).", show_default="0.25")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="NEW_BOTH,OLD_BOTH,NEW_NEITHER (kif).", show_default="0.3,0.7,0.5")] = None,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Fuse TASK into LINE unit by unit → a new immutable version."""
+    from kifmerge import api
+
+    with progress_bars(not json_out) as progress:
+        result = api.fuse(task, into, method=method, top=top, tau=tau, weights=_float_list(weights, 3, "--weights"),
+                          registry=registry, progress=progress)
+    emit(result, json_out, render_mapping)
+
+
+@app.command()
+@handled
+def export(
+    ref: Annotated[str, typer.Argument(help="LINE or LINE@vN.")],
+    out: Annotated[Path, typer.Argument(help="New output folder.")],
+    merged: Annotated[bool, typer.Option("--merged", help="Merge a LoRA line into the base: a full model folder.")] = False,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Export a version as a folder peft / transformers load, with a model card."""
+    from kifmerge import api
+
+    with progress_bars(not json_out) as progress:
+        result = api.export(ref, out, merged=merged, registry=registry, progress=progress)
+    emit(result, json_out, render_mapping)
+
+
+LIST_COLUMNS = {
+    "tasks": ["name", "base", "kind", "profile", "trained_from", "created"],
+    "lines": ["name", "base", "kind", "head", "tasks", "created"],
+    "versions": ["version", "task", "method", "parent", "created"],
+    "bases": ["name", "architecture", "path", "copied", "created"],
+}
+
+
+@app.command("list")
+@handled
+def list_(
+    what: Annotated[str, typer.Argument(help="tasks | lines | versions | bases")] = "tasks",
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """List tasks, lines, versions or bases."""
+    from kifmerge import api
+
+    rows = api.list_items(what, registry=registry)
+    emit(rows, json_out, lambda r: render_table(r, LIST_COLUMNS[what], f"no {what} yet"))
+
+
+@app.command()
+@handled
+def show(
+    ref: Annotated[str, typer.Argument(help="TASK, LINE or LINE@vN.")],
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Show one task, line or version."""
+    from kifmerge import api
+
+    emit(api.show(ref, registry=registry), json_out, render_mapping)
+
+
+@app.command()
+@handled
+def history(
+    line: Annotated[str, typer.Argument(help="A line.")],
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """The versions of a line, oldest first."""
+    from kifmerge import api
+
+    rows = api.history(line, registry=registry)
+    emit(rows, json_out, lambda r: render_table(r, ["version", "task", "method", "params", "created"], "no versions yet"))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

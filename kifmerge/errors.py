@@ -1,0 +1,49 @@
+"""Error classes. Each carries the process exit code the CLI returns for it, so scripts can
+tell "you typed it wrong" from "it does not exist" from "the registry is damaged"."""
+
+from __future__ import annotations
+
+
+class KifError(Exception):
+    """Base class: a one-line message that says what is wrong and what to do."""
+
+    exit_code = 1
+    kind = "error"
+
+
+class UsageError(KifError):
+    """Arguments that cannot work together (exit 2, like click's own usage errors)."""
+
+    exit_code = 2
+    kind = "usage"
+
+
+class NotFoundError(KifError):
+    """A named base, task, line, version or file does not exist (exit 3)."""
+
+    exit_code = 3
+    kind = "not-found"
+
+
+class InvalidInputError(KifError):
+    """A file or value was read but is not acceptable: wrong shapes, NaN, bad profile (exit 4)."""
+
+    exit_code = 4
+    kind = "invalid-input"
+
+
+class IntegrityError(KifError):
+    """Stored data does not match its recorded hash or is missing from the registry (exit 5)."""
+
+    exit_code = 5
+    kind = "integrity"
+
+
+class ConflictError(KifError):
+    """The name exists already, or a concurrent change moved the line under us (exit 6)."""
+
+    exit_code = 6
+    kind = "conflict"
+
+
+EXIT_CODES = {cls.kind: cls.exit_code for cls in (KifError, UsageError, NotFoundError, InvalidInputError, IntegrityError, ConflictError)}

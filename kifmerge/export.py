@@ -1,0 +1,104 @@
+"""Export a version as a folder Hugging Face tools load: a PEFT adapter, or a full model
+(merged into the base with peft's `merge_and_unload`), plus a model card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from kifmerge.checkpoints import ADAPTER_CONFIG, WEIGHT_SUFFIXES
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def copy_model_side_files(base_dir: Path, out_dir: Path, *, include_config: bool) -> None:
+    """Tokenizer, generation config and similar files of the base; never its weights."""
+    for path in sorted(base_dir.iterdir()):
+        if not path.is_file() or path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"):
+            continue
+        if path.name in (ADAPTER_CONFIG, "README.md") or (path.name in CONFIG_FILES and not include_config):
+            continue
+        if not (out_dir / path.name).exists():
+            shutil.copyfile(path, out_dir / path.name)
+
+
+def point_adapter_at_base(out_dir: Path, base_dir: Path) -> None:
+    config_path = out_dir / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def model_class_for(config: dict):
+    """The transformers class named in the config (`architectures[0]`), else the Auto class."""
+    import transformers
+
+    for name in config.get("architectures") or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    if config.get("is_encoder_decoder"):
+        return transformers.AutoModelForSeq2SeqLM
+    return transformers.AutoModelForCausalLM
+
+
+def merge_adapter_into_base(adapter_dir: Path, base_dir: Path, base_config: dict, out_dir: Path) -> None:
+    """peft: load base, apply the adapter, `merge_and_unload`, save as safetensors."""
+    import torch
+    from peft import PeftModel
+
+    model = model_class_for(base_config).from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    copy_model_side_files(base_dir, out_dir, include_config=False)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_model_card(out_dir: Path, *, line: str, version: dict, base: dict, lineage: list[dict], merged: bool) -> dict[str, str]:
+    """A README.md model card with base, tasks, method, parameters, lineage and file hashes."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hashes = {p.name: sha256_of(p) for p in sorted(out_dir.iterdir())
+              if p.is_file() and p.suffix == ".safetensors"}
+    adapter = version["kind"] == "lora" and not merged
+    data = ModelCardData(
+        base_model=base["path"] if not base.get("hub_id") else base["hub_id"],
+        library_name="peft" if adapter else "transformers",
+        tags=["kifmerge", "continual-learning", "kif", *(["lora"] if version["kind"] == "lora" else [])],
+    )
+    rows = "\n".join(
+        f"| v{v['number']} | {v['task'] or '—'} | {v['method']} | `{json.dumps(v['params'] or {}, sort_keys=True)}` | {v['created']} |"
+        for v in lineage)
+    files = "\n".join(f"| `{name}` | `{sha}` |" for name, sha in hashes.items())
+    tasks = ", ".join(v["task"] for v in lineage if v["task"])
+    body = f"""
+# {line} v{version['number']}
+
+Produced by [kifmerge](https://github.com/) (importance-guided merging, KIF / TaSL) as version
+{version['number']} of line `{line}`. {"A LoRA adapter" if adapter else "A full model"} on base
+`{base['name']}` ({base['architecture']}, fingerprint `{base['fingerprint'][:16]}`).
+
+Tasks learned, in order: {tasks}.
+
+## Lineage
+
+| version | fused task | method | parameters | created |
+| --- | --- | --- | --- | --- |
+{rows}
+
+## Files
+
+| file | sha256 |
+| --- | --- |
+{files}
+"""
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(out_dir / "README.md")
+    return hashes

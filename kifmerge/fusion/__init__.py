@@ -1,0 +1,1 @@
+"""Fusion: pure per-unit rules (`rules`) and the streaming engine that applies them (`engine`)."""

@@ -1,0 +1,55 @@
+"""Fusion rules as pure tensor functions (no files, no registry), one per method.
+
+Profiles are flat vectors of normalised unit scores in [0, 1]. A rule turns the old and
+new profiles into per-unit coefficients `(c_new, c_old)`; `blend` then applies them to
+one tensor, broadcasting each unit's coefficient along the tensor's unit axis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def important_units(profile: torch.Tensor, top: float) -> torch.Tensor:
+    """Units scoring strictly above the (1 − top) quantile of their own profile."""
+    if profile.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    threshold = torch.quantile(profile.to(torch.float64), 1.0 - top)
+    return profile.to(torch.float64) > threshold
+
+
+def kif_static(
+    p_old: torch.Tensor,
+    p_new: torch.Tensor,
+    *,
+    top: float = 0.2,
+    both: tuple[float, float] = (0.3, 0.7),
+    neither: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KIF's static rule. both important → both=(w_new, w_old); old only → old;
+    new only → new; neither → `neither·new + (1 − neither)·old`."""
+    old_hot, new_hot = important_units(p_old, top), important_units(p_new, top)
+    c_new = torch.full(p_new.shape, neither, dtype=torch.float32)
+    c_old = torch.full(p_new.shape, 1.0 - neither, dtype=torch.float32)
+    shared = old_hot & new_hot
+    c_new[shared], c_old[shared] = both
+    c_new[old_hot & ~new_hot], c_old[old_hot & ~new_hot] = 0.0, 1.0
+    c_new[new_hot & ~old_hot], c_old[new_hot & ~old_hot] = 1.0, 0.0
+    return c_new, c_old
+
+
+def kif_adaptive(p_old: torch.Tensor, p_new: torch.Tensor, *, tau: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the two scores at temperature tau: `c_new = e^{P_new/τ} / (e^{P_new/τ} + e^{P_old/τ})`."""
+    weights = torch.softmax(torch.stack([p_new, p_old]).to(torch.float64) / tau, dim=0).to(torch.float32)
+    return weights[0], 1.0 - weights[0]
+
+
+def blend(w_old: torch.Tensor, w_new: torch.Tensor, c_new: torch.Tensor, c_old: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """`c_new·W_new + c_old·W_old` in float32, unit coefficients broadcast along `axis`
+    (None: the whole tensor is one unit), returned in W_new's dtype."""
+    shape = [1] * w_new.dim()
+    if axis is not None:
+        shape[axis] = -1
+    c_new, c_old = c_new.reshape(shape), c_old.reshape(shape)
+    fused = c_new * w_new.to(torch.float32) + c_old * w_old.to(torch.float32)
+    return fused.to(w_new.dtype)

@@ -1,0 +1,80 @@
+"""Importance profiles: the interchange file format, normalisation and accumulation.
+
+File format (safetensors, never pickle): keys are unit-group names, values 1-D float32
+tensors of raw unit scores, metadata `{"format": "kifmerge-profile", "version": "1",
+"unit": "lora-rank" | "tensor"}`. In memory a profile is the flat vector of all unit scores
+in layout order (`UnitLayout.offsets`), which is what the fusion rules consume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from kifmerge.errors import InvalidInputError, NotFoundError
+from kifmerge.units import UnitLayout
+
+FORMAT = "kifmerge-profile"
+VERSION = "1"
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Min–max to [0, 1]; a constant profile becomes all zeros (never NaN)."""
+    scores = scores.to(torch.float32)
+    low, high = scores.min(), scores.max()
+    if not bool(high > low):
+        return torch.zeros_like(scores)
+    return (scores - low) / (high - low)
+
+
+def accumulate(previous: torch.Tensor, new: torch.Tensor, weights: tuple[float, float] = (0.3, 0.7)) -> torch.Tensor:
+    """The line's profile after a fuse: `normalise(w_new·P_new + w_old·P_old)`."""
+    w_new, w_old = weights
+    return normalise(w_new * normalise(new) + w_old * normalise(previous))
+
+
+def flatten(groups: dict[str, torch.Tensor], layout: UnitLayout) -> torch.Tensor:
+    return torch.cat([groups[name].reshape(-1).to(torch.float32) for name in layout.groups])
+
+
+def unflatten(flat: torch.Tensor, layout: UnitLayout) -> dict[str, torch.Tensor]:
+    return {name: flat[part].clone().contiguous() for name, part in layout.offsets().items()}
+
+
+def read_profile(path: str | Path, layout: UnitLayout) -> torch.Tensor:
+    """Read and validate a profile file against a checkpoint's layout; returns flat raw scores."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"profile file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            meta = handle.metadata() or {}
+            groups = {name: handle.get_tensor(name) for name in handle.keys()}
+    except SafetensorError as exc:
+        raise InvalidInputError(f"profile {path} is not a safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise InvalidInputError(f"profile {path} lacks metadata format={FORMAT!r} version={VERSION!r}")
+    if meta.get("unit") != layout.unit:
+        raise InvalidInputError(f"profile {path} scores {meta.get('unit')!r} units but the checkpoint has {layout.unit!r} units")
+    missing = [name for name in layout.groups if name not in groups]
+    extra = sorted(set(groups) - set(layout.groups))
+    if missing:
+        raise InvalidInputError(f"profile {path} has no scores for {missing[0]} ({len(missing)} groups missing)")
+    if extra:
+        raise InvalidInputError(f"profile {path} scores {extra[0]}, which the checkpoint does not have ({len(extra)} extra)")
+    for name, count in layout.groups.items():
+        scores = groups[name]
+        if scores.dim() != 1 or scores.numel() != count:
+            raise InvalidInputError(f"profile {path}: {name} has {list(scores.shape)} scores, expected 1-D of length {count}")
+        if not scores.is_floating_point() or not bool(torch.isfinite(scores).all()):
+            raise InvalidInputError(f"profile {path}: {name} holds NaN, infinite or non-float scores")
+    return flatten(groups, layout)
+
+
+def write_profile(path: str | Path, flat: torch.Tensor, layout: UnitLayout, extra_meta: dict[str, str] | None = None) -> None:
+    meta = {"format": FORMAT, "version": VERSION, "unit": layout.unit, **(extra_meta or {})}
+    save_file(unflatten(flat.to(torch.float32), layout), str(path), metadata=meta)
+

@@ -1,0 +1,102 @@
+"""The registry: a folder holding the catalog (`kifmerge.db`) and the blob store (`blobs/`).
+
+Weights are stored as a *manifest* blob (JSON) naming the safetensors blobs that hold the
+tensors and which tensor lives in which file; the manifest's sha is what rows reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kifmerge.errors import IntegrityError, NotFoundError
+from kifmerge.registry.blobs import BlobStore
+from kifmerge.registry.catalog import DB_NAME, Catalog
+
+ENV_VAR = "KIFMERGE_REGISTRY"
+DEFAULT_LOCATION = "registry"
+MANIFEST_FORMAT = "kifmerge-weights"
+
+
+def resolve_root(explicit: str | os.PathLike | None) -> Path:
+    """`--registry PATH` > `$KIFMERGE_REGISTRY` > `./registry`."""
+    return Path(explicit or os.environ.get(ENV_VAR) or DEFAULT_LOCATION)
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """Verified local paths of a stored checkpoint's tensor files and its tensor → file map."""
+
+    files: dict[str, Path]          # file name → verified blob path (tensors, configs, index)
+    weight_map: dict[str, str]      # tensor name → file name
+
+    def tensor_files(self) -> dict[str, Path]:
+        """Only the safetensors files (the manifest also carries configs and the index)."""
+        used = set(self.weight_map.values())
+        return {name: path for name, path in self.files.items() if name in used}
+
+
+class Registry:
+    def __init__(self, root: Path, catalog: Catalog):
+        self.root = root
+        self.catalog = catalog
+        self.blobs = BlobStore(root)
+
+    @classmethod
+    def init(cls, root: str | os.PathLike | None = None) -> tuple["Registry", bool]:
+        """Create (or upgrade) the registry; returns it and whether it was new."""
+        root = resolve_root(root)
+        root.mkdir(parents=True, exist_ok=True)
+        created = not (root / DB_NAME).exists()
+        registry = cls(root, Catalog.create(root))
+        registry.blobs.ensure()
+        if created:
+            with registry.catalog.transaction():
+                registry.catalog.event("init", str(root))
+        return registry, created
+
+    @classmethod
+    def open(cls, root: str | os.PathLike | None = None) -> "Registry":
+        root = resolve_root(root)
+        if not (root / DB_NAME).is_file():
+            raise NotFoundError(f"no registry at {root}; create one with `kifmerge init --registry {root}`")
+        catalog = Catalog(root)
+        if not catalog.is_initialised():
+            raise IntegrityError(f"registry at {root} has an older or incomplete schema; run `kifmerge init` to upgrade it")
+        return cls(root, catalog)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    # ---- weights ------------------------------------------------------------
+    def put_weights(self, files: dict[str, Path], weight_map: dict[str, str], *, move: bool = False) -> str:
+        """Store tensor files as blobs plus a manifest; returns the manifest sha."""
+        shas = {name: self.blobs.put_file(path, move=move) for name, path in sorted(files.items())}
+        manifest = {"format": MANIFEST_FORMAT, "version": 1, "files": shas, "weight_map": dict(sorted(weight_map.items()))}
+        return self.blobs.put_bytes(json.dumps(manifest, sort_keys=True).encode())
+
+    def manifest(self, sha: str) -> dict:
+        manifest = json.loads(self.blobs.read_bytes(sha))
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise IntegrityError(f"blob {sha[:12]} is not a kifmerge weight manifest")
+        return manifest
+
+    def weights(self, sha: str) -> WeightSet:
+        manifest = self.manifest(sha)
+        files = {name: self.blobs.open_verified(blob) for name, blob in manifest["files"].items()}
+        return WeightSet(files=files, weight_map=manifest["weight_map"])
+
+    def copy_weights(self, sha: str, out_dir: Path) -> dict[str, str]:
+        """Write a stored checkpoint's files under their original names; returns name → sha256."""
+        manifest = self.manifest(sha)
+        for name, blob in manifest["files"].items():
+            shutil.copyfile(self.blobs.open_verified(blob), out_dir / name)
+            os.chmod(out_dir / name, 0o644)
+        return dict(manifest["files"])
+
+    def blobs_of(self, sha: str) -> list[str]:
+        """A weights manifest and the blobs it names (for verify / gc)."""
+        return [sha, *self.manifest(sha)["files"].values()]

@@ -1,0 +1,158 @@
+"""The catalog: SQLite through sqlite-utils. The only module that talks SQL.
+
+Rows reference blobs by sha256. Every change that writes several rows runs in one
+transaction (`Catalog.transaction`), and appends its own row to `events`, so a crash
+leaves either the whole change or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from kifmerge.errors import ConflictError, NotFoundError
+
+DB_NAME = "kifmerge.db"
+BUSY_TIMEOUT_MS = 30_000
+JSON_COLUMNS = {"config", "params", "metrics", "timings", "training_config", "adapter_config", "payload", "layout"}
+
+migrations = Migrations("kifmerge")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["bases"].create(
+        {"name": str, "path": str, "architecture": str, "model_type": str, "fingerprint": str,
+         "config": str, "weights": str, "created": str},
+        pk="name", not_null={"path", "architecture", "fingerprint", "created"},
+    )
+    db["tasks"].create(
+        {"name": str, "base": str, "kind": str, "weights": str, "adapter_config": str,
+         "training_config": str, "data_fingerprint": str, "metrics": str, "trained_from": str,
+         "source": str, "created": str},
+        pk="name", foreign_keys=[("base", "bases", "name")],
+        not_null={"base", "kind", "weights", "created"},
+    )
+    db["profiles"].create(
+        {"task": str, "unit": str, "estimator": str, "scores": str, "layout": str, "created": str},
+        pk="task", foreign_keys=[("task", "tasks", "name")], not_null={"unit", "scores", "created"},
+    )
+    db["lines"].create(
+        {"name": str, "base": str, "kind": str, "created": str},
+        pk="name", foreign_keys=[("base", "bases", "name")], not_null={"base", "created"},
+    )
+    db["versions"].create(
+        {"id": int, "line": str, "number": int, "parent": int, "task": str, "method": str,
+         "params": str, "weights": str, "profile": str, "adapter_config": str, "metrics": str,
+         "timings": str, "created": str},
+        pk="id", foreign_keys=[("line", "lines", "name"), ("task", "tasks", "name")],
+        not_null={"line", "number", "method", "weights", "profile", "created"},
+    )
+    db["versions"].create_index(["line", "number"], unique=True)
+    db["events"].create(
+        {"id": int, "ts": str, "action": str, "subject": str, "payload": str},
+        pk="id", not_null={"ts", "action", "subject"},
+    )
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (json.loads(v) if k in JSON_COLUMNS and isinstance(v, str) else v) for k, v in row.items()}
+
+
+def _encode(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (json.dumps(v, sort_keys=True) if k in JSON_COLUMNS and v is not None else v) for k, v in row.items()}
+
+
+class Catalog:
+    def __init__(self, root: Path):
+        self.path = Path(root) / DB_NAME
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.db.execute("PRAGMA foreign_keys = ON")
+
+    @classmethod
+    def create(cls, root: Path) -> "Catalog":
+        catalog = cls(root)
+        catalog.db.enable_wal()
+        migrations.apply(catalog.db)
+        return catalog
+
+    def is_initialised(self) -> bool:
+        return not migrations.pending(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """One write transaction; taken IMMEDIATE so concurrent writers queue on the busy timeout
+        instead of failing at commit."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # ---- generic row access -------------------------------------------------
+    def insert(self, table: str, row: dict[str, Any]) -> int:
+        try:
+            return self.db[table].insert(_encode(row)).last_pk
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(f"{table[:-1]} {row.get('name') or row.get('task') or ''!s} already exists ({exc})") from exc
+
+    def event(self, action: str, subject: str, payload: dict[str, Any] | None = None) -> None:
+        self.db["events"].insert({"ts": now(), "action": action, "subject": subject,
+                                  "payload": json.dumps(payload or {}, sort_keys=True)})
+
+    def get(self, table: str, key: Any, what: str) -> dict[str, Any]:
+        try:
+            return _decode(self.db[table].get(key))
+        except sqlite_utils.db.NotFoundError:
+            raise NotFoundError(f"{what} {key!r} not found; see `kifmerge list {table}`") from None
+
+    def find(self, table: str, key: Any) -> dict[str, Any] | None:
+        try:
+            return _decode(self.db[table].get(key))
+        except sqlite_utils.db.NotFoundError:
+            return None
+
+    def rows(self, table: str, where: str | None = None, args: list | None = None, order_by: str | None = None) -> list[dict[str, Any]]:
+        return [_decode(r) for r in self.db[table].rows_where(where, args or [], order_by=order_by)]
+
+    # ---- versions -----------------------------------------------------------
+    def head(self, line: str) -> dict[str, Any] | None:
+        found = self.rows("versions", "line = ?", [line], order_by="number desc")
+        return found[0] if found else None
+
+    def version(self, line: str, number: int) -> dict[str, Any]:
+        found = self.rows("versions", "line = ? and number = ?", [line, number])
+        if not found:
+            raise NotFoundError(f"version {line}@v{number} not found; see `kifmerge history {line}`")
+        return found[0]
+
+    def referenced_blobs(self) -> dict[str, list[str]]:
+        """sha → the rows that reference it (as `table:key.column`). Weight manifests are
+        expanded by the caller, which knows their format."""
+        refs: dict[str, list[str]] = {}
+        for table, key, columns in (("bases", "name", ["weights"]), ("tasks", "name", ["weights"]),
+                                     ("profiles", "task", ["scores"]), ("versions", "id", ["weights", "profile"])):
+            for row in self.db[table].rows:
+                for column in columns:
+                    if row.get(column):
+                        refs.setdefault(row[column], []).append(f"{table}:{row[key]}.{column}")
+        return refs

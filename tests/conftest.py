@@ -1,0 +1,111 @@
+"""Tiny models built in code and saved, so the real `from_pretrained` paths run; checkpoints
+and profiles written the way an outside tool would write them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from kifmerge.cli import app
+
+LORA_TARGETS = ["q_proj", "v_proj"]
+T5_TARGETS = ["q", "v"]
+
+
+def build_llama(folder: Path, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def build_t5(folder: Path, seed: int = 0) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=96, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def model_class(base_dir: Path):
+    import transformers
+
+    architecture = json.loads((base_dir / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, architecture)
+
+
+def make_lora(base_dir: Path, out: Path, seed: int, targets: list[str], r: int = 4) -> Path:
+    """A LoRA adapter with random (non-zero) A and B, saved by peft."""
+    from peft import LoraConfig, get_peft_model
+
+    model = model_class(base_dir).from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def make_full(base_dir: Path, out: Path, seed: int) -> Path:
+    """A "full fine-tune": every weight of the base nudged by seeded noise."""
+    model = model_class(base_dir).from_pretrained(base_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def write_profile(path: Path, scores: dict[str, list[float]], unit: str) -> Path:
+    """A profile file in the documented interchange format, written without kifmerge."""
+    tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()}
+    save_file(tensors, str(path), metadata={"format": "kifmerge-profile", "version": "1", "unit": unit})
+    return path
+
+
+class Cli:
+    """Run the real Typer app in-process against one registry."""
+
+    def __init__(self, registry: Path):
+        self.registry = registry
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, code: int = 0):
+        result = self.runner.invoke(app, [*map(str, args), "--registry", str(self.registry)])
+        assert result.exit_code == code, f"exit {result.exit_code} (wanted {code})\nstdout: {result.stdout}\nstderr: {result.stderr}\n{result.exception!r}"
+        return result
+
+    def json(self, *args: str):
+        return json.loads(self(*args, "--json").stdout)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    runner = Cli(tmp_path / "registry")
+    runner("init")
+    return runner
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("llama") / "base")
+
+
+@pytest.fixture(scope="session")
+def t5_dir(tmp_path_factory) -> Path:
+    return build_t5(tmp_path_factory.mktemp("t5") / "base")
