@@ -257,7 +257,7 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
                 weights_sha = reg.put_weights(files, weight_map, move=True)
                 version_method, recorded = params.method, params.recorded()
                 recorded["units"] = {"total": layout.size, "new_weight_mean": round(float(c_new.mean()), 6)}
-                p_line = accumulate(p_new, p_old, params.profile_weights)
+                p_line = accumulate(p_old, p_new, params.profile_weights)
             profile_path = staging / "profile.safetensors"
             write_profile(profile_path, p_line, layout)
             profile_sha = reg.blobs.put_file(profile_path, move=True)

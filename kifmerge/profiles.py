@@ -30,10 +30,10 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
     return (scores - low) / (high - low)
 
 
-def accumulate(previous: torch.Tensor, new: torch.Tensor, weights: tuple[float, float] = (0.3, 0.7)) -> torch.Tensor:
+def accumulate(p_old: torch.Tensor, p_new: torch.Tensor, weights: tuple[float, float] = (0.3, 0.7)) -> torch.Tensor:
     """The line's profile after a fuse: `normalise(w_new·P_new + w_old·P_old)`."""
     w_new, w_old = weights
-    return normalise(w_new * normalise(new) + w_old * normalise(previous))
+    return normalise(w_new * normalise(p_new) + w_old * normalise(p_old))
 
 
 def flatten(groups: dict[str, torch.Tensor], layout: UnitLayout) -> torch.Tensor:

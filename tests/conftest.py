@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from hypothesis import settings
 from typer.testing import CliRunner
 
 from kifmerge.cli import app
+
+settings.register_profile("ci", deadline=None)  # CI machines are busy: no per-example timing limits
+settings.load_profile("ci")
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 T5_TARGETS = ["q", "v"]

@@ -1,0 +1,62 @@
+"""The fusion rules and profile arithmetic as pure tensor functions, without files."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kifmerge.fusion.rules import blend, important_units, kif_adaptive, kif_static
+from kifmerge.profiles import accumulate, normalise
+
+scores = st.lists(st.floats(0, 1, allow_nan=False), min_size=2, max_size=64).map(lambda v: torch.tensor(v))
+
+
+def test_static_rule_four_cases_with_defaults():
+    # 10 units; top 0.2 → the two highest of each profile are important
+    p_old = torch.tensor([0.9, 1.0, 0.1, 0.2, 0.0, 0.3, 0.1, 0.2, 0.0, 0.1])
+    p_new = torch.tensor([1.0, 0.0, 0.9, 0.2, 0.1, 0.3, 0.1, 0.2, 0.0, 0.1])
+    c_new, c_old = kif_static(p_old, p_new)
+    assert c_new[:4].tolist() == [0.30000001192092896, 0.0, 1.0, 0.5]
+    assert c_old[:4].tolist() == [0.699999988079071, 1.0, 0.0, 0.5]
+
+
+@given(scores)
+def test_constant_profile_marks_nothing_important(values):
+    flat = torch.full_like(values, 0.5)
+    assert not important_units(flat, 0.2).any()
+    assert torch.equal(normalise(flat), torch.zeros_like(flat))
+
+
+@settings(max_examples=50)
+@given(scores, st.floats(0.05, 1.0))
+def test_top_fraction_bounds_the_important_units(values, top):
+    hot = important_units(values, top)
+    assert int(hot.sum()) <= max(1, round(top * len(values))) + 1
+    if hot.any():
+        assert values[hot].min() > values[~hot].max() if (~hot).any() else True
+
+
+@given(scores, st.floats(0.05, 2.0))
+def test_adaptive_coefficients_are_a_softmax(values, tau):
+    other = values.flip(0)
+    c_new, c_old = kif_adaptive(other, values, tau=tau)
+    torch.testing.assert_close(c_new + c_old, torch.ones_like(c_new))
+    assert bool((c_new[values > other] >= 0.5).all()) and bool((c_new[values < other] <= 0.5).all())
+
+
+def test_blend_broadcasts_along_the_unit_axis():
+    old, new = torch.zeros(3, 4), torch.ones(3, 4)
+    rows = blend(old, new, torch.tensor([0.0, 0.5, 1.0]), torch.tensor([1.0, 0.5, 0.0]), axis=0)
+    assert rows[:, 0].tolist() == [0.0, 0.5, 1.0]
+    cols = blend(old, new, torch.tensor([0.0, 0.25, 0.5, 1.0]), torch.tensor([1.0, 0.75, 0.5, 0.0]), axis=1)
+    assert cols[0].tolist() == [0.0, 0.25, 0.5, 1.0]
+    whole = blend(old.half(), new.half(), torch.tensor([0.3]), torch.tensor([0.7]), axis=None)
+    assert whole.dtype == torch.float16 and torch.allclose(whole.float(), torch.full((3, 4), 0.3), atol=1e-3)
+
+
+@given(scores)
+def test_accumulated_profile_is_normalised(values):
+    acc = accumulate(values, values.flip(0))
+    assert not torch.isnan(acc).any()
+    assert acc.min() >= 0 and acc.max() <= 1
