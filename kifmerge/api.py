@@ -14,13 +14,14 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any, Callable, Iterator
 
 from kifmerge.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, UsageError
+from kifmerge.options import FuseParams, TrainOptions, validated
 from kifmerge.registry import Registry, resolve_root
+from kifmerge.registry.blobs import sha256_file
 
 # progress(description, total) → advance(n); None means silent
 Progress = Callable[[str, int], Callable[[int], None]] | None
@@ -58,36 +59,8 @@ def opened(root: str | os.PathLike | None) -> Iterator[Registry]:
         registry.close()
 
 
-class FuseParams(BaseModel):
-    """Fusion parameters (DESIGN.md defaults)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    method: Literal["kif", "kif-adaptive"] = "kif"
-    top: float = Field(0.2, gt=0.0, le=1.0, description="fraction of units counted important")
-    tau: float = Field(0.25, gt=0.0, description="softmax temperature of kif-adaptive")
-    weights: tuple[float, float, float] = (0.3, 0.7, 0.5)
-    profile_weights: tuple[float, float] = (0.3, 0.7)
-
-    @field_validator("weights", "profile_weights")
-    @classmethod
-    def _unit_interval(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if any(not 0.0 <= w <= 1.0 for w in value):
-            raise ValueError("every weight must lie in [0, 1]")
-        return value
-
-    def recorded(self) -> dict[str, Any]:
-        """Only the parameters the chosen method uses."""
-        if self.method == "kif":
-            return {"top": self.top, "weights": list(self.weights), "profile_weights": list(self.profile_weights)}
-        return {"tau": self.tau, "profile_weights": list(self.profile_weights)}
-
-
 def fuse_params(**values: Any) -> FuseParams:
-    try:
-        return FuseParams(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UsageError(f"invalid fuse option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return validated(FuseParams, "fuse", values)
 
 
 # ---- registry ---------------------------------------------------------------------------
@@ -150,48 +123,107 @@ def base_dir(reg: Registry, base: dict[str, Any]) -> Path:
 
 
 def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Path | None = None,
-             line: str | None = None, registry: str | os.PathLike | None = None, progress: Progress = None,
-             training_config: dict | None = None, data_fingerprint: str | None = None,
-             metrics: dict | None = None, source: str = "add-task") -> dict[str, Any]:
-    """Validate a LoRA adapter or full checkpoint against its base and store it (plus its profile)."""
-    from kifmerge.checkpoints import ADAPTER_CONFIG, check_finite, open_checkpoint, validate_against_base
-    from kifmerge.checkpoints import BaseModel as Model
-    from kifmerge.checkpoints import model_tensor_files
-    from kifmerge.profiles import read_profile
-
+             line: str | None = None, calibrate: str | Path | None = None, calibrate_batches: int = 8,
+             calibrate_options: dict[str, Any] | None = None, registry: str | os.PathLike | None = None,
+             progress: Progress = None) -> dict[str, Any]:
+    """Validate a LoRA adapter or full checkpoint against its base and store it with its profile
+    (given as a file, or computed with `calibrate` from gradients on a few batches of data)."""
+    if profile and calibrate:
+        raise UsageError("give either --profile or --calibrate, not both")
     check_name(name, "task")
     with opened(registry) as reg:
-        if reg.catalog.find("tasks", name):
-            raise ConflictError(f"task {name!r} already exists; choose another name")
         base_row = reg.catalog.get("bases", base, "base")
-        trained_from = None
-        if line:
-            head = reg.catalog.head(line)
-            trained_from = f"{line}@v{head['number']}" if head else f"{line}@v0"
-        ckpt = open_checkpoint(checkpoint)
-        base_folder = base_dir(reg, base_row)
-        validate_against_base(ckpt, Model(base_folder, base_row["config"], model_tensor_files(base_folder)))
-        check_finite(ckpt.tensors, _advance(progress, "checking weights", len(ckpt.tensors.shapes)))
-        scores = read_profile(profile, ckpt.layout) if profile else None
+        _refuse_existing_task(reg, name)
+        trained_from = _trained_from(reg, line) if line else None
+        staging = reg.blobs.staging_dir()
+        try:
+            extra: dict[str, Any] = {"estimator": "external"}
+            if calibrate:
+                from kifmerge.calibration import calibrate_profile
 
-        files = dict(ckpt.tensors.files)
-        side = [ADAPTER_CONFIG] if ckpt.kind == "lora" else ["config.json", "generation_config.json", "model.safetensors.index.json"]
-        files.update({n: ckpt.path / n for n in side if (ckpt.path / n).is_file()})
-        weights = reg.put_weights(files, ckpt.tensors.weight_map)
-        profile_sha = reg.blobs.put_file(Path(profile)) if profile else None
-        row = {"name": name, "base": base, "kind": ckpt.kind, "weights": weights,
-               "adapter_config": ckpt.adapter_config, "training_config": training_config,
-               "data_fingerprint": data_fingerprint, "metrics": metrics, "trained_from": trained_from,
-               "source": str(Path(checkpoint).resolve()) if source == "add-task" else source, "created": _now()}
+                opts = validated(TrainOptions, "calibration", calibrate_options or {})
+                extra = {"estimator": f"calibrated-{opts.importance}",
+                         "training_config": {"calibration": {"data": str(Path(calibrate).resolve()), "batches": calibrate_batches,
+                                                             **opts.model_dump(include={"importance", "beta1", "beta2", "batch_size", "max_length"})}},
+                         "data_fingerprint": sha256_file(Path(calibrate)) if Path(calibrate).is_file() else None}
+                folder = base_dir(reg, base_row)
+
+                def profile(ckpt):  # runs after the checkpoint has been validated against the base
+                    return calibrate_profile(ckpt, folder, base_row["config"], Path(calibrate), calibrate_batches, opts,
+                                             staging / "profile.safetensors", _advance(progress, "calibrating", calibrate_batches))
+            staged = _stage_task(reg, name, Path(checkpoint), base_row, profile, trained_from, progress,
+                                 source=str(Path(checkpoint).resolve()), **extra)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         with reg.catalog.transaction():
-            reg.catalog.insert("tasks", row)
-            if profile_sha:
-                reg.catalog.insert("profiles", {"task": name, "unit": ckpt.layout.unit, "estimator": "external",
-                                                "scores": profile_sha, "layout": ckpt.layout.describe(), "created": _now()})
-            reg.catalog.event("task.add", name, {"kind": ckpt.kind, "profile": bool(profile_sha)})
-        result = _public_task(row)
-        result["profile"] = {"unit": ckpt.layout.unit, **ckpt.layout.describe()} if scores is not None else None
-        return result
+            _commit_task(reg, staged)
+        return staged.public()
+
+
+@dataclass
+class StagedTask:
+    """A task whose blobs are stored but whose rows are not yet committed."""
+
+    row: dict[str, Any]
+    profile_row: dict[str, Any] | None
+    layout: Any
+
+    def public(self) -> dict[str, Any]:
+        metrics = {k: v for k, v in (self.row["metrics"] or {}).items() if k != "curve"} or None
+        return {**_public_task(self.row), "metrics": metrics,
+                "profile": {"estimator": self.profile_row["estimator"], **self.layout.describe()} if self.profile_row else None}
+
+
+def _refuse_existing_task(reg: Registry, name: str) -> None:
+    if reg.catalog.find("tasks", name):
+        raise ConflictError(f"task {name!r} already exists; choose another name")
+
+
+def _trained_from(reg: Registry, line: str) -> str:
+    head = reg.catalog.head(line)
+    return f"{line}@v{head['number']}" if head else f"{line}@v0"
+
+
+def _stage_task(reg: Registry, name: str, checkpoint: Path, base_row: dict, profile: Path | str | Callable | None,
+                trained_from: str | None, progress: Progress, *, source: str, estimator: str,
+                training_config: dict | None = None, data_fingerprint: str | None = None,
+                metrics: dict | None = None) -> StagedTask:
+    """Validate a checkpoint (and profile) against the base and store their blobs; no rows yet.
+    `profile` may be a callable that makes the profile file from the validated checkpoint."""
+    from kifmerge.checkpoints import ADAPTER_CONFIG, check_finite, model_tensor_files, open_checkpoint, validate_against_base
+    from kifmerge.checkpoints import BaseModel as Model
+    from kifmerge.profiles import read_profile
+
+    ckpt = open_checkpoint(checkpoint)
+    base_folder = base_dir(reg, base_row)
+    validate_against_base(ckpt, Model(base_folder, base_row["config"], model_tensor_files(base_folder)))
+    check_finite(ckpt.tensors, _advance(progress, "checking weights", len(ckpt.tensors.shapes)))
+    if callable(profile):
+        profile = profile(ckpt)
+    if profile:
+        read_profile(profile, ckpt.layout)
+    files = dict(ckpt.tensors.files)
+    side = [ADAPTER_CONFIG] if ckpt.kind == "lora" else ["config.json", "generation_config.json", "model.safetensors.index.json"]
+    files.update({n: ckpt.path / n for n in side if (ckpt.path / n).is_file()})
+    row = {"name": name, "base": base_row["name"], "kind": ckpt.kind, "weights": reg.put_weights(files, ckpt.tensors.weight_map),
+           "adapter_config": ckpt.adapter_config, "training_config": training_config,
+           "data_fingerprint": data_fingerprint, "metrics": metrics, "trained_from": trained_from,
+           "source": source, "created": _now()}
+    profile_row = None
+    if profile:
+        profile_row = {"task": name, "unit": ckpt.layout.unit, "estimator": estimator,
+                       "scores": reg.blobs.put_file(Path(profile)), "layout": ckpt.layout.describe(), "created": _now()}
+    return StagedTask(row, profile_row, ckpt.layout)
+
+
+def _commit_task(reg: Registry, staged: StagedTask) -> None:
+    """Inside the caller's transaction."""
+    _refuse_existing_task(reg, staged.row["name"])
+    reg.catalog.insert("tasks", staged.row)
+    if staged.profile_row:
+        reg.catalog.insert("profiles", staged.profile_row)
+    reg.catalog.event("task.add", staged.row["name"], {"kind": staged.row["kind"], "source": staged.row["source"],
+                                                       "profile": staged.profile_row["estimator"] if staged.profile_row else None})
 
 
 # ---- fusion -----------------------------------------------------------------------------
@@ -199,86 +231,231 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
          weights: tuple[float, float, float] | None = None, registry: str | os.PathLike | None = None,
          progress: Progress = None, max_shard_bytes: int | None = None) -> dict[str, Any]:
     """Fuse TASK into LINE → a new version. The first task of a line becomes v1 as it is."""
-    from kifmerge.checkpoints import read_headers
-    from kifmerge.fusion import rules
-    from kifmerge.fusion.engine import DEFAULT_MAX_SHARD_BYTES, LazyTensorReader, ShardWriter, fuse_streaming
-    from kifmerge.profiles import accumulate, normalise, read_profile, write_profile
-    from kifmerge.units import layout_for
-
     params = fuse_params(method=method, top=top, tau=tau, weights=weights)
     check_name(into, "line")
-    started = time.perf_counter()
     with opened(registry) as reg:
         task_row = reg.catalog.get("tasks", task, "task")
         profile_row = reg.catalog.find("profiles", task)
         if profile_row is None:
             raise InvalidInputError(
                 f"task {task!r} has no importance profile; re-register it with `kifmerge add-task … --profile FILE` "
-                "(or train it with `kifmerge train`, which records one)")
-        line_row = reg.catalog.find("lines", into)
-        if line_row and (line_row["base"], line_row["kind"]) != (task_row["base"], task_row["kind"]):
-            raise InvalidInputError(f"line {into!r} holds {line_row['kind']} versions of base {line_row['base']!r}; "
-                                    f"task {task!r} is {task_row['kind']} on base {task_row['base']!r}")
-        head = reg.catalog.head(into)
-        new_ws = reg.weights(task_row["weights"])
-        layout = layout_for(task_row["kind"], read_headers(new_ws.tensor_files(), new_ws.weight_map).shapes)
-        p_new = read_profile(reg.blobs.open_verified(profile_row["scores"]), layout)
-        staging = reg.blobs.staging_dir()
-        try:
-            timings = {}
-            if head is None:
-                version_method, recorded = "initial", {}
-                weights_sha, p_line = task_row["weights"], normalise(p_new)
-            else:
-                if task_row["kind"] == "lora":
-                    _check_lora_compatible(head["adapter_config"], task_row["adapter_config"], task, into)
-                old_ws = reg.weights(head["weights"])
-                old_layout = layout_for(task_row["kind"], read_headers(old_ws.tensor_files(), old_ws.weight_map).shapes)
-                if old_layout != layout:
-                    raise InvalidInputError(f"task {task!r} has a different unit layout than {into}@v{head['number']} "
-                                            "(other modules, ranks or tensors); it must be trained from the same running model")
-                p_old = read_profile(reg.blobs.open_verified(head["profile"]), layout)
-                if params.method == "kif":
-                    c_new, c_old = rules.kif_static(p_old, normalise(p_new), top=params.top,
-                                                    both=params.weights[:2], neither=params.weights[2])
-                else:
-                    c_new, c_old = rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
-                single, index = ("adapter_model.safetensors", None) if task_row["kind"] == "lora" else \
-                    ("model.safetensors", "model.safetensors.index.json")
-                writer = ShardWriter(staging, single, index, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
-                t0 = time.perf_counter()
-                fuse_streaming(LazyTensorReader(old_ws.files, old_ws.weight_map),
-                               LazyTensorReader(new_ws.files, new_ws.weight_map), layout, c_new, c_old, writer,
-                               _advance(progress, f"fusing {task} into {into}", len(layout.slots)))
-                files, weight_map = writer.finish()
-                timings["fuse_s"] = round(time.perf_counter() - t0, 4)
-                for side in set(new_ws.files) - set(new_ws.weight_map.values()) - set(files):
-                    files[side] = new_ws.files[side]  # adapter_config.json / config.json travel along
-                weights_sha = reg.put_weights(files, weight_map, move=True)
-                version_method, recorded = params.method, params.recorded()
-                recorded["units"] = {"total": layout.size, "new_weight_mean": round(float(c_new.mean()), 6)}
-                p_line = accumulate(p_old, p_new, params.profile_weights)
-            profile_path = staging / "profile.safetensors"
-            write_profile(profile_path, p_line, layout)
-            profile_sha = reg.blobs.put_file(profile_path, move=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        timings["total_s"] = round(time.perf_counter() - started, 4)
-        number = (head["number"] if head else 0) + 1
-        row = {"line": into, "number": number, "parent": head["number"] if head else None, "task": task,
-               "method": version_method, "params": recorded, "weights": weights_sha, "profile": profile_sha,
-               "adapter_config": task_row["adapter_config"] if head is None else head["adapter_config"],
-               "metrics": None, "timings": timings, "created": _now()}
+                "or `--calibrate DATA` (or train it with `kifmerge train`, which records one)")
+        staged = _stage_version(reg, task_row, profile_row["scores"], into, params, progress, max_shard_bytes)
         with reg.catalog.transaction():
-            if line_row is None and reg.catalog.find("lines", into) is None:
-                reg.catalog.insert("lines", {"name": into, "base": task_row["base"], "kind": task_row["kind"], "created": _now()})
-                reg.catalog.event("line.create", into, {"base": task_row["base"], "kind": task_row["kind"]})
-            current = reg.catalog.head(into)
-            if (current["number"] if current else 0) != number - 1:
-                raise ConflictError(f"line {into!r} moved to v{current['number']} while fusing; run the fuse again")
-            reg.catalog.insert("versions", row)
-            reg.catalog.event("fuse", f"{into}@v{number}", {"task": task, "method": version_method, "params": recorded})
-        return _public_version(row, task_row["kind"])
+            _commit_version(reg, staged)
+        return staged.public()
+
+
+@dataclass
+class StagedVersion:
+    row: dict[str, Any]
+    base: str
+    kind: str
+
+    def public(self) -> dict[str, Any]:
+        return _public_version(self.row, self.kind)
+
+
+def _stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, params: FuseParams,
+                   progress: Progress, max_shard_bytes: int | None = None) -> StagedVersion:
+    """Compute the fused weights and the line's new profile and store their blobs; no rows yet."""
+    from kifmerge.checkpoints import read_headers
+    from kifmerge.fusion import rules
+    from kifmerge.fusion.engine import DEFAULT_MAX_SHARD_BYTES, LazyTensorReader, ShardWriter, fuse_streaming
+    from kifmerge.profiles import accumulate, normalise, read_profile, write_profile
+    from kifmerge.units import layout_for
+
+    started = time.perf_counter()
+    task, kind = task_row["name"], task_row["kind"]
+    line_row = reg.catalog.find("lines", into)
+    if line_row and (line_row["base"], line_row["kind"]) != (task_row["base"], kind):
+        raise InvalidInputError(f"line {into!r} holds {line_row['kind']} versions of base {line_row['base']!r}; "
+                                f"task {task!r} is {kind} on base {task_row['base']!r}")
+    head = reg.catalog.head(into)
+    new_ws = reg.weights(task_row["weights"])
+    layout = layout_for(kind, read_headers(new_ws.tensor_files(), new_ws.weight_map).shapes)
+    p_new = read_profile(reg.blobs.open_verified(profile_sha), layout)
+    staging = reg.blobs.staging_dir()
+    timings: dict[str, float] = {}
+    try:
+        if head is None:
+            method, recorded = "initial", {}
+            weights_sha, p_line = task_row["weights"], normalise(p_new)
+        else:
+            if kind == "lora":
+                _check_lora_compatible(head["adapter_config"], task_row["adapter_config"], task, into)
+            old_ws = reg.weights(head["weights"])
+            if layout_for(kind, read_headers(old_ws.tensor_files(), old_ws.weight_map).shapes) != layout:
+                raise InvalidInputError(f"task {task!r} has a different unit layout than {into}@v{head['number']} "
+                                        "(other modules, ranks or tensors); it must be trained from the same running model")
+            p_old = read_profile(reg.blobs.open_verified(head["profile"]), layout)
+            if params.method == "kif":
+                c_new, c_old = rules.kif_static(p_old, normalise(p_new), top=params.top,
+                                                both=params.weights[:2], neither=params.weights[2])
+            else:
+                c_new, c_old = rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
+            single, index = ("adapter_model.safetensors", None) if kind == "lora" else \
+                ("model.safetensors", "model.safetensors.index.json")
+            writer = ShardWriter(staging, single, index, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+            t0 = time.perf_counter()
+            fuse_streaming(LazyTensorReader(old_ws.files, old_ws.weight_map),
+                           LazyTensorReader(new_ws.files, new_ws.weight_map), layout, c_new, c_old, writer,
+                           _advance(progress, f"fusing {task} into {into}", len(layout.slots)))
+            files, weight_map = writer.finish()
+            timings["fuse_s"] = round(time.perf_counter() - t0, 4)
+            for side in set(new_ws.files) - set(new_ws.weight_map.values()) - set(files):
+                files[side] = new_ws.files[side]  # adapter_config.json / config.json travel along
+            weights_sha = reg.put_weights(files, weight_map, move=True)
+            method, recorded = params.method, params.recorded()
+            recorded["units"] = {"total": layout.size, "new_weight_mean": round(float(c_new.mean()), 6)}
+            p_line = accumulate(p_old, p_new, params.profile_weights)
+        profile_path = staging / "profile.safetensors"
+        write_profile(profile_path, p_line, layout)
+        profile_sha = reg.blobs.put_file(profile_path, move=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    timings["total_s"] = round(time.perf_counter() - started, 4)
+    number = (head["number"] if head else 0) + 1
+    row = {"line": into, "number": number, "parent": head["number"] if head else None, "task": task,
+           "method": method, "params": recorded, "weights": weights_sha, "profile": profile_sha,
+           "adapter_config": task_row["adapter_config"] if head is None else head["adapter_config"],
+           "metrics": None, "timings": timings, "created": _now()}
+    return StagedVersion(row, task_row["base"], kind)
+
+
+def _commit_version(reg: Registry, staged: StagedVersion) -> None:
+    """Inside the caller's transaction: create the line if new, refuse if it moved meanwhile."""
+    row, into = staged.row, staged.row["line"]
+    if reg.catalog.find("lines", into) is None:
+        reg.catalog.insert("lines", {"name": into, "base": staged.base, "kind": staged.kind, "created": _now()})
+        reg.catalog.event("line.create", into, {"base": staged.base, "kind": staged.kind})
+    current = reg.catalog.head(into)
+    if (current["number"] if current else 0) != row["number"] - 1:
+        raise ConflictError(f"line {into!r} moved to v{current['number']} while fusing; run the command again")
+    reg.catalog.insert("versions", row)
+    reg.catalog.event("fuse", f"{into}@v{row['number']}", {"task": row["task"], "method": row["method"], "params": row["params"]})
+
+
+# ---- training -----------------------------------------------------------------------------
+def train(task: str, data: str | Path, line: str, *, base: str | None = None, options: dict[str, Any] | None = None,
+          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
+    """Fine-tune from LINE's newest version (or from the base when the line is empty), record
+    the importance profile while training, and register TASK. Returns None on non-main ranks."""
+    opts = validated(TrainOptions, "train", options or {})
+    check_name(task, "task")
+    check_name(line, "line")
+    with opened(registry) as reg:
+        with _trained_task(reg, task, Path(data), line, base, opts, progress) as staged:
+            if staged is None:
+                return None
+            with reg.catalog.transaction():
+                _commit_task(reg, staged)
+            return staged.public()
+
+
+def learn(task: str, data: str | Path, into: str, *, base: str | None = None, options: dict[str, Any] | None = None,
+          method: str = "kif", top: float | None = None, tau: float | None = None,
+          weights: tuple[float, float, float] | None = None, registry: str | os.PathLike | None = None,
+          progress: Progress = None) -> dict[str, Any] | None:
+    """The pipeline step: train TASK from INTO's newest version, then fuse it into INTO.
+    Task and version are committed in one transaction: both, or nothing."""
+    opts = validated(TrainOptions, "train", options or {})
+    params = fuse_params(method=method, top=top, tau=tau, weights=weights)
+    check_name(task, "task")
+    check_name(into, "line")
+    with opened(registry) as reg:
+        with _trained_task(reg, task, Path(data), into, base, opts, progress) as staged:
+            if staged is None:
+                return None
+            version = _stage_version(reg, staged.row, staged.profile_row["scores"], into, params, progress)
+            with reg.catalog.transaction():
+                _commit_task(reg, staged)
+                _commit_version(reg, version)
+            return {**version.public(), "trained": staged.public()}
+
+
+@contextmanager
+def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | None, opts: TrainOptions,
+                  progress: Progress) -> Iterator[StagedTask | None]:
+    """Run the training for TASK and stage its blobs; the staging folder lives for the block."""
+    from kifmerge.training import load_records, run_training, split_records
+
+    _refuse_existing_task(reg, task)
+    line_row = reg.catalog.find("lines", line)
+    if line_row is None and base is None:
+        raise UsageError(f"line {line!r} does not exist yet; give --base NAME to start it from a base model")
+    if line_row is not None and base is not None and base != line_row["base"]:
+        raise UsageError(f"line {line!r} is built on base {line_row['base']!r}, not {base!r}")
+    base_row = reg.catalog.get("bases", line_row["base"] if line_row else base, "base")
+    if line_row is not None and line_row["kind"] != opts.mode:
+        raise UsageError(f"line {line!r} holds {line_row['kind']} versions; train it with --mode {line_row['kind']}")
+    head = reg.catalog.head(line)
+    records = load_records(data, opts.max_examples)
+    train_set, val_set = split_records(records, opts.val_fraction, opts.seed)
+    replayed = _replay_examples(reg, line, opts, len(train_set))
+    folder = base_dir(reg, base_row)
+    staging = reg.blobs.staging_dir()
+    try:
+        init_dir = None
+        if head is not None:
+            if opts.mode == "lora":
+                _check_rank_options(head["adapter_config"], opts, line)
+            init_dir = staging / "init"
+            init_dir.mkdir()
+            reg.copy_weights(head["weights"], init_dir)
+        result = run_training(folder, base_row["config"], opts, init_dir, train_set + replayed["examples"], val_set,
+                              staging, progress, f"training {task}")
+        if result is None:
+            yield None
+            return
+        training_config = {**opts.model_dump(), "learning_rate": opts.learning_rate,
+                           "data": {"path": str(data.resolve()), "sha256": sha256_file(data)},
+                           "replay": replayed["sources"], "started_from": f"{line}@v{head['number']}" if head else "base"}
+        yield _stage_task(reg, task, result.checkpoint, base_row, result.profile, f"{line}@v{head['number'] if head else 0}",
+                          progress, source=f"train:{data.resolve()}", estimator=opts.importance,
+                          training_config=training_config, data_fingerprint=training_config["data"]["sha256"],
+                          metrics=result.metrics)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_rank_options(line_config: dict, opts: TrainOptions, line: str) -> None:
+    """A line's later tasks continue its adapter: the LoRA shape options cannot change."""
+    for option, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        given = getattr(opts, option)
+        if given is not None and given != line_config.get(key):
+            raise UsageError(f"line {line!r} has LoRA {key}={line_config.get(key)}; --{option.replace('_', '-')} {given} "
+                             "cannot change it (tasks continue the line's adapter)")
+    if opts.target_modules and set(opts.target_modules) != set(_as_list(line_config.get("target_modules"))):
+        raise UsageError(f"line {line!r} adapts {sorted(_as_list(line_config.get('target_modules')))}; "
+                         "--target-modules cannot change that")
+
+
+def _replay_examples(reg: Registry, line: str, opts: TrainOptions, n_train: int) -> dict[str, Any]:
+    """`--replay F`: that fraction of the training set drawn from the data of the line's earlier
+    tasks (files found by recorded path and checked against their recorded sha256)."""
+    import random
+
+    from kifmerge.training import load_records
+
+    if not opts.replay:
+        return {"examples": [], "sources": None}
+    pool, sources = [], []
+    for version in reg.catalog.rows("versions", "line = ?", [line], order_by="number"):
+        task = reg.catalog.find("tasks", version["task"]) if version["task"] else None
+        data = ((task or {}).get("training_config") or {}).get("data")
+        if not data:
+            continue
+        path = Path(data["path"])
+        if not path.is_file() or sha256_file(path) != data["sha256"]:
+            raise InvalidInputError(f"--replay needs the data of task {task['name']!r} ({path}), which is missing or "
+                                    "changed since it was trained; restore it or train without --replay")
+        pool.extend(load_records(path))
+        sources.append({"task": task["name"], "sha256": data["sha256"]})
+    if not pool:
+        raise InvalidInputError(f"--replay: line {line!r} has no earlier task with recorded training data")
+    count = min(len(pool), round(n_train * opts.replay / (1 - opts.replay)))
+    return {"examples": random.Random(opts.seed).sample(pool, count), "sources": {"tasks": sources, "examples": count}}
 
 
 def _check_lora_compatible(line_config: dict, task_config: dict, task: str, line: str) -> None:

@@ -8,9 +8,11 @@ Errors print one line on stderr and exit with the error class's code (see `error
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional
@@ -30,7 +32,7 @@ base_app = typer.Typer(help="Register and inspect base models.", no_args_is_help
 app.add_typer(base_app, name="base")
 
 RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", envvar="KIFMERGE_REGISTRY",
-                                                     help="Registry folder [default: ./registry].", show_default=False)]
+                                                     help="Registry folder (default: ./registry).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", envvar="KIFMERGE_DEBUG")]
 
@@ -174,13 +176,22 @@ def add_task(
     base: Annotated[str, typer.Option("--base", help="The registered base it was trained from.")],
     profile: Annotated[Optional[Path], typer.Option("--profile", help="Importance profile (kifmerge-profile safetensors).")] = None,
     line: Annotated[Optional[str], typer.Option("--line", help="The line whose newest version it was trained from.")] = None,
+    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", help="Compute the profile from gradients on this data.")] = None,
+    calibrate_batches: Annotated[int, typer.Option("--calibrate-batches", help="Batches of --calibrate data.")] = 8,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Calibration batch size (default: 8).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Calibration max tokens (default: 256).")] = None,
+    importance: Annotated[Optional[str], typer.Option("--importance", help="first | mixed (default: first).")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """Register a checkpoint trained elsewhere, validated against its base."""
+    """Register a checkpoint trained elsewhere, validated against its base, with its profile
+    given (--profile) or computed from calibration data (--calibrate)."""
     from kifmerge import api
 
     with progress_bars(not json_out) as progress:
-        result = api.add_task(task, checkpoint, base=base, profile=profile, line=line, registry=registry, progress=progress)
+        result = api.add_task(task, checkpoint, base=base, profile=profile, line=line, calibrate=calibrate,
+                              calibrate_batches=calibrate_batches,
+                              calibrate_options={"batch_size": batch_size, "max_length": max_length, "importance": importance},
+                              registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
 
@@ -218,6 +229,99 @@ def export(
     with progress_bars(not json_out) as progress:
         result = api.export(ref, out, merged=merged, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
+
+
+# ---- training options, shared by `train` and `learn` ---------------------------------------
+def _option(default: Any, *flags: str, help: str, kind: Any) -> inspect.Parameter:
+    name = flags[0].lstrip("-").replace("-", "_")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, typer.Option(*flags, help=help, rich_help_panel="Training")])
+
+
+TRAIN_OPTIONS = [
+    _option("lora", "--mode", help="lora (peft adapter) or full fine-tuning.", kind=str),
+    _option(None, "--lora-r", help="LoRA rank (default: 8; a line keeps its rank).", kind=Optional[int]),
+    _option(None, "--lora-alpha", help="LoRA alpha (default: 2·r).", kind=Optional[int]),
+    _option(None, "--lora-dropout", help="LoRA dropout (default: 0).", kind=Optional[float]),
+    _option(None, "--target-modules", help="Comma-separated module names (default: per architecture).", kind=Optional[str]),
+    _option(None, "--epochs", help="Epochs over the data (default: 1).", kind=Optional[float]),
+    _option(None, "--max-steps", help="Optimizer steps (overrides --epochs).", kind=Optional[int]),
+    _option(None, "--lr", help="Learning rate (default: 3e-4 LoRA, 2e-5 full).", kind=Optional[float]),
+    _option(None, "--batch-size", help="Examples per device per step (default: 8).", kind=Optional[int]),
+    _option(None, "--grad-accum", help="Gradient accumulation steps (default: 1).", kind=Optional[int]),
+    _option(None, "--max-length", help="Max tokens per example (default: 256).", kind=Optional[int]),
+    _option(None, "--seed", help="Random seed (default: 42).", kind=Optional[int]),
+    _option(None, "--max-examples", help="Use only the first N records.", kind=Optional[int]),
+    _option(None, "--val-fraction", help="Hold out this fraction for a validation loss (default: 0).", kind=Optional[float]),
+    _option(None, "--importance", help="Sensitivity estimator: first | mixed (default: first).", kind=Optional[str]),
+    _option(None, "--beta1", help="EMA factor of the sensitivity (default: 0.85).", kind=Optional[float]),
+    _option(None, "--beta2", help="EMA factor of the uncertainty (default: 0.85).", kind=Optional[float]),
+    _option(None, "--orth-reg", help="LoRA orthogonality regulariser λ (default: 0, off).", kind=Optional[float]),
+    _option(None, "--replay", help="Fraction of examples replayed from the line's earlier tasks (default: 0).", kind=Optional[float]),
+]
+TRAIN_OPTION_NAMES = [p.name for p in TRAIN_OPTIONS]
+
+
+def with_train_options(fn: Callable) -> Callable:
+    """Add the training options to a command's signature; the command receives them as one
+    dict in `train_options` (what `TrainOptions` validates)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        options = {name: kwargs.pop(name) for name in TRAIN_OPTION_NAMES}
+        if options["target_modules"]:
+            options["target_modules"] = tuple(m.strip() for m in options["target_modules"].split(",") if m.strip())
+        return fn(*args, train_options=options, **kwargs)
+
+    signature = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)  # resolve the string annotations for Typer
+    params = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.name != "train_options"]
+    wrapper.__signature__ = signature.replace(parameters=params + TRAIN_OPTIONS)
+    del wrapper.__wrapped__
+    return wrapper
+
+
+@app.command()
+@handled
+@with_train_options
+def train(
+    task: Annotated[str, typer.Argument(help="Name for the new task.")],
+    data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} records.")],
+    line: Annotated[str, typer.Option("--line", help="Train from this line's newest version.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, train_options: dict = None,
+) -> None:
+    """Fine-tune from LINE's newest version, record each unit's importance, register TASK."""
+    from kifmerge import api
+
+    with progress_bars(not json_out) as progress:
+        result = api.train(task, data, line, base=base, options=train_options, registry=registry, progress=progress)
+    if result is not None:
+        emit(result, json_out, render_mapping)
+
+
+@app.command()
+@handled
+@with_train_options
+def learn(
+    task: Annotated[str, typer.Argument(help="Name for the new task.")],
+    data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} records.")],
+    into: Annotated[str, typer.Option("--into", help="The line to train from and fuse into.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
+    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive", rich_help_panel="Fusion")] = "kif",
+    top: Annotated[Optional[float], typer.Option("--top", help="Fraction of units counted important.", rich_help_panel="Fusion")] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", help="Softmax temperature.", rich_help_panel="Fusion")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="NEW_BOTH,OLD_BOTH,NEW_NEITHER.", rich_help_panel="Fusion")] = None,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, train_options: dict = None,
+) -> None:
+    """Train TASK and fuse it into LINE in one step: one new version, or nothing on failure."""
+    from kifmerge import api
+
+    with progress_bars(not json_out) as progress:
+        result = api.learn(task, data, into, base=base, options=train_options, method=method, top=top, tau=tau,
+                           weights=_float_list(weights, 3, "--weights"), registry=registry, progress=progress)
+    if result is not None:
+        emit(result, json_out, render_mapping)
 
 
 LIST_COLUMNS = {

@@ -31,6 +31,14 @@ def point_adapter_at_base(out_dir: Path, base_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def quiet_transformers() -> None:
+    """kifmerge shows its own progress; transformers' per-call bars and notices only add noise."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def model_class_for(config: dict):
     """The transformers class named in the config (`architectures[0]`), else the Auto class."""
     import transformers
@@ -48,6 +56,7 @@ def merge_adapter_into_base(adapter_dir: Path, base_dir: Path, base_config: dict
     import torch
     from peft import PeftModel
 
+    quiet_transformers()
     model = model_class_for(base_config).from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)

@@ -78,3 +78,10 @@ def write_profile(path: str | Path, flat: torch.Tensor, layout: UnitLayout, extr
     meta = {"format": FORMAT, "version": VERSION, "unit": layout.unit, **(extra_meta or {})}
     save_file(unflatten(flat.to(torch.float32), layout), str(path), metadata=meta)
 
+
+
+def from_unit_scores(groups: dict[str, torch.Tensor], layout: UnitLayout) -> torch.Tensor:
+    """Flat raw scores for a layout from measured groups; a group nobody measured (a frozen or
+    unused tensor) scores 0, and measured tensors the checkpoint does not save are dropped."""
+    return torch.cat([groups[name].reshape(-1).to(torch.float32).cpu() if name in groups else torch.zeros(count)
+                      for name, count in layout.groups.items()])

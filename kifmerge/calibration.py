@@ -1,0 +1,35 @@
+"""Profiles for checkpoints trained elsewhere: gradients of the task loss on a few batches of
+calibration data at the checkpoint's own weights, folded into the same EMAs as training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kifmerge.checkpoints import Checkpoint
+from kifmerge.importance import ImportanceAccumulator, calibrate
+from kifmerge.options import TrainOptions
+from kifmerge.profiles import from_unit_scores, write_profile
+from kifmerge.training import Collator, Encoder, answer_loss, build_model, is_seq2seq, load_records, load_tokenizer, supports_logits_window
+
+
+def calibrate_profile(checkpoint: Checkpoint, base_dir: Path, base_config: dict, data: Path, batches: int,
+                      options: TrainOptions, out: Path, advance: Callable[[int], None] | None = None) -> Path:
+    """Write the checkpoint's profile (kifmerge-profile format) to `out` and return it."""
+    records = load_records(data, max_examples=batches * options.batch_size)
+    tokenizer = load_tokenizer(base_dir)
+    seq2seq = is_seq2seq(base_config)
+    model = build_model(base_dir, base_config, options.model_copy(update={"mode": checkpoint.kind}), checkpoint.path)
+    encode = Encoder(tokenizer, seq2seq, options.max_length)
+    collate = Collator(tokenizer.pad_token_id, seq2seq, supports_logits_window(model))
+    encoded = [encode(r) for r in records]
+    chunks = [collate(encoded[i:i + options.batch_size]) for i in range(0, len(encoded), options.batch_size)]
+    accumulator = ImportanceAccumulator(model.named_parameters(), estimator=options.importance,
+                                        beta1=options.beta1, beta2=options.beta2)
+    torch.manual_seed(options.seed)
+    calibrate(model, chunks, accumulator, answer_loss, advance)
+    flat = from_unit_scores(accumulator.unit_scores(checkpoint.kind), checkpoint.layout)
+    write_profile(out, flat, checkpoint.layout, {"estimator": options.importance, "steps": str(accumulator.steps)})
+    return out

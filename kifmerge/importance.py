@@ -1,0 +1,108 @@
+"""Knowledge identification: how important each skill unit is for a task.
+
+`ImportanceAccumulator` keeps, for every trainable element θ with gradient g, the smoothed
+sensitivity Ī and its uncertainty Ū (DESIGN.md):
+    s = |θ·g| (first) or |θ·g − ½(θ·g)²| (mixed)
+    Ī ← β1·Ī + (1−β1)·s,   Ū ← β2·Ū + (1−β2)·|s − Ī|
+Element score Ī·Ū; unit score = mean over the unit (for a LoRA rank unit, the mean of the
+outer product of B's column scores and A's row scores, i.e. the product of their means).
+
+It is fed by `ImportanceCallback.on_optimizer_step` during training (gradients of the step
+are still present, already clipped and, under DDP, all-reduced) or by `calibrate` on a
+fixed checkpoint. Memory: two float32 copies of the trainable parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Literal
+
+import torch
+from transformers import TrainerCallback
+
+Estimator = Literal["first", "mixed"]
+LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(\.[^.]+)?\.weight$")
+
+
+class ImportanceAccumulator:
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], *,
+                 estimator: Estimator = "first", beta1: float = 0.85, beta2: float = 0.85):
+        if estimator not in ("first", "mixed"):
+            raise ValueError(f"unknown importance estimator {estimator!r}")
+        self.params = {name: p for name, p in named_parameters if p.requires_grad}
+        self.estimator, self.beta1, self.beta2 = estimator, beta1, beta2
+        self.ipt = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.unc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.steps = 0
+        self.skipped = 0
+
+    def sensitivity(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        first = param.detach().to(torch.float32) * grad.to(torch.float32)
+        return first.abs() if self.estimator == "first" else (first - 0.5 * first * first).abs()
+
+    @torch.no_grad()
+    def update(self) -> bool:
+        """Fold the current gradients into the EMAs. A step with any non-finite gradient is
+        skipped and counted, so one bad batch never poisons the running scores."""
+        grads = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
+        if not grads:
+            return False
+        finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).all()
+        if not bool(finite):
+            self.skipped += 1
+            return False
+        for name, grad in grads:
+            s = self.sensitivity(self.params[name], grad)
+            ipt, unc = self.ipt[name], self.unc[name]
+            ipt.mul_(self.beta1).add_(s, alpha=1 - self.beta1)
+            unc.mul_(self.beta2).add_((s - ipt).abs_(), alpha=1 - self.beta2)
+        self.steps += 1
+        return True
+
+    def element_scores(self) -> dict[str, torch.Tensor]:
+        return {n: self.ipt[n] * self.unc[n] for n in self.params}
+
+    def unit_scores(self, kind: str) -> dict[str, torch.Tensor]:
+        """Raw unit scores per group, keyed as in the profile format: the adapted module name
+        as it prefixes `.lora_A.weight` in saved adapters (`lora`), or the parameter name (`full`)."""
+        scores = self.element_scores()
+        if kind != "lora":
+            return {name: score.mean().reshape(1) for name, score in scores.items()}
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        for name, score in scores.items():
+            match = LORA_PARAM.match(name)
+            if match:
+                axis = 1 if match["factor"] == "A" else 0  # A: [r, in] → mean over in; B: [out, r] → over out
+                factors.setdefault(match["module"], {})[match["factor"]] = score.mean(dim=axis)
+        return {module: f["A"] * f["B"] for module, f in factors.items() if {"A", "B"} <= f.keys()}
+
+    def report(self) -> dict:
+        return {"estimator": self.estimator, "beta1": self.beta1, "beta2": self.beta2,
+                "steps": self.steps, "skipped_non_finite": self.skipped}
+
+
+class ImportanceCallback(TrainerCallback):
+    """Feeds the accumulator after every optimizer step, before gradients are zeroed."""
+
+    def __init__(self, accumulator: ImportanceAccumulator):
+        self.accumulator = accumulator
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.accumulator.update()
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable[dict], accumulator: ImportanceAccumulator,
+              loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], advance: Callable[[int], None] | None = None) -> None:
+    """Profile a fixed checkpoint: per batch, gradients of the loss at the checkpoint's weights
+    feed the same EMAs; no optimizer step is taken. Dropout is off (eval mode) so the
+    profile is a deterministic function of checkpoint and data."""
+    model.eval()
+    for batch in batches:
+        for p in accumulator.params.values():
+            p.grad = None
+        loss_fn(model, batch).backward()
+        accumulator.update()
+        if advance:
+            advance(1)
+    for p in accumulator.params.values():
+        p.grad = None

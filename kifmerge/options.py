@@ -1,0 +1,77 @@
+"""Validated option sets (pydantic v2, `extra="forbid"`). Light: no torch import, so the CLI
+can validate before loading any model."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kifmerge.errors import UsageError
+
+
+class FuseParams(BaseModel):
+    """Fusion parameters (DESIGN.md defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: Literal["kif", "kif-adaptive"] = "kif"
+    top: float = Field(0.2, gt=0.0, le=1.0, description="fraction of units counted important")
+    tau: float = Field(0.25, gt=0.0, description="softmax temperature of kif-adaptive")
+    weights: tuple[float, float, float] = (0.3, 0.7, 0.5)
+    profile_weights: tuple[float, float] = (0.3, 0.7)
+
+    @field_validator("weights", "profile_weights")
+    @classmethod
+    def _unit_interval(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 <= w <= 1.0 for w in value):
+            raise ValueError("every weight must lie in [0, 1]")
+        return value
+
+    def recorded(self) -> dict[str, Any]:
+        """Only the parameters the chosen method uses."""
+        if self.method == "kif":
+            return {"top": self.top, "weights": list(self.weights), "profile_weights": list(self.profile_weights)}
+        return {"tau": self.tau, "profile_weights": list(self.profile_weights)}
+
+
+class TrainOptions(BaseModel):
+    """One short fine-tuning run and its importance estimation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mode: Literal["lora", "full"] = "lora"
+    lora_r: int | None = Field(None, ge=1, description="default 8; a line's later tasks keep its rank")
+    lora_alpha: int | None = Field(None, ge=1, description="default: 2·r")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] | None = None
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0.0, description="default: 3e-4 for LoRA, 2e-5 for full")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=8)
+    seed: int = 42
+    max_examples: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    importance: Literal["first", "mixed"] = "first"
+    beta1: float = Field(0.85, ge=0.0, lt=1.0)
+    beta2: float = Field(0.85, ge=0.0, lt=1.0)
+    orth_reg: float = Field(0.0, ge=0.0)
+    replay: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_r or 8
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (3e-4 if self.mode == "lora" else 2e-5)
+
+
+def validated(model: type[BaseModel], what: str, values: dict[str, Any]) -> Any:
+    """Build an option model; None means "use the default". Errors become one-line UsageErrors."""
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = "--" + ".".join(map(str, first["loc"])).replace("_", "-")
+        raise UsageError(f"invalid {what} option {option}: {first['msg']}") from None

@@ -1,0 +1,347 @@
+"""Short per-task fine-tuning with the Hugging Face Trainer: data loading, tokenisation with
+the prompt masked, collation, and model set-up (LoRA through peft, or full).
+
+Causal LMs learn only the answer: prompt tokens are labelled -100 (masks built from lengths,
+never from the pad id, which often equals end-of-text). Batches are left-padded so every
+answer sits at the right edge, which lets the loss ask the model for logits of the last few
+positions only (`logits_to_keep`) — the output layer over a large vocabulary dominates the
+step time otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from kifmerge.errors import InvalidInputError, NotFoundError
+from kifmerge.options import TrainOptions
+
+IGNORE = -100
+CUE_TOKENS = 16  # prompt tokens kept at the end when a prompt is truncated (the answer cue)
+DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+                   "gpt2": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"]}
+
+
+# ---- data -----------------------------------------------------------------------------------
+def load_records(path: str | Path, max_examples: int | None = None) -> list[dict[str, str]]:
+    """A JSON list or JSONL of {"input", "output"} records; a bad record is named by file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    records = [_check_record(path, line, obj) for obj, line in _json_values(path, text)]
+    if not records:
+        raise InvalidInputError(f"{path} holds no records")
+    return records[:max_examples] if max_examples else records
+
+
+def _json_values(path: Path, text: str):
+    """(value, line) for each element of a JSON array, or each line of JSONL."""
+    decoder = json.JSONDecoder()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        position = text.index("[") + 1
+        while True:
+            position = _skip_space(text, position)
+            if position < len(text) and text[position] == "]":
+                return
+            line = text.count("\n", 0, position) + 1
+            try:
+                value, position = decoder.raw_decode(text, position)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+            yield value, line
+            position = _skip_space(text, position)
+            if position < len(text) and text[position] == ",":
+                position += 1
+            elif position >= len(text) or text[position] != "]":
+                raise InvalidInputError(f"{path}:{text.count(chr(10), 0, position) + 1}: expected ',' or ']' between records")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield json.loads(line), number
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
+
+
+def _check_record(path: Path, line: int, obj: Any) -> dict[str, str]:
+    if not isinstance(obj, dict):
+        raise InvalidInputError(f"{path}:{line}: a record must be an object with \"input\" and \"output\"")
+    for key in ("input", "output"):
+        if not isinstance(obj.get(key), str) or (key == "output" and not obj[key].strip()):
+            raise InvalidInputError(f"{path}:{line}: record lacks a non-empty string {key!r}")
+    return {"input": obj["input"], "output": obj["output"]}
+
+
+def split_records(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    if not val_fraction:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(records) * val_fraction)))
+    if n_val >= len(records):
+        raise InvalidInputError(f"--val-fraction {val_fraction} leaves no training examples out of {len(records)}")
+    val = {i for i in order[:n_val]}
+    return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
+
+
+# ---- tokenisation and batches -----------------------------------------------------------------
+def answer_text(prompt: str, answer: str) -> str:
+    """The answer as it continues the prompt: a space is added unless the prompt ends in whitespace."""
+    return answer if not prompt or prompt[-1].isspace() else " " + answer
+
+
+@dataclass
+class Encoder:
+    tokenizer: Any
+    seq2seq: bool
+    max_length: int
+
+    def prompt_ids(self, prompt: str, budget: int | None = None) -> list[int]:
+        """Prompt tokens; when too long, the middle is cut so the instruction and the cue stay."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        budget = self.max_length if budget is None else budget
+        if len(ids) > budget:
+            tail = min(CUE_TOKENS, budget // 4)
+            ids = ids[: budget - tail] + ids[len(ids) - tail:]
+        return ids
+
+    def __call__(self, record: dict[str, str]) -> dict[str, list[int]]:
+        if self.seq2seq:
+            labels = self.tokenizer(text_target=record["output"], truncation=True, max_length=self.max_length - 1)["input_ids"]
+            if not labels or labels[-1] != self.tokenizer.eos_token_id:
+                labels = labels + [self.tokenizer.eos_token_id]  # the decoder must learn to stop
+            return {"input_ids": self.prompt_ids(record["input"]), "labels": labels}
+        answer = self.tokenizer(answer_text(record["input"], record["output"]), add_special_tokens=False)["input_ids"]
+        answer = answer[: self.max_length // 2] + [self.tokenizer.eos_token_id]
+        prompt = self.prompt_ids(record["input"], self.max_length - len(answer))
+        return {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + answer}
+
+
+@dataclass
+class Collator:
+    """Pads a batch: causal LMs on the left (answers aligned at the right edge), seq2seq on the right."""
+
+    pad_id: int
+    seq2seq: bool
+    window: bool = True  # the model accepts `logits_to_keep`
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.seq2seq:
+            longest_label = max(len(f["labels"]) for f in features)
+            return {
+                "input_ids": torch.tensor([f["input_ids"] + [self.pad_id] * (longest - len(f["input_ids"])) for f in features]),
+                "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (longest - len(f["input_ids"])) for f in features]),
+                "labels": torch.tensor([f["labels"] + [IGNORE] * (longest_label - len(f["labels"])) for f in features]),
+            }
+        pads = [longest - len(f["input_ids"]) for f in features]
+        mask = torch.tensor([[0] * p + [1] * len(f["input_ids"]) for p, f in zip(pads, features)])
+        batch = {
+            "input_ids": torch.tensor([[self.pad_id] * p + f["input_ids"] for p, f in zip(pads, features)]),
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "labels": torch.tensor([[IGNORE] * p + f["labels"] for p, f in zip(pads, features)]),
+        }
+        answer = max(sum(1 for t in f["labels"] if t != IGNORE) for f in features)
+        batch["logits_to_keep"] = answer + 1 if self.window else longest
+        return batch
+
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens. Causal: logits of the last `logits_to_keep`
+    positions only (left padding puts every answer there)."""
+    inputs = dict(batch)
+    labels = inputs.pop("labels")
+    keep = inputs.pop("logits_to_keep", None)
+    if keep is None:
+        return model(**inputs, labels=labels).loss
+    if keep < labels.shape[1]:
+        inputs["logits_to_keep"] = keep
+    logits = model(**inputs).logits[:, -keep:]
+    targets = labels[:, labels.shape[1] - keep + 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             targets.reshape(-1), ignore_index=IGNORE)
+
+
+def orthogonality_penalty(model: torch.nn.Module) -> torch.Tensor:
+    """Mean over LoRA factors of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F (KIF's optional regulariser)."""
+    terms = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad or ".lora_" not in name:
+            continue
+        gram = param @ param.T if ".lora_A" in name else param.T @ param
+        terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=gram.device), ord="fro"))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+class KifTrainer(Trainer):
+    """The stock Trainer with the answer-only loss (and the optional orthogonality term)."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by accumulation steps
+
+    def __init__(self, *args: Any, orth_reg: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.orth_reg = orth_reg
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = answer_loss(model, inputs)
+        if self.orth_reg:
+            loss = loss + self.orth_reg * orthogonality_penalty(model)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            return answer_loss(model, inputs).detach(), None, None
+
+
+class ProgressBridge(TrainerCallback):
+    """Drives kifmerge's `progress(description, total)` from the Trainer's steps."""
+
+    def __init__(self, progress: Callable[[str, int], Callable[[int], None]] | None, description: str):
+        self.progress, self.description, self.advance = progress, description, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.progress and state.is_world_process_zero:
+            self.advance = self.progress(self.description, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.advance:
+            self.advance(1)
+
+
+# ---- models -----------------------------------------------------------------------------------
+def is_seq2seq(config: dict) -> bool:
+    return bool(config.get("is_encoder_decoder"))
+
+
+def load_tokenizer(base_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidInputError(f"base folder {base_dir} has no usable tokenizer ({str(exc).splitlines()[0]}); "
+                                "save one there with tokenizer.save_pretrained") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise InvalidInputError(f"the tokenizer in {base_dir} has no end-of-text token")
+    return tokenizer
+
+
+def supports_logits_window(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def build_model(base_dir: Path, config: dict, options: TrainOptions, init_dir: Path | None):
+    """The model to train: base (+ the line's adapter to continue from, or a fresh LoRA), or
+    the line's full weights. Returns (model, trainable LoRA config or None)."""
+    from kifmerge.export import model_class_for, quiet_transformers
+
+    quiet_transformers()
+    source = init_dir if (init_dir is not None and options.mode == "full") else base_dir
+    model = model_class_for(config).from_pretrained(source, dtype=torch.float32)
+    if options.mode == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if init_dir is not None:
+        return PeftModel.from_pretrained(model, init_dir, is_trainable=True)
+    targets = list(options.target_modules) if options.target_modules else DEFAULT_TARGETS.get(config.get("model_type"))
+    lora = LoraConfig(r=options.rank, lora_alpha=options.lora_alpha or 2 * options.rank,
+                      lora_dropout=options.lora_dropout, target_modules=targets,
+                      task_type="SEQ_2_SEQ_LM" if is_seq2seq(config) else "CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise InvalidInputError(f"cannot apply LoRA to {config.get('model_type')}: {str(exc).splitlines()[0]}") from None
+
+
+def training_arguments(options: TrainOptions, out_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size, gradient_accumulation_steps=options.grad_accum,
+        learning_rate=options.learning_rate, num_train_epochs=options.epochs,
+        max_steps=options.max_steps or -1, seed=options.seed, data_seed=options.seed,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), log_level="error",
+    )
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path      # adapter or model folder, saved by peft / transformers
+    profile: Path         # kifmerge-profile file of raw unit scores
+    metrics: dict
+
+
+def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: Path | None,
+                 train: list[dict], val: list[dict], out_dir: Path,
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None, description: str = "training") -> TrainResult | None:
+    """Fine-tune with the Trainer while the importance callback scores every unit; save the
+    checkpoint and its profile under `out_dir`. Under torchrun / accelerate only the main
+    process saves (the others return None after the run)."""
+    from transformers import set_seed
+
+    from kifmerge.checkpoints import open_checkpoint
+    from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
+    from kifmerge.profiles import from_unit_scores, write_profile
+
+    set_seed(options.seed)
+    tokenizer = load_tokenizer(base_dir)
+    seq2seq = is_seq2seq(config)
+    model = build_model(base_dir, config, options, init_dir)
+    encode = Encoder(tokenizer, seq2seq, options.max_length)
+    accumulator = ImportanceAccumulator(model.named_parameters(), estimator=options.importance,
+                                        beta1=options.beta1, beta2=options.beta2)
+    trainer = KifTrainer(
+        model=model, args=training_arguments(options, out_dir / "trainer"),
+        train_dataset=[encode(r) for r in train], eval_dataset=[encode(r) for r in val] or None,
+        data_collator=Collator(tokenizer.pad_token_id, seq2seq, supports_logits_window(model)),
+        callbacks=[ImportanceCallback(accumulator), ProgressBridge(progress, description)], orth_reg=options.orth_reg,
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # stdout belongs to the command's result (--json)
+    output = trainer.train()
+    metrics = {"train_loss": round(output.training_loss, 6), "steps": output.global_step,
+               "runtime_s": round(output.metrics.get("train_runtime", 0.0), 3),
+               "examples": {"train": len(train), "val": len(val)},
+               "curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+               "importance": accumulator.report(),
+               "trainable_parameters": sum(p.numel() for p in accumulator.params.values())}
+    if val:
+        metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 6)
+    result = None
+    if trainer.is_world_process_zero():
+        checkpoint = out_dir / "checkpoint"
+        trainer.model.save_pretrained(checkpoint, safe_serialization=True)
+        layout = open_checkpoint(checkpoint).layout
+        profile = out_dir / "profile.safetensors"
+        write_profile(profile, from_unit_scores(accumulator.unit_scores(options.mode), layout), layout,
+                      {"estimator": options.importance, "steps": str(accumulator.steps)})
+        result = TrainResult(checkpoint, profile, metrics)
+    trainer.accelerator.wait_for_everyone()
+    return result

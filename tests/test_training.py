@@ -1,0 +1,293 @@
+"""Training with knowledge identification, through the CLI: the importance callback against a
+plain reference loop, `train`, `learn`, `add-task --calibrate`, and failures that leave the
+registry untouched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import LORA_TARGETS, make_lora, model_class, task_records, write_jsonl, write_profile
+from test_fuse_export import designed_scores, hand_fused, unit_groups
+
+BETA = 0.85
+
+
+def stored(cli, sha: str) -> Path:
+    return cli.registry / "blobs" / sha[:2] / sha[2:]
+
+
+def task_profile(cli, task: str) -> dict[str, torch.Tensor]:
+    return load_file(stored(cli, cli.json("show", task)["profile"]["scores"]))
+
+
+def task_weights(cli, sha: str) -> dict[str, torch.Tensor]:
+    manifest = json.loads(stored(cli, sha).read_text())
+    out = {}
+    for name, blob in manifest["files"].items():
+        if name.endswith(".safetensors"):
+            out.update(load_file(stored(cli, blob)))
+    return out
+
+
+def reference_batches(base_dir: Path, records: list[dict], batch_size: int) -> list[dict]:
+    """Prompt + " " + answer + eos, prompt masked, left-padded, positions from the mask:
+    written here independently of kifmerge's encoder."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    batches = []
+    for start in range(0, len(records), batch_size):
+        rows = []
+        for r in records[start:start + batch_size]:
+            prompt = tok(r["input"])["input_ids"]
+            answer = tok(" " + r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            rows.append((prompt + answer, [-100] * len(prompt) + answer))
+        width = max(len(ids) for ids, _ in rows)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows])
+        batches.append({"input_ids": torch.tensor([[tok.pad_token_id] * (width - len(ids)) + ids for ids, _ in rows]),
+                        "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                        "labels": torch.tensor([[-100] * (width - len(ids)) + lab for ids, lab in rows])})
+    return batches
+
+
+def reference_importance(model, batches: list[dict], estimator: str, steps: int, lr: float | None) -> dict[str, torch.Tensor]:
+    """A plain loop: (AdamW step with linear decay and clipping, if lr) then the EMA update on
+    the step's gradients; returns unit scores keyed like the profile format."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ipt = {n: torch.zeros_like(p) for n, p in params.items()}
+    unc = {n: torch.zeros_like(p) for n, p in params.items()}
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0) if lr else None
+    model.train() if lr else model.eval()
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        model(**batch).loss.backward()
+        if optimizer:
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (1 - step / steps)
+            optimizer.step()
+        with torch.no_grad():
+            for n, p in params.items():
+                x = p * p.grad
+                s = x.abs() if estimator == "first" else (x - 0.5 * x * x).abs()
+                ipt[n] = BETA * ipt[n] + (1 - BETA) * s
+                unc[n] = BETA * unc[n] + (1 - BETA) * (s - ipt[n]).abs()
+        model.zero_grad()
+    scores = {n: ipt[n] * unc[n] for n in params}
+    if not any(".lora_" in n for n in scores):
+        return {n: s.mean().reshape(1) for n, s in scores.items()}
+    units = {}
+    for n, s in scores.items():
+        if ".lora_A." in n:
+            module = n.split(".lora_A.")[0]
+            b = scores[n.replace(".lora_A.", ".lora_B.")]
+            units[module] = (b[:, :, None] * s[None, :, :]).mean(dim=(0, 2))  # mean of the outer product
+    return units
+
+
+def assert_scores_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    scale = max(float(v.max()) for v in expected.values())
+    assert scale > 0
+    for key in expected:
+        torch.testing.assert_close(actual[key] / scale, expected[key] / scale, rtol=2e-3, atol=2e-4, msg=key)
+
+
+@pytest.fixture
+def parity(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "parity.jsonl", task_records("parity", 8))
+
+
+@pytest.fixture
+def vowel(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "vowel.jsonl", task_records("vowel", 16, seed=1))
+
+
+def start_line_with_adapter(cli, tmp_path, llama_dir, line="line") -> Path:
+    """v1 of a LoRA line from a known adapter, so training starts from known weights."""
+    adapter = make_lora(llama_dir, tmp_path / "v1-adapter", 7, LORA_TARGETS)
+    write_profile(tmp_path / "v1.safetensors", designed_scores(unit_groups(adapter, "lora"), {0, 1, 2}, 1.0)[0], "lora-rank")
+    cli("add-task", "seed", adapter, "--base", "llama", "--profile", tmp_path / "v1.safetensors")
+    cli("fuse", "seed", "--into", line)
+    return adapter
+
+
+@pytest.mark.parametrize("mode,estimator", [("lora", "first"), ("lora", "mixed"), ("full", "first")])
+def test_callback_scores_equal_a_reference_loop(cli, tmp_path, llama_dir, parity, mode, estimator):
+    from peft import PeftModel
+
+    cli("base", "add", "llama", llama_dir)
+    lr, steps = (1e-2, 3) if mode == "lora" else (1e-3, 3)
+    if mode == "lora":
+        adapter = start_line_with_adapter(cli, tmp_path, llama_dir)
+        args = ["--line", "line"]
+    else:
+        args = ["--line", "fresh", "--base", "llama", "--mode", "full"]
+    result = cli.json("train", "t", "--data", parity, *args, "--max-steps", str(steps), "--batch-size", "8",
+                      "--lr", str(lr), "--importance", estimator)
+    assert result["metrics"]["importance"] == {"estimator": estimator, "beta1": 0.85, "beta2": 0.85,
+                                               "steps": steps, "skipped_non_finite": 0}
+
+    model = model_class(llama_dir).from_pretrained(llama_dir)
+    if mode == "lora":
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    batches = reference_batches(llama_dir, task_records("parity", 8), batch_size=8)
+    expected = reference_importance(model, batches, estimator, steps, lr)
+    assert_scores_match(task_profile(cli, "t"), expected)
+
+
+def test_train_registers_task_with_profile_per_module(cli, tmp_path, llama_dir, t5_dir, vowel):
+    cli("base", "add", "llama", llama_dir)
+    cli("base", "add", "t5", t5_dir)
+    lora = cli.json("train", "v", "--data", vowel, "--line", "l", "--base", "llama", "--max-steps", "2",
+                    "--lora-r", "4", "--val-fraction", "0.25")
+    assert lora["kind"] == "lora" and lora["profile"] == {"estimator": "first", "unit": "lora-rank", "groups": 4, "units": 16}
+    profile = task_profile(cli, "v")
+    assert sorted(profile) == sorted(f"base_model.model.model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in LORA_TARGETS)
+    assert all(v.shape == (4,) for v in profile.values())
+    shown = cli.json("show", "v")
+    assert shown["training_config"]["lora_r"] == 4 and shown["data_fingerprint"] == shown["training_config"]["data"]["sha256"]
+    assert shown["metrics"]["examples"] == {"train": 12, "val": 4} and "eval_loss" in shown["metrics"]
+    assert [p["step"] for p in shown["metrics"]["curve"]] == [1, 2]
+    assert cli.json("list", "lines") == [], "train registers a task; only fuse/learn make versions"
+
+    full = cli.json("train", "f", "--data", vowel, "--line", "t5-line", "--base", "t5", "--mode", "full", "--max-steps", "1")
+    profile = task_profile(cli, "f")
+    weights = task_weights(cli, cli.json("show", "f")["weights"])
+    assert full["profile"]["unit"] == "tensor" and sorted(profile) == sorted(weights)
+    assert all(v.shape == (1,) for v in profile.values())
+
+
+def test_learn_two_tasks_fuses_by_the_rule(cli, tmp_path, llama_dir, parity, vowel):
+    cli("base", "add", "llama", llama_dir)
+    v1 = cli.json("learn", "parity", "--data", parity, "--into", "main", "--base", "llama", "--max-steps", "3", "--lr", "1e-2")
+    v2 = cli.json("learn", "vowel", "--data", vowel, "--into", "main", "--max-steps", "3", "--lr", "1e-2")
+    assert (v1["version"], v1["method"], v2["version"], v2["method"]) == ("main@v1", "initial", "main@v2", "kif")
+    assert cli.json("show", "vowel")["trained_from"] == "main@v1"
+
+    versions = {v["number"]: cli.json("show", f"main@v{v['number']}") for v in cli.json("history", "main")}
+    w1, w2 = task_weights(cli, versions[1]["weights"]), task_weights(cli, versions[2]["weights"])
+    t2 = task_weights(cli, cli.json("show", "vowel")["weights"])
+    t1 = task_weights(cli, cli.json("show", "parity")["weights"])
+    assert w1.keys() == t1.keys() and all(torch.equal(w1[k], t1[k]) for k in w1), "v1 is task 1 as it is"
+    groups = sorted((k[: -len(".lora_A.weight")], t2[k].shape[0]) for k in t2 if k.endswith(".lora_A.weight"))
+    p_old = torch.cat([load_file(stored(cli, versions[1]["profile_blob"]))[g] for g, _ in groups])
+    raw_new = task_profile(cli, "vowel")
+    p_new = torch.cat([raw_new[g] for g, _ in groups])
+    p_new = (p_new - p_new.min()) / (p_new.max() - p_new.min())
+    old_hot = p_old.double() > torch.quantile(p_old.double(), 0.8)
+    new_hot = p_new.double() > torch.quantile(p_new.double(), 0.8)
+
+    def rule(i: int) -> tuple[float, float]:
+        return {(True, True): (0.3, 0.7), (True, False): (0.0, 1.0), (False, True): (1.0, 0.0),
+                (False, False): (0.5, 0.5)}[(bool(old_hot[i]), bool(new_hot[i]))]
+
+    expected = hand_fused(w1, t2, groups, "lora", rule)
+    for key in expected:
+        torch.testing.assert_close(w2[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert any(not torch.equal(w2[k], w1[k]) for k in w2) and any(not torch.equal(w2[k], t2[k]) for k in w2)
+
+
+def test_calibrate_profiles_an_external_adapter(cli, tmp_path, llama_dir, parity):
+    from peft import PeftModel
+
+    cli("base", "add", "llama", llama_dir)
+    adapter = make_lora(llama_dir, tmp_path / "external", 3, LORA_TARGETS)
+    result = cli.json("add-task", "ext", adapter, "--base", "llama", "--calibrate", parity, "--calibrate-batches", "2",
+                      "--batch-size", "4", "--importance", "mixed")
+    assert result["profile"] == {"estimator": "calibrated-mixed", "unit": "lora-rank", "groups": 4, "units": 16}
+    model = PeftModel.from_pretrained(model_class(llama_dir).from_pretrained(llama_dir), adapter, is_trainable=True)
+    expected = reference_importance(model, reference_batches(llama_dir, task_records("parity", 8), 4), "mixed", 2, lr=None)
+    assert_scores_match(task_profile(cli, "ext"), expected)
+    assert cli.json("fuse", "ext", "--into", "cal")["version"] == "cal@v1"
+
+
+def snapshot(cli) -> tuple:
+    blobs = sorted(p.name for p in (cli.registry / "blobs").glob("*/*"))
+    return tuple(cli.json("list", w) for w in ("tasks", "lines", "versions")), blobs
+
+
+@pytest.mark.parametrize("content,where", [
+    ('{"input": "a", "output": "b"}\n{"input": "a"}\n', ":2: record lacks a non-empty string 'output'"),
+    ('{"input": "a", "output": "b"}\n{"input": "a", "output": \n', ":2: invalid JSON"),
+    ('[\n  {"input": "a", "output": "b"},\n  ["not", "an", "object"]\n]', ":3: a record must be an object"),
+    ('[\n  {"input": "a", "output": "b"}\n  {"input": "c", "output": "d"}\n]', ":3: expected ',' or ']'"),
+])
+def test_malformed_data_names_file_and_line(cli, tmp_path, llama_dir, content, where):
+    cli("base", "add", "llama", llama_dir)
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    before = snapshot(cli)
+    result = cli("learn", "x", "--data", bad, "--into", "l", "--base", "llama", "--max-steps", "1", code=4)
+    assert f"{bad}{where}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(cli) == before
+
+
+def test_interrupted_training_registers_nothing(cli, tmp_path, llama_dir, parity, monkeypatch):
+    from kifmerge.importance import ImportanceAccumulator
+
+    cli("base", "add", "llama", llama_dir)
+    before = snapshot(cli)
+    calls = []
+    original = ImportanceAccumulator.update
+
+    def interrupt_on_second_step(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(ImportanceAccumulator, "update", interrupt_on_second_step)
+    result = cli("learn", "x", "--data", parity, "--into", "l", "--base", "llama", "--max-steps", "5", code=130)
+    assert "nothing was recorded" in result.stderr
+    assert snapshot(cli) == before
+    assert not any((cli.registry / "tmp").iterdir()), "staging cleaned up"
+
+
+def test_non_finite_gradients_are_skipped_not_folded_in():
+    from kifmerge.importance import ImportanceAccumulator
+
+    param = torch.nn.Parameter(torch.ones(3))
+    acc = ImportanceAccumulator([("w", param)])
+    param.grad = torch.tensor([1.0, 2.0, 3.0])
+    assert acc.update()
+    snapshot_ipt = acc.ipt["w"].clone()
+    param.grad = torch.tensor([1.0, float("nan"), 3.0])
+    assert not acc.update()
+    assert acc.report()["skipped_non_finite"] == 1 and acc.steps == 1
+    assert torch.equal(acc.ipt["w"], snapshot_ipt)
+
+
+def test_replay_mixes_earlier_task_data_and_orth_reg_is_recorded(cli, tmp_path, llama_dir, parity, vowel):
+    cli("base", "add", "llama", llama_dir)
+    cli("learn", "parity", "--data", parity, "--into", "main", "--base", "llama", "--max-steps", "1")
+    cli("train", "vowel", "--data", vowel, "--line", "main", "--max-steps", "1", "--replay", "0.2", "--orth-reg", "0.5")
+    shown = cli.json("show", "vowel")
+    assert shown["training_config"]["replay"]["tasks"][0]["task"] == "parity"
+    assert shown["training_config"]["replay"]["examples"] == 4  # 16 · 0.2 / 0.8
+    assert shown["metrics"]["examples"]["train"] == 20 and shown["training_config"]["orth_reg"] == 0.5
+    parity.write_text(parity.read_text() + "\n")
+    result = cli("train", "again", "--data", vowel, "--line", "main", "--max-steps", "1", "--replay", "0.2", code=4)
+    assert "missing or changed" in result.stderr
+
+
+def test_orthogonality_penalty_pulls_lora_factors_towards_orthogonal():
+    from kifmerge.training import orthogonality_penalty
+
+    layer = torch.nn.Module()
+    layer.lora_A = torch.nn.Parameter(torch.randn(4, 16))
+    layer.lora_B = torch.nn.Parameter(torch.randn(16, 4))
+    model = torch.nn.Module()
+    model.q = layer
+    before = orthogonality_penalty(model).item()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(300):
+        optimizer.zero_grad()
+        orthogonality_penalty(model).backward()
+        optimizer.step()
+    assert orthogonality_penalty(model).item() < 0.5 * before
