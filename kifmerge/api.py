@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from kifmerge.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, UsageError
 from kifmerge.options import FuseParams, TrainOptions, validated
-from kifmerge.registry import Registry, resolve_root
+from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_file
 
 # progress(description, total) → advance(n); None means silent
@@ -341,16 +341,18 @@ def train(task: str, data: str | Path, line: str, *, base: str | None = None, op
           registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
     """Fine-tune from LINE's newest version (or from the base when the line is empty), record
     the importance profile while training, and register TASK. Returns None on non-main ranks."""
+    from kifmerge.training import wait_for_main_process
+
     opts = validated(TrainOptions, "train", options or {})
     check_name(task, "task")
     check_name(line, "line")
     with opened(registry) as reg:
         with _trained_task(reg, task, Path(data), line, base, opts, progress) as staged:
-            if staged is None:
-                return None
-            with reg.catalog.transaction():
-                _commit_task(reg, staged)
-            return staged.public()
+            if staged is not None:
+                with reg.catalog.transaction():
+                    _commit_task(reg, staged)
+    wait_for_main_process()
+    return staged.public() if staged else None
 
 
 def learn(task: str, data: str | Path, into: str, *, base: str | None = None, options: dict[str, Any] | None = None,
@@ -359,19 +361,23 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
           progress: Progress = None) -> dict[str, Any] | None:
     """The pipeline step: train TASK from INTO's newest version, then fuse it into INTO.
     Task and version are committed in one transaction: both, or nothing."""
+    from kifmerge.training import wait_for_main_process
+
     opts = validated(TrainOptions, "train", options or {})
     params = fuse_params(method=method, top=top, tau=tau, weights=weights)
     check_name(task, "task")
     check_name(into, "line")
+    result = None
     with opened(registry) as reg:
         with _trained_task(reg, task, Path(data), into, base, opts, progress) as staged:
-            if staged is None:
-                return None
-            version = _stage_version(reg, staged.row, staged.profile_row["scores"], into, params, progress)
-            with reg.catalog.transaction():
-                _commit_task(reg, staged)
-                _commit_version(reg, version)
-            return {**version.public(), "trained": staged.public()}
+            if staged is not None:
+                version = _stage_version(reg, staged.row, staged.profile_row["scores"], into, params, progress)
+                with reg.catalog.transaction():
+                    _commit_task(reg, staged)
+                    _commit_version(reg, version)
+                result = {**version.public(), "trained": staged.public()}
+    wait_for_main_process()
+    return result
 
 
 @contextmanager
@@ -525,6 +531,67 @@ def export(ref: str, out: str | Path, *, merged: bool = False, registry: str | o
         kind = "adapter" if line_row["kind"] == "lora" and not merged else "model"
         return {"version": f"{line}@v{version['number']}", "out": str(out.resolve()), "kind": kind,
                 "files": sorted(p.name for p in out.iterdir()), "sha256": hashes}
+
+
+# ---- operations ---------------------------------------------------------------------------
+def _referenced_blobs(reg: Registry, *, tolerant: bool = False) -> dict[str, list[str]]:
+    """Every blob the catalog needs, manifests expanded: sha → the rows that need it.
+    `tolerant` skips manifests that cannot be read (verify reports them itself)."""
+    refs: dict[str, list[str]] = {}
+    for sha, owners in reg.catalog.referenced_blobs().items():
+        refs.setdefault(sha, []).extend(owners)
+        if any(owner.endswith(".weights") for owner in owners):
+            try:
+                for blob in reg.manifest(sha)["files"].values():
+                    refs.setdefault(blob, []).extend(owners)
+            except IntegrityError:
+                if not tolerant:
+                    raise
+    return refs
+
+
+def verify(*, registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
+    """Re-hash every blob the catalog references; report the missing and the corrupt."""
+    with opened(registry) as reg:
+        refs = _referenced_blobs(reg, tolerant=True)
+        problems: list[dict[str, Any]] = []
+        advance = _advance(progress, "verifying blobs", len(refs))
+        for sha, owners in sorted(refs.items()):
+            path = reg.blobs.path_of(sha)
+            problem = "missing" if not path.is_file() else ("corrupt" if sha256_file(path) != sha else None)
+            if problem:
+                problems.append({"blob": sha, "problem": problem, "needed_by": sorted(set(owners))})
+            if advance:
+                advance(1)
+        report = {"registry": str(reg.root.resolve()), "blobs_checked": len(refs), "problems": problems, "ok": not problems}
+        if problems:
+            first = problems[0]
+            raise IntegrityError(f"{len(problems)} blob(s) missing or corrupt, e.g. {first['blob'][:12]} ({first['problem']}) "
+                                 f"needed by {first['needed_by'][0]}; restore them from a copy of the registry", details=report)
+        return report
+
+
+def gc(*, dry_run: bool = False, grace_s: float = 3600.0, registry: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Delete blobs no row references and staging leftovers, older than `grace_s` (so a
+    command that has stored blobs but not yet committed its rows keeps them)."""
+    with opened(registry) as reg:
+        needed = set(_referenced_blobs(reg))
+        cutoff = time.time() - grace_s
+        removed, freed = [], 0
+        candidates = [reg.blobs.path_of(sha) for sha in reg.blobs.all_shas() - needed]
+        candidates += list(reg.blobs.staging.iterdir()) if reg.blobs.staging.is_dir() else []
+        for path in sorted(candidates):
+            if path.lstat().st_mtime > cutoff:
+                continue
+            size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            removed.append(str(path.relative_to(reg.root)))
+            freed += size
+            if not dry_run:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if removed and not dry_run:
+            with reg.catalog.transaction():
+                reg.catalog.event("gc", str(reg.root), {"removed": len(removed), "bytes": freed})
+        return {"removed": removed, "bytes_freed": freed, "dry_run": dry_run, "kept_blobs": len(needed)}
 
 
 # ---- queries ----------------------------------------------------------------------------

@@ -59,6 +59,8 @@ def handled(fn: Callable) -> Callable:
             if kwargs.get("debug"):
                 raise
             print(f"kifmerge: error: {exc}", file=sys.stderr)
+            if exc.details is not None and kwargs.get("json_out"):
+                sys.stdout.write(json.dumps(exc.details, indent=2, sort_keys=True, default=str) + "\n")
             raise typer.Exit(exc.exit_code)
         except Exception as exc:  # a bug or an environment problem: still one line by default
             if kwargs.get("debug"):
@@ -322,6 +324,32 @@ def learn(
                            weights=_float_list(weights, 3, "--weights"), registry=registry, progress=progress)
     if result is not None:
         emit(result, json_out, render_mapping)
+
+
+@app.command()
+@handled
+def verify(registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Re-hash every blob the registry references (exit 5 when any is missing or corrupt)."""
+    from kifmerge import api
+
+    with progress_bars(not json_out) as progress:
+        result = api.verify(registry=registry, progress=progress)
+    emit(result, json_out, lambda r: print(f"ok: {r['blobs_checked']} blobs verified in {r['registry']}"))
+
+
+@app.command()
+@handled
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+    grace: Annotated[float, typer.Option("--grace", help="Keep unreferenced files younger than this many seconds.")] = 3600.0,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Remove blobs no row references and leftovers of interrupted commands."""
+    from kifmerge import api
+
+    result = api.gc(dry_run=dry_run, grace_s=grace, registry=registry)
+    emit(result, json_out, lambda r: print(f"{'would remove' if r['dry_run'] else 'removed'} {len(r['removed'])} "
+                                          f"files, {r['bytes_freed']} bytes; {r['kept_blobs']} blobs in use"))
 
 
 LIST_COLUMNS = {

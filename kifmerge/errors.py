@@ -10,6 +10,10 @@ class KifError(Exception):
     exit_code = 1
     kind = "error"
 
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details  # a machine-readable report, printed on stdout with --json
+
 
 class UsageError(KifError):
     """Arguments that cannot work together (exit 2, like click's own usage errors)."""

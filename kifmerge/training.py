@@ -328,7 +328,7 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     output = trainer.train()
     metrics = {"train_loss": round(output.training_loss, 6), "steps": output.global_step,
                "runtime_s": round(output.metrics.get("train_runtime", 0.0), 3),
-               "examples": {"train": len(train), "val": len(val)},
+               "examples": {"train": len(train), "val": len(val)}, "world_size": trainer.args.world_size,
                "curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
                "importance": accumulator.report(),
                "trainable_parameters": sum(p.numel() for p in accumulator.params.values())}
@@ -343,5 +343,13 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
         write_profile(profile, from_unit_scores(accumulator.unit_scores(options.mode), layout), layout,
                       {"estimator": options.importance, "steps": str(accumulator.steps)})
         result = TrainResult(checkpoint, profile, metrics)
-    trainer.accelerator.wait_for_everyone()
     return result
+
+
+def wait_for_main_process() -> None:
+    """Under torchrun / accelerate: the other ranks wait here until the main process has
+    written its blobs and rows (it calls this after committing)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

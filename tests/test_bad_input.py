@@ -160,3 +160,15 @@ def test_registry_location_precedence(tmp_path, monkeypatch):
     assert json.loads(runner.invoke(app, ["init", "--json"]).stdout)["registry"] == str(tmp_path / "from-env")
     explicit = json.loads(runner.invoke(app, ["init", "--json", "--registry", str(tmp_path / "flag")]).stdout)
     assert explicit["registry"] == str(tmp_path / "flag")
+
+
+def test_verify_reports_a_damaged_blob(cli, world):
+    report = cli.json("verify")
+    assert report["ok"] and report["blobs_checked"] >= 5
+    sha = cli.json("show", "t1")["profile"]["scores"]
+    path = cli.registry / "blobs" / sha[:2] / sha[2:]
+    path.unlink()
+    result = cli("verify", "--json", code=5)
+    assert "missing" in result.stderr and "profiles:t1.scores" in result.stderr
+    details = json.loads(result.stdout)
+    assert details["problems"] == [{"blob": sha, "problem": "missing", "needed_by": ["profiles:t1.scores"]}]

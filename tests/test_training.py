@@ -291,3 +291,27 @@ def test_orthogonality_penalty_pulls_lora_factors_towards_orthogonal():
         orthogonality_penalty(model).backward()
         optimizer.step()
     assert orthogonality_penalty(model).item() < 0.5 * before
+
+
+def test_learn_killed_at_commit_leaves_only_garbage_that_gc_removes(cli, tmp_path, llama_dir, parity, monkeypatch):
+    from kifmerge import api
+
+    cli("base", "add", "llama", llama_dir)
+    cli("learn", "first", "--data", parity, "--into", "main", "--base", "llama", "--max-steps", "1")
+    before = snapshot(cli)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "_commit_version", killed)
+    cli("learn", "second", "--data", parity, "--into", "main", "--max-steps", "1", code=130)
+    monkeypatch.undo()
+    rows, blobs = snapshot(cli)
+    assert rows == before[0], "task and version rolled back together"
+    assert set(blobs) > set(before[1]), "the staged blobs are garbage now"
+    assert cli.json("gc", "--dry-run")["removed"] == [], "younger than the grace period: kept"
+    removed = cli.json("gc", "--grace", "0")["removed"]
+    assert len(removed) == len(set(blobs) - set(before[1]))
+    assert snapshot(cli) == before
+    assert cli.json("verify")["ok"]
+    assert cli.json("learn", "second", "--data", parity, "--into", "main", "--max-steps", "1")["version"] == "main@v2"
