@@ -8,7 +8,6 @@ them, which keeps `kifmerge --help` and registry queries instant.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -677,6 +676,3 @@ def _public_version(row: dict[str, Any], kind: str) -> dict[str, Any]:
             "parent": f"v{row['parent']}" if row["parent"] else None, "task": row["task"], "kind": kind,
             "method": row["method"], "params": row["params"], "timings": row["timings"], "created": row["created"]}
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True, default=str)

@@ -54,21 +54,21 @@ def handled(fn: Callable) -> Callable:
             raise
         except KeyboardInterrupt:
             print("kifmerge: interrupted; nothing was recorded", file=sys.stderr)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except KifError as exc:
             if kwargs.get("debug"):
                 raise
             print(f"kifmerge: error: {exc}", file=sys.stderr)
             if exc.details is not None and kwargs.get("json_out"):
                 sys.stdout.write(json.dumps(exc.details, indent=2, sort_keys=True, default=str) + "\n")
-            raise typer.Exit(exc.exit_code)
+            raise typer.Exit(exc.exit_code) from None
         except Exception as exc:  # a bug or an environment problem: still one line by default
             if kwargs.get("debug"):
                 raise
             message = str(exc).splitlines()[0] if str(exc) else ""
             print(f"kifmerge: unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
                   file=sys.stderr)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 

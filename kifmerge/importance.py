@@ -36,26 +36,31 @@ class ImportanceAccumulator:
         self.steps = 0
         self.skipped = 0
 
-    def sensitivity(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        first = param.detach().to(torch.float32) * grad.to(torch.float32)
-        return first.abs() if self.estimator == "first" else (first - 0.5 * first * first).abs()
-
     @torch.no_grad()
     def update(self) -> bool:
         """Fold the current gradients into the EMAs. A step with any non-finite gradient is
-        skipped and counted, so one bad batch never poisons the running scores."""
-        grads = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
-        if not grads:
+        skipped and counted, so one bad batch never poisons the running scores.
+
+        Uses torch's multi-tensor (`_foreach`) kernels: one call per operation for all
+        parameters, which keeps the per-step cost near the memory traffic of the EMAs."""
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        if not names:
             return False
-        finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).all()
-        if not bool(finite):
+        params = [self.params[n].detach().float() for n in names]
+        grads = [self.params[n].grad.float() for n in names]
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
             self.skipped += 1
             return False
-        for name, grad in grads:
-            s = self.sensitivity(self.params[name], grad)
-            ipt, unc = self.ipt[name], self.unc[name]
-            ipt.mul_(self.beta1).add_(s, alpha=1 - self.beta1)
-            unc.mul_(self.beta2).add_((s - ipt).abs_(), alpha=1 - self.beta2)
+        s = torch._foreach_mul(params, grads)                        # θ·g
+        if self.estimator == "mixed":
+            squared = torch._foreach_mul(s, s)
+            torch._foreach_add_(s, squared, alpha=-0.5)              # θ·g − ½(θ·g)²
+        torch._foreach_abs_(s)
+        ipt, unc = [self.ipt[n] for n in names], [self.unc[n] for n in names]
+        torch._foreach_lerp_(ipt, s, 1 - self.beta1)                 # Ī ← β1·Ī + (1−β1)·s
+        torch._foreach_sub_(s, ipt)
+        torch._foreach_abs_(s)
+        torch._foreach_lerp_(unc, s, 1 - self.beta2)                 # Ū ← β2·Ū + (1−β2)·|s − Ī|
         self.steps += 1
         return True
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path

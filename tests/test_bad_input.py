@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import LORA_TARGETS, T5_TARGETS, build_llama, make_lora, write_profile

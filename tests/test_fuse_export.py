@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -189,7 +190,7 @@ def test_sharded_output_for_large_full_models(cli, tmp_path, llama_dir):
 
     task1, task2 = make_full(llama_dir, tmp_path / "f1", 1), make_full(llama_dir, tmp_path / "f2", 2)
     groups = unit_groups(task1, "full")
-    for i, task in enumerate((task1, task2)):
+    for i in range(2):
         write_profile(tmp_path / f"p{i}.safetensors", designed_scores(groups, {i}, 1.0)[0], "tensor")
     cli("base", "add", "llama", llama_dir)
     cli("add-task", "f1", task1, "--base", "llama", "--profile", tmp_path / "p0.safetensors")
@@ -202,3 +203,28 @@ def test_sharded_output_for_large_full_models(cli, tmp_path, llama_dir):
     assert len(set(index["weight_map"].values())) > 1
     model = model_class(llama_dir).from_pretrained(out)
     assert model.config.model_type == "llama"
+
+
+def test_copied_base_survives_its_folder(cli, tmp_path, llama_dir):
+    """`base add --copy` keeps the base's files in the registry: export --merged still works
+    after the original folder is gone, while a referenced-only base says what is wrong."""
+    folder = tmp_path / "movable"
+    shutil.copytree(llama_dir, folder)
+    cli("base", "add", "kept", folder, "--copy")
+    adapter = make_lora(folder, tmp_path / "a", 1, LORA_TARGETS)
+    groups = unit_groups(adapter, "lora")
+    profile = write_profile(tmp_path / "p.safetensors", designed_scores(groups, {0}, 1.0)[0], "lora-rank")
+    cli("add-task", "t", adapter, "--base", "kept", "--profile", profile)
+    cli("fuse", "t", "--into", "line")
+    shutil.rmtree(folder)
+    cli("export", "line", tmp_path / "merged", "--merged")
+    assert model_class(llama_dir).from_pretrained(tmp_path / "merged").config.model_type == "llama"
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(llama_dir, moved)
+    cli("base", "add", "fragile", moved)
+    cli("add-task", "t2", adapter, "--base", "fragile", "--profile", profile)
+    cli("fuse", "t2", "--into", "fragile-line")
+    shutil.rmtree(moved)
+    result = cli("export", "fragile-line", tmp_path / "x", "--merged", code=5)
+    assert "missing or changed" in result.stderr and "--copy" in result.stderr

@@ -1,0 +1,147 @@
+"""What does knowledge identification cost? The same training run with and without the
+importance callback: median step time (ratio; target ≤ 1.03) and peak RSS of each.
+
+Each run is a separate process (so peak RSS belongs to one run), alternating off/on to
+spread machine noise evenly. Models: a tiny Llama built in code (always) and SmolLM2-135M
+when prepared (`python benchmarks/prepare_smollm2.py`). Writes
+benchmarks/results/importance_overhead.json.
+
+    python benchmarks/importance_overhead.py [--steps 12] [--repeats 2] [--only tiny-lora,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "importance_overhead.json"
+DATA = HERE.parent.parent / "shared" / "benchmarks" / "long_sequence" / "train" / "agnews.json"
+SMOLLM2 = Path(os.environ.get("KIFMERGE_MODELS") or "~/.cache/kifmerge/models").expanduser() / "smollm2-135m-instruct"
+# name → (model, mode, batch size, max length, steps factor)
+CASES = {
+    "tiny-lora": ("tiny", "lora", 8, 64, 4),
+    "tiny-full": ("tiny", "full", 8, 64, 4),
+    "smollm2-lora": ("smollm2", "lora", 4, 64, 1),
+    "smollm2-full": ("smollm2", "full", 4, 64, 1),
+}
+
+
+def tiny_model(folder: Path) -> Path:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest import build_llama  # the test suite's tiny Llama + tokenizer
+
+    if not (folder / "config.json").exists():
+        build_llama(folder)
+    return folder
+
+
+def worker(case: str, steps: int, callback: bool, model_dir: Path) -> dict:
+    """One training run in this process; returns step times and peak RSS."""
+    import torch
+    from transformers import TrainerCallback, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
+    from kifmerge.options import TrainOptions
+    from kifmerge.training import (Collator, Encoder, KifTrainer, build_model, is_seq2seq, load_records,
+                                   load_tokenizer, supports_logits_window, training_arguments)
+
+    _, mode, batch, length, _ = CASES[case]
+    config = json.loads((model_dir / "config.json").read_text())
+    options = TrainOptions(mode=mode, max_steps=steps, batch_size=batch, max_length=length, lr=1e-4)
+    set_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = load_tokenizer(model_dir)
+    model = build_model(model_dir, config, options, None)
+    records = load_records(DATA, max_examples=steps * batch)
+    encode = Encoder(tokenizer, is_seq2seq(config), length)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    callbacks = [timer]
+    if callback:
+        callbacks.insert(0, ImportanceCallback(ImportanceAccumulator(model.named_parameters())))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = KifTrainer(model=model, args=training_arguments(options, Path(out)),
+                             train_dataset=[encode(r) for r in records],
+                             data_collator=Collator(tokenizer.pad_token_id, is_seq2seq(config), supports_logits_window(model)),
+                             callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"step_times": timer.times[1:],  # the first step warms caches up
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "trainable": trainable}
+
+
+def run_case(case: str, steps: int, repeats: int, model_dir: Path) -> dict:
+    runs = {"off": [], "on": []}
+    for _ in range(repeats):
+        for variant in ("off", "on"):
+            done = subprocess.run([sys.executable, __file__, "--worker", case, "--steps", str(steps),
+                                   "--callback", variant, "--model-dir", str(model_dir)],
+                                  capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            if done.returncode != 0:
+                raise SystemExit(f"{case}/{variant} failed:\n{done.stderr[-2000:]}")
+            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    median = {v: statistics.median(t for r in runs[v] for t in r["step_times"]) for v in runs}
+    return {"case": case, "steps": steps, "repeats": repeats, "trainable_parameters": runs["on"][0]["trainable"],
+            "step_s_off": round(median["off"], 5), "step_s_on": round(median["on"], 5),
+            "ratio": round(median["on"] / median["off"], 4),
+            "peak_rss_mb_off": round(max(r["peak_rss_mb"] for r in runs["off"]), 1),
+            "peak_rss_mb_on": round(max(r["peak_rss_mb"] for r in runs["on"]), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="steps per run for SmolLM2 (tiny runs 4×)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", default=",".join(CASES))
+    parser.add_argument("--worker")
+    parser.add_argument("--callback", choices=["on", "off"])
+    parser.add_argument("--model-dir", type=Path)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.callback == "on", args.model_dir)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for case in args.only.split(","):
+            model, _, _, _, factor = CASES[case]
+            if model == "smollm2" and not (SMOLLM2 / "config.json").exists():
+                print(f"skip {case}: {SMOLLM2} not prepared (python benchmarks/prepare_smollm2.py)", file=sys.stderr)
+                continue
+            model_dir = SMOLLM2 if model == "smollm2" else tiny_model(Path(scratch) / "tiny")
+            rows.append(run_case(case, args.steps * factor, args.repeats, model_dir))
+            row = rows[-1]
+            print(f"{row['case']:<14} step off {row['step_s_off']*1000:9.1f} ms  on {row['step_s_on']*1000:9.1f} ms  "
+                  f"ratio {row['ratio']:.3f}  peak RSS off {row['peak_rss_mb_off']:7.0f} MB  on {row['peak_rss_mb_on']:7.0f} MB",
+                  flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"benchmark": "importance_overhead", "machine": platform.platform(),
+                                   "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   "command": "python benchmarks/importance_overhead.py " + " ".join(sys.argv[1:]),
+                                   "rows": rows}, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
