@@ -78,8 +78,20 @@ def worker(case: str, steps: int, callback: bool, model_dir: Path) -> dict:
 
     timer = StepTimer()
     callbacks = [timer]
+    update_times: list[float] = []
     if callback:
-        callbacks.insert(0, ImportanceCallback(ImportanceAccumulator(model.named_parameters())))
+        accumulator = ImportanceAccumulator(model.named_parameters())
+        update = accumulator.update
+
+        def timed_update() -> bool:
+            start = time.perf_counter()
+            try:
+                return update()
+            finally:
+                update_times.append(time.perf_counter() - start)
+
+        accumulator.update = timed_update
+        callbacks.insert(0, ImportanceCallback(accumulator))
     with tempfile.TemporaryDirectory() as out:
         trainer = KifTrainer(model=model, args=training_arguments(options, Path(out)),
                              train_dataset=[encode(r) for r in records],
@@ -89,6 +101,7 @@ def worker(case: str, steps: int, callback: bool, model_dir: Path) -> dict:
         trainer.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"step_times": timer.times[1:],  # the first step warms caches up
+            "update_times": update_times[1:],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "trainable": trainable}
 
 
@@ -106,6 +119,7 @@ def run_case(case: str, steps: int, repeats: int, model_dir: Path) -> dict:
     return {"case": case, "steps": steps, "repeats": repeats, "trainable_parameters": runs["on"][0]["trainable"],
             "step_s_off": round(median["off"], 5), "step_s_on": round(median["on"], 5),
             "ratio": round(median["on"] / median["off"], 4),
+            "callback_ms": round(1000 * statistics.median(t for r in runs["on"] for t in r["update_times"]), 3),
             "peak_rss_mb_off": round(max(r["peak_rss_mb"] for r in runs["off"]), 1),
             "peak_rss_mb_on": round(max(r["peak_rss_mb"] for r in runs["on"]), 1)}
 
@@ -133,7 +147,7 @@ def main() -> None:
             rows.append(run_case(case, args.steps * factor, args.repeats, model_dir))
             row = rows[-1]
             print(f"{row['case']:<14} step off {row['step_s_off']*1000:9.1f} ms  on {row['step_s_on']*1000:9.1f} ms  "
-                  f"ratio {row['ratio']:.3f}  peak RSS off {row['peak_rss_mb_off']:7.0f} MB  on {row['peak_rss_mb_on']:7.0f} MB",
+                  f"ratio {row['ratio']:.3f}  callback {row['callback_ms']:7.1f} ms  peak RSS off {row['peak_rss_mb_off']:7.0f} MB  on {row['peak_rss_mb_on']:7.0f} MB",
                   flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"benchmark": "importance_overhead", "machine": platform.platform(),

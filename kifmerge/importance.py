@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 Estimator = Literal["first", "mixed"]
+CPU_BLOCK = 1 << 18  # elements per multi-tensor call on the CPU (1 MiB of float32 per operand)
 LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(\.[^.]+)?\.weight$")
 
 
@@ -39,30 +40,49 @@ class ImportanceAccumulator:
     @torch.no_grad()
     def update(self) -> bool:
         """Fold the current gradients into the EMAs. A step with any non-finite gradient is
-        skipped and counted, so one bad batch never poisons the running scores.
-
-        Uses torch's multi-tensor (`_foreach`) kernels: one call per operation for all
-        parameters, which keeps the per-step cost near the memory traffic of the EMAs."""
+        skipped and counted, so one bad batch never poisons the running scores."""
         names = [n for n, p in self.params.items() if p.grad is not None]
         if not names:
             return False
-        params = [self.params[n].detach().float() for n in names]
-        grads = [self.params[n].grad.float() for n in names]
+        grads = [self.params[n].grad for n in names]
         if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
             self.skipped += 1
             return False
-        s = torch._foreach_mul(params, grads)                        # θ·g
-        if self.estimator == "mixed":
-            squared = torch._foreach_mul(s, s)
-            torch._foreach_add_(s, squared, alpha=-0.5)              # θ·g − ½(θ·g)²
-        torch._foreach_abs_(s)
-        ipt, unc = [self.ipt[n] for n in names], [self.unc[n] for n in names]
-        torch._foreach_lerp_(ipt, s, 1 - self.beta1)                 # Ī ← β1·Ī + (1−β1)·s
-        torch._foreach_sub_(s, ipt)
-        torch._foreach_abs_(s)
-        torch._foreach_lerp_(unc, s, 1 - self.beta2)                 # Ū ← β2·Ū + (1−β2)·|s − Ī|
+        for theta, grad, ipt, unc in self._blocks(names):
+            s = torch._foreach_mul(theta, grad)                      # θ·g
+            if self.estimator == "mixed":
+                torch._foreach_add_(s, torch._foreach_mul(s, s), alpha=-0.5)  # θ·g − ½(θ·g)²
+            torch._foreach_abs_(s)
+            torch._foreach_lerp_(ipt, s, 1 - self.beta1)             # Ī ← β1·Ī + (1−β1)·s
+            torch._foreach_sub_(s, ipt)
+            torch._foreach_abs_(s)
+            torch._foreach_lerp_(unc, s, 1 - self.beta2)             # Ū ← β2·Ū + (1−β2)·|s − Ī|
         self.steps += 1
         return True
+
+    def _blocks(self, names: list[str]):
+        """Groups of (θ, g, Ī, Ū) views for the multi-tensor (`_foreach`) kernels. On the CPU the
+        groups are cut into cache-sized blocks, so the six element-wise passes of an update reuse
+        cached data instead of streaming every temporary through memory (measured 376 → 130 ms
+        per update for 128 M float32 parameters on 2 cores); on accelerators each group is simply all parameters of one device."""
+        tensors = [(self.params[n].detach(), self.params[n].grad, self.ipt[n], self.unc[n]) for n in names]
+        tensors = [tuple(t.float() for t in four[:2]) + four[2:] for four in tensors]
+        if any(t[0].device.type != "cpu" for t in tensors):
+            yield tuple(list(column) for column in zip(*tensors, strict=True))
+            return
+        block: list[tuple] = []
+        size = 0
+        for four in tensors:
+            flat = [t.reshape(-1) for t in four]
+            for start in range(0, flat[0].numel(), CPU_BLOCK):
+                piece = tuple(t[start:start + CPU_BLOCK] for t in flat)
+                block.append(piece)
+                size += piece[0].numel()
+                if size >= CPU_BLOCK:
+                    yield tuple(list(column) for column in zip(*block, strict=True))
+                    block, size = [], 0
+        if block:
+            yield tuple(list(column) for column in zip(*block, strict=True))
 
     def element_scores(self) -> dict[str, torch.Tensor]:
         return {n: self.ipt[n] * self.unc[n] for n in self.params}
