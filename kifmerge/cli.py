@@ -202,10 +202,11 @@ def add_task(
 def fuse(
     task: Annotated[str, typer.Argument(help="A registered task with a profile.")],
     into: Annotated[str, typer.Option("--into", help="The line to fuse into (created when new).")],
-    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive")] = "kif",
+    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive | linear")] = "kif",
     top: Annotated[Optional[float], typer.Option("--top", help="Fraction of units counted important (kif).", show_default="0.2")] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", help="Softmax temperature (kif-adaptive).", show_default="0.25")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="NEW_BOTH,OLD_BOTH,NEW_NEITHER (kif).", show_default="0.3,0.7,0.5")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the new task (linear; 1 = sequential).", show_default="0.5")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Fuse TASK into LINE unit by unit → a new immutable version."""
@@ -213,7 +214,7 @@ def fuse(
 
     with progress_bars(not json_out) as progress:
         result = api.fuse(task, into, method=method, top=top, tau=tau, weights=_float_list(weights, 3, "--weights"),
-                          registry=registry, progress=progress)
+                          alpha=alpha, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
 
@@ -310,10 +311,11 @@ def learn(
     data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} records.")],
     into: Annotated[str, typer.Option("--into", help="The line to train from and fuse into.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
-    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive", rich_help_panel="Fusion")] = "kif",
+    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive | linear", rich_help_panel="Fusion")] = "kif",
     top: Annotated[Optional[float], typer.Option("--top", help="Fraction of units counted important.", rich_help_panel="Fusion")] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", help="Softmax temperature.", rich_help_panel="Fusion")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="NEW_BOTH,OLD_BOTH,NEW_NEITHER.", rich_help_panel="Fusion")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the new task (linear).", rich_help_panel="Fusion")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, train_options: dict = None,
 ) -> None:
     """Train TASK and fuse it into LINE in one step: one new version, or nothing on failure."""
@@ -321,9 +323,75 @@ def learn(
 
     with progress_bars(not json_out) as progress:
         result = api.learn(task, data, into, base=base, options=train_options, method=method, top=top, tau=tau,
-                           weights=_float_list(weights, 3, "--weights"), registry=registry, progress=progress)
+                           weights=_float_list(weights, 3, "--weights"), alpha=alpha, registry=registry, progress=progress)
     if result is not None:
         emit(result, json_out, render_mapping)
+
+
+def _labelled_files(items: list[str]) -> dict[str, Path]:
+    from kifmerge.errors import UsageError
+
+    out = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise UsageError(f"--data takes NAME=FILE, got {item!r}")
+        out[label] = Path(path)
+    return out
+
+
+@app.command("eval")
+@handled
+def eval_(
+    ref: Annotated[str, typer.Argument(help="LINE, LINE@vN, or LINE@v0 for the base model zero-shot.")],
+    data: Annotated[list[str], typer.Option("--data", help="NAME=FILE, once per task (JSON/JSONL of {input, output}).")],
+    max_examples: Annotated[int, typer.Option("--max-examples", help="Evaluate the first N records of each file.")] = 100,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer generated.")] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", help="Max prompt tokens (middle truncated).")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together.")] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Evaluate again even when a stored result matches.")] = False,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Generate answers greedily, score exact match and ROUGE-L, store them on the version."""
+    from kifmerge import api
+
+    with progress_bars(not json_out) as progress:
+        result = api.evaluate(ref, _labelled_files(data), max_examples=max_examples, max_new_tokens=max_new_tokens,
+                              max_length=max_length, batch_size=batch_size, force=force, registry=registry, progress=progress)
+    rows = [{"task": label, **metrics} for label, metrics in result["results"].items()]
+    emit(result, json_out, lambda r: render_table(rows, ["task", "exact_match", "rouge_l", "examples", "seconds", "reused"], ""))
+
+
+@app.command()
+@handled
+def report(
+    line: Annotated[str, typer.Argument(help="A line with evaluated versions.")],
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated task labels, in learning order.")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="exact_match | rouge_l")] = "exact_match",
+    png: Annotated[Optional[Path], typer.Option("--png", help="Also draw the matrix and forgetting curves (needs matplotlib).")] = None,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """The continual-learning matrix R[version][task] with AP, BWT and FWT."""
+    from kifmerge import api
+
+    result = api.report(line, tasks=tasks.split(",") if tasks else None, metric=metric, registry=registry)
+    if png:
+        from kifmerge.plots import draw_report
+
+        result["png"] = str(draw_report(result, png))
+    emit(result, json_out, render_report)
+
+
+def render_report(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("version", "fused", *result["tasks"], title=f"{result['line']}: {result['metric']}")
+    for version, fused, row in zip(result["versions"], result["fused"], result["matrix"], strict=True):
+        table.add_row(version, fused or "(base)", *["—" if v is None else f"{v:.3f}" for v in row])
+    console = Console()
+    console.print(table)
+    console.print("  ".join(f"{k} {'—' if result[k] is None else f'{result[k]:.3f}'}" for k in ("AP", "BWT", "FWT")))
 
 
 @app.command()

@@ -14,10 +14,11 @@ class FuseParams(BaseModel):
     """Fusion parameters (DESIGN.md defaults)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    method: Literal["kif", "kif-adaptive"] = "kif"
+    method: Literal["kif", "kif-adaptive", "linear"] = "kif"
     top: float = Field(0.2, gt=0.0, le=1.0, description="fraction of units counted important")
     tau: float = Field(0.25, gt=0.0, description="softmax temperature of kif-adaptive")
     weights: tuple[float, float, float] = (0.3, 0.7, 0.5)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the new task (linear)")
     profile_weights: tuple[float, float] = (0.3, 0.7)
 
     @field_validator("weights", "profile_weights")
@@ -31,6 +32,8 @@ class FuseParams(BaseModel):
         """Only the parameters the chosen method uses."""
         if self.method == "kif":
             return {"top": self.top, "weights": list(self.weights), "profile_weights": list(self.profile_weights)}
+        if self.method == "linear":
+            return {"alpha": self.alpha, "profile_weights": list(self.profile_weights)}
         return {"tau": self.tau, "profile_weights": list(self.profile_weights)}
 
 

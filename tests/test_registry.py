@@ -43,5 +43,5 @@ def test_wal_mode_and_migrations_recorded(tmp_path):
     reg, _ = Registry.init(tmp_path / "r")
     assert reg.catalog.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     applied = [row["name"] for row in reg.catalog.db["_sqlite_migrations"].rows]
-    assert applied == ["m001_initial"]
-    assert {"bases", "tasks", "profiles", "lines", "versions", "events"} <= set(reg.catalog.db.table_names())
+    assert applied == ["m001_initial", "m002_evaluations"]
+    assert {"bases", "tasks", "profiles", "lines", "versions", "events", "evaluations"} <= set(reg.catalog.db.table_names())

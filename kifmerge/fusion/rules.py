@@ -44,6 +44,12 @@ def kif_adaptive(p_old: torch.Tensor, p_new: torch.Tensor, *, tau: float = 0.25)
     return weights[0], 1.0 - weights[0]
 
 
+def linear(p_old: torch.Tensor, p_new: torch.Tensor, *, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance-blind weighted average `alpha·W_new + (1 − alpha)·W_old` (alpha = 1: sequential
+    fine-tuning, the new task simply replaces the line)."""
+    return torch.full(p_new.shape, alpha, dtype=torch.float32), torch.full(p_new.shape, 1.0 - alpha, dtype=torch.float32)
+
+
 def blend(w_old: torch.Tensor, w_new: torch.Tensor, c_new: torch.Tensor, c_old: torch.Tensor, axis: int | None) -> torch.Tensor:
     """`c_new·W_new + c_old·W_old` in float32, unit coefficients broadcast along `axis`
     (None: the whole tensor is one unit), returned in W_new's dtype."""

@@ -21,7 +21,7 @@ from kifmerge.errors import ConflictError, NotFoundError
 
 DB_NAME = "kifmerge.db"
 BUSY_TIMEOUT_MS = 30_000
-JSON_COLUMNS = {"config", "params", "metrics", "timings", "training_config", "adapter_config", "payload", "layout"}
+JSON_COLUMNS = {"config", "params", "metrics", "timings", "training_config", "adapter_config", "payload", "layout", "settings"}
 
 migrations = Migrations("kifmerge")
 
@@ -60,6 +60,20 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         {"id": int, "ts": str, "action": str, "subject": str, "payload": str},
         pk="id", not_null={"ts", "action", "subject"},
     )
+
+
+@migrations()
+def m002_evaluations(db: sqlite_utils.Database) -> None:
+    """Scores of a version (number 0: the line's base) on one labelled data file. `subject` is
+    what was evaluated (a weights manifest sha, or `base:<fingerprint>`), so identical weights
+    reuse each other's results."""
+    db["evaluations"].create(
+        {"id": int, "line": str, "number": int, "label": str, "subject": str, "data_fingerprint": str,
+         "settings": str, "metrics": str, "predictions": str, "created": str},
+        pk="id", not_null={"line", "number", "label", "subject", "data_fingerprint", "settings", "metrics", "created"},
+    )
+    db["evaluations"].create_index(["subject", "data_fingerprint", "settings"])
+    db["evaluations"].create_index(["line", "number"])
 
 
 def now() -> str:
@@ -145,12 +159,18 @@ class Catalog:
             raise NotFoundError(f"version {line}@v{number} not found; see `kifmerge history {line}`")
         return found[0]
 
+    def find_evaluation(self, subject: str, data_fingerprint: str, settings: dict) -> dict[str, Any] | None:
+        found = self.rows("evaluations", "subject = ? and data_fingerprint = ? and settings = ?",
+                          [subject, data_fingerprint, json.dumps(settings, sort_keys=True)], order_by="id desc")
+        return found[0] if found else None
+
     def referenced_blobs(self) -> dict[str, list[str]]:
         """sha → the rows that reference it (as `table:key.column`). Weight manifests are
         expanded by the caller, which knows their format."""
         refs: dict[str, list[str]] = {}
         for table, key, columns in (("bases", "name", ["weights"]), ("tasks", "name", ["weights"]),
-                                     ("profiles", "task", ["scores"]), ("versions", "id", ["weights", "profile"])):
+                                     ("profiles", "task", ["scores"]), ("versions", "id", ["weights", "profile"]),
+                                     ("evaluations", "id", ["predictions"])):
             for row in self.db[table].rows:
                 for column in columns:
                     if row.get(column):

@@ -1,0 +1,45 @@
+"""The continual-learning matrix as a picture: a heatmap of R and one forgetting curve per
+task. matplotlib is an optional extra (`pip install 'kifmerge[plot]'`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kifmerge.errors import UsageError
+
+
+def draw_report(report: dict, out: Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--png needs matplotlib: pip install 'kifmerge[plot]'") from None
+    matrix = [[float("nan") if v is None else v for v in row] for row in report["matrix"]]
+    tasks, versions = report["tasks"], report["versions"]
+    fig, (heat, curves) = plt.subplots(1, 2, figsize=(11, 4.2))
+    image = heat.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    heat.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    heat.set_yticks(range(len(versions)), [f"{v} {t or 'base'}" for v, t in zip(versions, report["fused"], strict=True)])
+    for i, row in enumerate(report["matrix"]):
+        for j, value in enumerate(row):
+            if value is not None:
+                heat.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+    heat.set_title(f"{report['line']}: {report['metric']} R[version][task]")
+    fig.colorbar(image, ax=heat, fraction=0.046)
+    for j, task in enumerate(tasks):
+        curves.plot(range(len(versions)), [row[j] for row in matrix], marker="o", label=task)
+    curves.set_xticks(range(len(versions)), versions)
+    curves.set_ylim(0, 1.02)
+    curves.set_ylabel(report["metric"])
+    curves.set_title(f"AP {_fmt(report['AP'])}  BWT {_fmt(report['BWT'])}  FWT {_fmt(report['FWT'])}")
+    curves.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.3f}" if value < 0 else f"{value:.3f}"

@@ -1,0 +1,95 @@
+"""Evaluation and the continual-learning report, through the CLI on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import task_records, write_jsonl
+from kifmerge.evaluation import exact_match, rouge_l, score, summarise
+
+
+def test_answer_metrics_on_known_predictions():
+    assert exact_match("  Science or Technology\n", "science or technology") == 1.0
+    assert exact_match("Sports", "World") == 0.0
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(2 * (5 / 6) * (5 / 6) / (10 / 6))
+    assert rouge_l("", "") == 1.0 and rouge_l("x", "") == 0.0
+    assert score(["yes", "No ", "maybe"], ["yes", "no", "no"]) == {"exact_match": pytest.approx(2 / 3, abs=1e-6),
+                                                                  "rouge_l": pytest.approx(2 / 3, abs=1e-6), "examples": 3}
+
+
+def test_summaries_of_a_hand_made_matrix():
+    R = [[0.1, 0.2, 0.0],   # base
+         [0.8, 0.3, 0.1],   # after task 0
+         [0.6, 0.9, 0.2],   # after task 1
+         [0.5, 0.7, 0.9]]   # after task 2
+    result = summarise(R)
+    assert result["AP"] == pytest.approx((0.5 + 0.7 + 0.9) / 3)
+    assert result["BWT"] == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)
+    assert result["FWT"] == pytest.approx(((0.3 - 0.2) + (0.2 - 0.0)) / 2)
+    assert summarise([[None, None], [0.7, 0.4]]) == {"AP": pytest.approx(0.55), "BWT": None, "FWT": None}
+    assert summarise([[0.1], [None]])["AP"] is None
+
+
+@pytest.fixture
+def line_with_two_versions(cli, tmp_path, llama_dir):
+    data = {"parity": write_jsonl(tmp_path / "parity.jsonl", task_records("parity", 16)),
+            "vowel": write_jsonl(tmp_path / "vowel.jsonl", task_records("vowel", 16, seed=1))}
+    cli("base", "add", "llama", llama_dir)
+    cli("learn", "parity", "--data", data["parity"], "--into", "main", "--base", "llama", "--max-steps", "2")
+    cli("learn", "vowel", "--data", data["vowel"], "--into", "main", "--max-steps", "2")
+    return data
+
+
+def test_eval_stores_scores_and_reuses_them(cli, line_with_two_versions, monkeypatch):
+    data = [f"{k}={v}" for k, v in line_with_two_versions.items()]
+    first = cli.json("eval", "main@v1", *sum((["--data", d] for d in data), []), "--max-examples", "6", "--max-new-tokens", "3")
+    assert first["version"] == "main@v1" and first["settings"] == {"max_examples": 6, "max_new_tokens": 3, "max_length": 256}
+    for metrics in first["results"].values():
+        assert set(metrics) == {"exact_match", "rouge_l", "examples", "seconds", "reused"}
+        assert metrics["examples"] == 6 and 0 <= metrics["exact_match"] <= 1 and not metrics["reused"]
+
+    again = cli.json("eval", "main@v1", *sum((["--data", d] for d in data), []), "--max-examples", "6", "--max-new-tokens", "3")
+    assert all(m["reused"] for m in again["results"].values())
+
+    # known predictions: every answer "odd" → exact match is the share of "odd" references
+    from kifmerge import evaluation
+
+    monkeypatch.setattr(evaluation, "generate_answers", lambda model, tok, prompts, **kw: ["odd"] * len(prompts))
+    forced = cli.json("eval", "main@v1", "--data", data[0], "--max-examples", "6", "--max-new-tokens", "3", "--force")
+    expected = sum(r["output"] == "odd" for r in task_records("parity", 6)) / 6
+    assert forced["results"]["parity"]["exact_match"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_report_builds_the_matrix_from_stored_evaluations(cli, line_with_two_versions, tmp_path, monkeypatch):
+    from kifmerge import evaluation
+
+    answers = {"v0": "no", "v1": "odd", "v2": "even"}
+    current = {}
+    monkeypatch.setattr(evaluation, "generate_answers", lambda model, tok, prompts, **kw: [current["answer"]] * len(prompts))
+    data = sum((["--data", f"{k}={v}"] for k, v in line_with_two_versions.items()), [])
+    for version, answer in answers.items():
+        current["answer"] = answer
+        cli("eval", f"main@{version}", *data, "--max-examples", "8")
+    report = cli.json("report", "main")
+    parity, vowel = task_records("parity", 8), task_records("vowel", 8, seed=1)
+
+    def share(records, answer):
+        return round(sum(r["output"] == answer for r in records) / len(records), 6)
+
+    assert report["tasks"] == ["parity", "vowel"] and report["versions"] == ["v0", "v1", "v2"]
+    assert report["fused"] == [None, "parity", "vowel"]
+    assert report["matrix"] == [[share(parity, a), share(vowel, a)] for a in answers.values()]
+    assert {k: report[k] for k in ("AP", "BWT", "FWT")} == summarise(report["matrix"])
+
+    missing = cli("report", "main", "--tasks", "parity,nope", code=3)
+    assert "nope" in missing.stderr
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "matrix.png"
+    assert cli.json("report", "main", "--png", str(out))["png"] == str(out) and out.stat().st_size > 1000
+
+
+def test_eval_rejects_bad_arguments(cli, line_with_two_versions):
+    path = line_with_two_versions["parity"]
+    assert "NAME=FILE" in cli("eval", "main", "--data", str(path), code=2).stderr
+    assert "not found" in cli("eval", "main@v9", "--data", f"p={path}", code=3).stderr
+    assert "not found" in cli("eval", "main", "--data", "p=/nonexistent.json", code=3).stderr
