@@ -83,7 +83,11 @@ class Experiment:
                               "seed": args.seed}
         self.eval_options = {"max_examples": args.eval_examples, "max_new_tokens": args.max_new_tokens,
                              "max_length": args.max_length, "batch_size": args.eval_batch_size}
-        self.wall: dict[str, float] = {}
+        self.wall_file = args.work / "wall.json"  # step times survive a resumed run
+        self.wall: dict[str, float] = json.loads(self.wall_file.read_text()) if self.wall_file.exists() else {}
+        earlier = HERE / "results" / f"order{args.order}{args.suffix}.json"
+        if not self.wall and earlier.exists():  # a results file written before wall.json existed
+            self.wall = json.loads(earlier.read_text()).get("step_wall_s", {})
 
     def setup(self) -> None:
         self.api.init(self.registry)
@@ -109,7 +113,7 @@ class Experiment:
         log(f"train {name} from {line if self._line_exists(line) else 'the base'}")
         started = time.perf_counter()
         self.api.train(name, data, line, base="smollm2", options=options, registry=self.registry, progress=self.progress)
-        self.wall[f"train:{name}"] = round(time.perf_counter() - started, 1)
+        self.record(f"train:{name}", started)
 
     def evaluate(self, line: str, number: int) -> None:
         data = {task: dev_file(task) for task in self.tasks}
@@ -117,7 +121,12 @@ class Experiment:
         result = self.api.evaluate(f"{line}@v{number}", data, registry=self.registry, progress=self.progress, **self.eval_options)
         scores = "  ".join(f"{t} {r['exact_match']:.2f}{'*' if r['reused'] else ''}" for t, r in result["results"].items())
         log(f"eval {line}@v{number}: {scores}")
-        self.wall[f"eval:{line}@v{number}"] = round(time.perf_counter() - started, 1)
+        if not all(r["reused"] for r in result["results"].values()):
+            self.record(f"eval:{line}@v{number}", started)
+
+    def record(self, step: str, started: float) -> None:
+        self.wall[step] = round(time.perf_counter() - started, 1)
+        self.wall_file.write_text(json.dumps(self.wall, indent=1))
 
     def sequential_methods(self) -> None:
         lines = [m for m in self.methods if m in FUSE]
@@ -159,14 +168,10 @@ class Experiment:
                 rows[method] = {"status": NOT_YET[method]}
                 continue
             report = self.api.report(method, tasks=self.tasks, registry=self.registry)
-            seconds = {k: v for k, v in self._seconds(method).items()}
-            rows[method] = {**{k: report[k] for k in ("AP", "BWT", "FWT", "matrix", "versions", "fused")}, **seconds}
+            train_s = sum(self.api.show(t, registry=self.registry)["metrics"]["runtime_s"] for t in self.learned(method))
+            rows[method] = {**{k: report[k] for k in ("AP", "BWT", "FWT", "matrix", "versions", "fused")},
+                            "train_s_of_its_tasks": round(train_s, 1)}
         return rows
-
-    def _seconds(self, line: str) -> dict[str, float]:
-        """Training time of the tasks in a line and evaluation time of its versions, from the registry."""
-        train = sum((self.api.show(t, registry=self.registry)["metrics"] or {}).get("runtime_s", 0.0) for t in self.learned(line))
-        return {"train_s": round(train, 1)}
 
 
 def git_commit() -> str | None:
@@ -181,13 +186,15 @@ def write_outputs(experiment: Experiment, rows: dict, elapsed: float) -> Path:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload = {"benchmark": "continual", "order": args.order, "tasks": experiment.tasks, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)",
                "metric": "exact_match on dev (first --eval-examples records)", "settings": settings, "methods": rows,
-               "wall_s": round(elapsed, 1), "step_wall_s": experiment.wall, "git_commit": git_commit(),
+               "wall_s_this_run": round(elapsed, 1), "wall_s_all_steps": round(sum(experiment.wall.values()), 1),
+               "step_wall_s": experiment.wall, "git_commit": git_commit(),
                "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "command": "python benchmarks/continual.py " + " ".join(sys.argv[1:])}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     lines = [f"# Continual learning, order {args.order}: {' → '.join(experiment.tasks)}", "",
              f"SmolLM2-135M, LoRA r {args.lora_r} (q/v), {args.steps} steps per task at batch {args.batch_size}, lr {args.lr}, "
              f"max length {args.max_length}; exact match on the first {args.eval_examples} dev examples of each task. "
-             f"MTL trains on all tasks for {args.steps * len(experiment.tasks)} steps. Wall time {elapsed / 60:.1f} min.", "",
+             f"MTL trains on all tasks for {args.steps * len(experiment.tasks)} steps. "
+             f"Wall time {sum(experiment.wall.values()) / 60:.1f} min of training and evaluation.", "",
              "| method | AP | BWT | FWT | final row |", "| --- | --- | --- | --- | --- |"]
     for method, row in rows.items():
         if "status" in row:

@@ -74,9 +74,10 @@ def handled(fn: Callable) -> Callable:
 
 
 @contextmanager
-def progress_bars(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]] | None]:
-    """A rich progress display on stderr, handed to services as `progress(description, total)`."""
-    if not enabled or not sys.stderr.isatty():
+def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]] | None]:
+    """A rich progress display on stderr (when it is a terminal; stdout stays clean for --json),
+    handed to services as `progress(description, total)`."""
+    if not sys.stderr.isatty():
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -100,11 +101,13 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
 def render_mapping(result: dict) -> None:
     from rich.console import Console
 
+    from rich.markup import escape
+
     console = Console()
     for key, value in result.items():
         if isinstance(value, (dict, list)):
             value = json.dumps(value, sort_keys=True, default=str)
-        console.print(f"[bold]{key}[/bold]: {value}", highlight=False, soft_wrap=True)
+        console.print(f"[bold]{key}[/bold]: {escape(str(value))}", highlight=False, soft_wrap=True)
 
 
 def render_table(rows: list[dict], columns: list[str], empty: str) -> None:
@@ -165,7 +168,7 @@ def base_add(
     """Register a base model: its path, architecture and a fingerprint of config + weight headers."""
     from kifmerge import api
 
-    with progress_bars(not json_out) as progress:
+    with progress_bars() as progress:
         result = api.add_base(name, model, copy=copy, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
@@ -189,7 +192,7 @@ def add_task(
     given (--profile) or computed from calibration data (--calibrate)."""
     from kifmerge import api
 
-    with progress_bars(not json_out) as progress:
+    with progress_bars() as progress:
         result = api.add_task(task, checkpoint, base=base, profile=profile, line=line, calibrate=calibrate,
                               calibrate_batches=calibrate_batches,
                               calibrate_options={"batch_size": batch_size, "max_length": max_length, "importance": importance},
@@ -212,7 +215,7 @@ def fuse(
     """Fuse TASK into LINE unit by unit → a new immutable version."""
     from kifmerge import api
 
-    with progress_bars(not json_out) as progress:
+    with progress_bars() as progress:
         result = api.fuse(task, into, method=method, top=top, tau=tau, weights=_float_list(weights, 3, "--weights"),
                           alpha=alpha, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
@@ -229,7 +232,7 @@ def export(
     """Export a version as a folder peft / transformers load, with a model card."""
     from kifmerge import api
 
-    with progress_bars(not json_out) as progress:
+    with progress_bars() as progress:
         result = api.export(ref, out, merged=merged, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
@@ -297,7 +300,7 @@ def train(
     """Fine-tune from LINE's newest version, record each unit's importance, register TASK."""
     from kifmerge import api
 
-    with progress_bars(not json_out) as progress:
+    with progress_bars() as progress:
         result = api.train(task, data, line, base=base, options=train_options, registry=registry, progress=progress)
     if result is not None:
         emit(result, json_out, render_mapping)
@@ -321,7 +324,7 @@ def learn(
     """Train TASK and fuse it into LINE in one step: one new version, or nothing on failure."""
     from kifmerge import api
 
-    with progress_bars(not json_out) as progress:
+    with progress_bars() as progress:
         result = api.learn(task, data, into, base=base, options=train_options, method=method, top=top, tau=tau,
                            weights=_float_list(weights, 3, "--weights"), alpha=alpha, registry=registry, progress=progress)
     if result is not None:
@@ -355,7 +358,7 @@ def eval_(
     """Generate answers greedily, score exact match and ROUGE-L, store them on the version."""
     from kifmerge import api
 
-    with progress_bars(not json_out) as progress:
+    with progress_bars() as progress:
         result = api.evaluate(ref, _labelled_files(data), max_examples=max_examples, max_new_tokens=max_new_tokens,
                               max_length=max_length, batch_size=batch_size, force=force, registry=registry, progress=progress)
     rows = [{"task": label, **metrics} for label, metrics in result["results"].items()]
@@ -400,7 +403,7 @@ def verify(registry: RegistryOpt = None, json_out: JsonOpt = False, debug: Debug
     """Re-hash every blob the registry references (exit 5 when any is missing or corrupt)."""
     from kifmerge import api
 
-    with progress_bars(not json_out) as progress:
+    with progress_bars() as progress:
         result = api.verify(registry=registry, progress=progress)
     emit(result, json_out, lambda r: print(f"ok: {r['blobs_checked']} blobs verified in {r['registry']}"))
 

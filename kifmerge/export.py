@@ -33,10 +33,13 @@ def point_adapter_at_base(out_dir: Path, base_dir: Path) -> None:
 
 def quiet_transformers() -> None:
     """kifmerge shows its own progress; transformers' per-call bars and notices only add noise."""
+    import warnings
+
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 def model_class_for(config: dict):
