@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kifmerge.errors import UsageError
 
@@ -61,6 +61,12 @@ class TrainOptions(BaseModel):
     orth_reg: float = Field(0.0, ge=0.0)
     replay: float = Field(0.0, ge=0.0, lt=1.0)
 
+    @model_validator(mode="after")
+    def _lora_only_options(self) -> "TrainOptions":
+        if self.mode == "full" and (self.orth_reg or self.lora_r or self.lora_alpha or self.target_modules):
+            raise ValueError("--orth-reg, --lora-r, --lora-alpha and --target-modules apply to --mode lora only")
+        return self
+
     @property
     def rank(self) -> int:
         return self.lora_r or 8
@@ -76,5 +82,7 @@ def validated(model: type[BaseModel], what: str, values: dict[str, Any]) -> Any:
         return model(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
+        if not first["loc"]:  # a rule across options
+            raise UsageError(f"invalid {what} options: {first['msg'].removeprefix('Value error, ')}") from None
         option = "--" + ".".join(map(str, first["loc"])).replace("_", "-")
         raise UsageError(f"invalid {what} option {option}: {first['msg']}") from None

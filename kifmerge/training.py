@@ -152,12 +152,12 @@ class Collator:
                 "labels": torch.tensor([f["labels"] + [IGNORE] * (longest_label - len(f["labels"])) for f in features]),
             }
         pads = [longest - len(f["input_ids"]) for f in features]
-        mask = torch.tensor([[0] * p + [1] * len(f["input_ids"]) for p, f in zip(pads, features)])
+        mask = torch.tensor([[0] * p + [1] * len(f["input_ids"]) for p, f in zip(pads, features, strict=True)])
         batch = {
-            "input_ids": torch.tensor([[self.pad_id] * p + f["input_ids"] for p, f in zip(pads, features)]),
+            "input_ids": torch.tensor([[self.pad_id] * p + f["input_ids"] for p, f in zip(pads, features, strict=True)]),
             "attention_mask": mask,
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-            "labels": torch.tensor([[IGNORE] * p + f["labels"] for p, f in zip(pads, features)]),
+            "labels": torch.tensor([[IGNORE] * p + f["labels"] for p, f in zip(pads, features, strict=True)]),
         }
         answer = max(sum(1 for t in f["labels"] if t != IGNORE) for f in features)
         batch["logits_to_keep"] = answer + 1 if self.window else longest
@@ -172,6 +172,7 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     keep = inputs.pop("logits_to_keep", None)
     if keep is None:
         return model(**inputs, labels=labels).loss
+    keep = min(keep, labels.shape[1])  # an empty prompt: the answer fills the whole sequence
     if keep < labels.shape[1]:
         inputs["logits_to_keep"] = keep
     logits = model(**inputs).logits[:, -keep:]

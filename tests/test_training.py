@@ -315,3 +315,24 @@ def test_learn_killed_at_commit_leaves_only_garbage_that_gc_removes(cli, tmp_pat
     assert snapshot(cli) == before
     assert cli.json("verify")["ok"]
     assert cli.json("learn", "second", "--data", parity, "--into", "main", "--max-steps", "1")["version"] == "main@v2"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--line", "new"], "give --base NAME"),
+    (["--line", "new", "--base", "llama", "--mode", "full", "--orth-reg", "0.1"], "--mode lora only"),
+    (["--line", "new", "--base", "llama", "--lr", "-1"], "--lr"),
+    (["--line", "new", "--base", "llama", "--importance", "third"], "--importance"),
+    (["--line", "new", "--base", "nobase"], "base 'nobase' not found"),
+])
+def test_train_option_errors_are_one_line_before_any_work(cli, llama_dir, parity, args, message):
+    cli("base", "add", "llama", llama_dir)
+    result = cli("train", "t", "--data", parity, *args, code=3 if "not found" in message else 2)
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert cli.json("list", "tasks") == []
+
+
+def test_a_line_keeps_its_kind_and_rank(cli, tmp_path, llama_dir, parity):
+    cli("base", "add", "llama", llama_dir)
+    start_line_with_adapter(cli, tmp_path, llama_dir)
+    assert "--mode lora" in cli("train", "t", "--data", parity, "--line", "line", "--mode", "full", code=2).stderr
+    assert "r=4" in cli("train", "t", "--data", parity, "--line", "line", "--lora-r", "8", code=2).stderr
