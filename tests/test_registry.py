@@ -45,3 +45,35 @@ def test_wal_mode_and_migrations_recorded(tmp_path):
     applied = [row["name"] for row in reg.catalog.db["_sqlite_migrations"].rows]
     assert applied == ["m001_initial", "m002_evaluations"]
     assert {"bases", "tasks", "profiles", "lines", "versions", "events", "evaluations"} <= set(reg.catalog.db.table_names())
+
+
+def test_parallel_writers_share_one_registry(tmp_path):
+    """Pipeline jobs writing at once: WAL + busy timeout + IMMEDIATE transactions queue them;
+    nothing is lost and no version number is taken twice."""
+    import multiprocessing
+
+    reg, _ = Registry.init(tmp_path / "r")
+    reg.catalog.insert("bases", {"name": "b", "path": "/x", "architecture": "A", "fingerprint": "f", "created": "t"})
+    reg.close()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        pool.map(_append_events_and_versions, [(tmp_path / "r", worker) for worker in range(4)])
+    reg = Registry.open(tmp_path / "r")
+    versions = reg.catalog.rows("versions", order_by="number")
+    assert [v["number"] for v in versions] == list(range(1, 4 * 10 + 1))
+    assert len([e for e in reg.catalog.rows("events") if e["action"] == "test"]) == 4 * 10
+
+
+def _append_events_and_versions(args) -> None:
+    root, worker = args
+    reg = Registry.open(root)
+    for i in range(10):
+        with reg.catalog.transaction():
+            if reg.catalog.find("lines", "l") is None:
+                reg.catalog.insert("lines", {"name": "l", "base": "b", "kind": "lora", "created": "t"})
+            head = reg.catalog.head("l")
+            number = (head["number"] if head else 0) + 1
+            reg.catalog.insert("versions", {"line": "l", "number": number, "method": "m", "weights": f"w{worker}-{i}",
+                                            "profile": "p", "created": "t"})
+            reg.catalog.event("test", f"{worker}-{i}")
+    reg.close()
