@@ -519,8 +519,10 @@ def export(ref: str, out: str | Path, *, merged: bool = False, registry: str | o
             os.chmod(staging / PROFILE_EXPORT_NAME, 0o644)
             lineage = [v for v in reg.catalog.rows("versions", "line = ?", [line], order_by="number")
                        if v["number"] <= version["number"]]
+            evaluations = {row["label"]: row["metrics"] for row in reg.catalog.rows(
+                "evaluations", "line = ? and number = ?", [line, version["number"]], order_by="id")}
             hashes = exporter.write_model_card(staging, line=line, version={**version, "kind": line_row["kind"]},
-                                               base=base_row, lineage=lineage, merged=merged)
+                                               base=base_row, lineage=lineage, merged=merged, evaluations=evaluations)
             if advance:
                 advance(1)
             if out.exists():
@@ -743,8 +745,10 @@ def show(ref: str, *, registry: str | os.PathLike | None = None) -> dict[str, An
         if "@" in ref:
             line, version = resolve_version(reg, ref)
             kind = reg.catalog.get("lines", line, "line")["kind"]
+            evaluations = {row["label"]: {**row["metrics"], "settings": row["settings"]} for row in reg.catalog.rows(
+                "evaluations", "line = ? and number = ?", [line, version["number"]], order_by="id")}
             return {"type": "version", **_public_version(version, kind), "weights": version["weights"],
-                    "profile_blob": version["profile"]}
+                    "profile_blob": version["profile"], "evaluations": evaluations}
         task = reg.catalog.find("tasks", ref)
         if task:
             profile = reg.catalog.find("profiles", ref)

@@ -74,8 +74,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_model_card(out_dir: Path, *, line: str, version: dict, base: dict, lineage: list[dict], merged: bool) -> dict[str, str]:
-    """A README.md model card with base, tasks, method, parameters, lineage and file hashes."""
+def write_model_card(out_dir: Path, *, line: str, version: dict, base: dict, lineage: list[dict], merged: bool,
+                     evaluations: dict[str, dict] | None = None) -> dict[str, str]:
+    """A README.md model card with base, tasks, method, parameters, lineage, stored evaluation
+    scores and file hashes."""
     from huggingface_hub import ModelCard, ModelCardData
 
     hashes = {p.name: sha256_of(p) for p in sorted(out_dir.iterdir())
@@ -90,6 +92,15 @@ def write_model_card(out_dir: Path, *, line: str, version: dict, base: dict, lin
         f"| v{v['number']} | {v['task'] or '—'} | {v['method']} | `{json.dumps(v['params'] or {}, sort_keys=True)}` | {v['created']} |"
         for v in lineage)
     files = "\n".join(f"| `{name}` | `{sha}` |" for name, sha in hashes.items())
+    scores = "\n".join(f"| {label} | {m['exact_match']:.3f} | {m['rouge_l']:.3f} | {m['examples']} |"
+                       for label, m in (evaluations or {}).items())
+    evaluation = f"""
+## Evaluation (`kifmerge eval`, greedy)
+
+| data | exact match | ROUGE-L | examples |
+| --- | --- | --- | --- |
+{scores}
+""" if scores else ""
     tasks = ", ".join(v["task"] for v in lineage if v["task"])
     body = f"""
 # {line} v{version['number']}
@@ -106,6 +117,7 @@ Tasks learned, in order: {tasks}.
 | --- | --- | --- | --- | --- |
 {rows}
 
+{evaluation}
 ## Files
 
 | file | sha256 |

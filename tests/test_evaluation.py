@@ -50,6 +50,11 @@ def test_eval_stores_scores_and_reuses_them(cli, line_with_two_versions, monkeyp
 
     again = cli.json("eval", "main@v1", *sum((["--data", d] for d in data), []), "--max-examples", "6", "--max-new-tokens", "3")
     assert all(m["reused"] for m in again["results"].values())
+    stored = cli.json("show", "main@v1")["evaluations"]
+    assert stored["parity"]["exact_match"] == first["results"]["parity"]["exact_match"]
+    cli("export", "main@v1", cli.registry.parent / "card")
+    card = (cli.registry.parent / "card" / "README.md").read_text()
+    assert f"| parity | {stored['parity']['exact_match']:.3f} |" in card
 
     # known predictions: every answer "odd" → exact match is the share of "odd" references
     from kifmerge import evaluation
