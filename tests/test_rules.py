@@ -60,3 +60,33 @@ def test_accumulated_profile_is_normalised(values):
     acc = accumulate(values, values.flip(0))
     assert not torch.isnan(acc).any()
     assert acc.min() >= 0 and acc.max() <= 1
+
+
+def test_engine_streams_blends_and_refuses_overflow(tmp_path):
+    """The streaming engine over real files: per-tensor blend, output in the inputs' dtype,
+    and a non-finite result refused with the tensor's name."""
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from kifmerge.errors import InvalidInputError
+    from kifmerge.fusion.engine import LazyTensorReader, ShardWriter, fuse_streaming
+    from kifmerge.units import tensor_layout
+
+    old = {"a": torch.full((4, 4), 1.0, dtype=torch.float16), "b": torch.full((8,), 60000.0, dtype=torch.float16)}
+    new = {"a": torch.full((4, 4), 3.0, dtype=torch.float16), "b": torch.full((8,), 60000.0, dtype=torch.float16)}
+    save_file(old, str(tmp_path / "old.safetensors"))
+    save_file(new, str(tmp_path / "new.safetensors"))
+    layout = tensor_layout({k: tuple(v.shape) for k, v in new.items()})
+    readers = [LazyTensorReader({"f": tmp_path / f"{n}.safetensors"}, {k: "f" for k in new}) for n in ("old", "new")]
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out, "model.safetensors", "model.safetensors.index.json", max_shard_bytes=40)
+    fuse_streaming(*readers, layout, torch.tensor([0.25, 0.5]), torch.tensor([0.75, 0.5]), writer)
+    files, weight_map = writer.finish()
+    assert len([f for f in files if f.endswith(".safetensors")]) == 2 and set(weight_map) == {"a", "b"}
+    fused = {k: v for f in files if f.endswith(".safetensors") for k, v in load_file(files[f]).items()}
+    assert fused["a"].dtype == torch.float16 and torch.all(fused["a"] == 1.5) and torch.all(fused["b"] == 60000.0)
+
+    writer = ShardWriter(out, "x.safetensors", None)
+    with pytest.raises(InvalidInputError, match="fused tensor b is not finite"):
+        fuse_streaming(*readers, layout, torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]), writer)

@@ -106,7 +106,10 @@ def fuse_streaming(
         if w_old.shape != w_new.shape:
             raise InvalidInputError(f"tensor {name} has shape {list(w_new.shape)} in the task but {list(w_old.shape)} in the line")
         part = offsets[slot.group]
-        writer.add(name, blend(w_old, w_new, c_new[part], c_old[part], slot.axis))
+        fused = blend(w_old, w_new, c_new[part], c_old[part], slot.axis)
+        if fused.is_floating_point() and not bool(torch.isfinite(fused).all()):
+            raise InvalidInputError(f"fused tensor {name} is not finite (an overflow in {fused.dtype}?); nothing was written")
+        writer.add(name, fused)
         del w_old, w_new
         if progress:
             progress(1)
