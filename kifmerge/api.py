@@ -262,7 +262,8 @@ def _stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, p
     """Compute the fused weights and the line's new profile and store their blobs; no rows yet."""
     from kifmerge.checkpoints import read_headers
     from kifmerge.fusion import rules
-    from kifmerge.fusion.engine import DEFAULT_MAX_SHARD_BYTES, LazyTensorReader, ShardWriter, fuse_streaming
+    from kifmerge.fusion.engine import LazyTensorReader, fuse_streaming
+    from kifmerge.fusion.writer import DEFAULT_MAX_SHARD_BYTES, StreamingShardWriter, TensorSpec
     from kifmerge.profiles import accumulate, normalise, read_profile, write_profile
     from kifmerge.units import layout_for
 
@@ -274,7 +275,8 @@ def _stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, p
                                 f"task {task!r} is {kind} on base {task_row['base']!r}")
     head = reg.catalog.head(into)
     new_ws = reg.weights(task_row["weights"])
-    layout = layout_for(kind, read_headers(new_ws.tensor_files(), new_ws.weight_map).shapes)
+    new_headers = read_headers(new_ws.tensor_files(), new_ws.weight_map)
+    layout = layout_for(kind, new_headers.shapes)
     p_new = read_profile(reg.blobs.open_verified(profile_sha), layout)
     staging = reg.blobs.staging_dir()
     timings: dict[str, float] = {}
@@ -297,13 +299,19 @@ def _stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, p
                 c_new, c_old = rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
             else:
                 c_new, c_old = rules.linear(p_old, p_new, alpha=params.alpha)
-            single, index = ("adapter_model.safetensors", None) if kind == "lora" else \
-                ("model.safetensors", "model.safetensors.index.json")
-            writer = ShardWriter(staging, single, index, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+            pattern, index = ("adapter_model{suffix}.safetensors", None) if kind == "lora" else \
+                ("model{suffix}.safetensors", "model.safetensors.index.json")
+            specs = {n: TensorSpec(new_headers.dtypes[n], new_headers.shapes[n]) for n in layout.slots}
+            writer = StreamingShardWriter(staging, specs, filename_pattern=pattern, index_name=index,
+                                          max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
             t0 = time.perf_counter()
-            fuse_streaming(LazyTensorReader(old_ws.files, old_ws.weight_map),
-                           LazyTensorReader(new_ws.files, new_ws.weight_map), layout, c_new, c_old, writer,
-                           _advance(progress, f"fusing {task} into {into}", len(layout.slots)))
+            try:
+                fuse_streaming(LazyTensorReader(old_ws.files, old_ws.weight_map),
+                               LazyTensorReader(new_ws.files, new_ws.weight_map), layout, c_new, c_old, writer,
+                               _advance(progress, f"fusing {task} into {into}", len(layout.slots)))
+            except BaseException:
+                writer.abort()
+                raise
             files, weight_map = writer.finish()
             timings["fuse_s"] = round(time.perf_counter() - t0, 4)
             for side in set(new_ws.files) - set(new_ws.weight_map.values()) - set(files):

@@ -69,7 +69,8 @@ def test_engine_streams_blends_and_refuses_overflow(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from kifmerge.errors import InvalidInputError
-    from kifmerge.fusion.engine import LazyTensorReader, ShardWriter, fuse_streaming
+    from kifmerge.fusion.engine import LazyTensorReader, fuse_streaming
+    from kifmerge.fusion.writer import StreamingShardWriter, TensorSpec
     from kifmerge.units import tensor_layout
 
     old = {"a": torch.full((4, 4), 1.0, dtype=torch.float16), "b": torch.full((8,), 60000.0, dtype=torch.float16)}
@@ -80,13 +81,34 @@ def test_engine_streams_blends_and_refuses_overflow(tmp_path):
     readers = [LazyTensorReader({"f": tmp_path / f"{n}.safetensors"}, {k: "f" for k in new}) for n in ("old", "new")]
     out = tmp_path / "out"
     out.mkdir()
-    writer = ShardWriter(out, "model.safetensors", "model.safetensors.index.json", max_shard_bytes=40)
+    specs = {k: TensorSpec("F16", tuple(v.shape)) for k, v in new.items()}
+    writer = StreamingShardWriter(out, specs, max_shard_bytes=20)
     fuse_streaming(*readers, layout, torch.tensor([0.25, 0.5]), torch.tensor([0.75, 0.5]), writer)
     files, weight_map = writer.finish()
     assert len([f for f in files if f.endswith(".safetensors")]) == 2 and set(weight_map) == {"a", "b"}
     fused = {k: v for f in files if f.endswith(".safetensors") for k, v in load_file(files[f]).items()}
     assert fused["a"].dtype == torch.float16 and torch.all(fused["a"] == 1.5) and torch.all(fused["b"] == 60000.0)
 
-    writer = ShardWriter(out, "x.safetensors", None)
+    writer = StreamingShardWriter(out / "..", specs, filename_pattern="x{suffix}.safetensors", index_name=None)
     with pytest.raises(InvalidInputError, match="fused tensor b is not finite"):
         fuse_streaming(*readers, layout, torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]), writer)
+    writer.abort()
+    assert not list(tmp_path.glob(".x*.partial")), "a refused output leaves no partial shard"
+
+
+def test_streaming_writer_round_trips_any_order_and_dtype(tmp_path):
+    from safetensors import safe_open
+
+    from kifmerge.fusion.writer import SAFETENSORS_DTYPES, StreamingShardWriter, TensorSpec
+
+    tensors = {"w.bf16": torch.randn(3, 5).to(torch.bfloat16), "w.f32": torch.randn(7), "w.i64": torch.arange(6).reshape(2, 3),
+               "w.bool": torch.tensor([True, False, True]), "w.scalar": torch.tensor(2.5), "w.t": torch.randn(4, 6).T}
+    specs = {k: TensorSpec(SAFETENSORS_DTYPES[v.dtype], tuple(v.shape)) for k, v in tensors.items()}
+    writer = StreamingShardWriter(tmp_path, specs, max_shard_bytes=64)
+    for name in reversed(list(tensors)):
+        writer.add(name, tensors[name])
+    files, weight_map = writer.finish()
+    assert set(weight_map) == set(tensors) and "model.safetensors.index.json" in files
+    for name, tensor in tensors.items():
+        with safe_open(files[weight_map[name]], "pt") as handle:
+            assert torch.equal(handle.get_tensor(name), tensor), name
