@@ -294,7 +294,7 @@ def test_orthogonality_penalty_pulls_lora_factors_towards_orthogonal():
 
 
 def test_learn_killed_at_commit_leaves_only_garbage_that_gc_removes(cli, tmp_path, llama_dir, parity, monkeypatch):
-    from kifmerge import api
+    from kifmerge.services import learning
 
     cli("base", "add", "llama", llama_dir)
     cli("learn", "first", "--data", parity, "--into", "main", "--base", "llama", "--max-steps", "1")
@@ -303,7 +303,7 @@ def test_learn_killed_at_commit_leaves_only_garbage_that_gc_removes(cli, tmp_pat
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "_commit_version", killed)
+    monkeypatch.setattr(learning, "commit_version", killed)  # dies inside learn's one transaction
     cli("learn", "second", "--data", parity, "--into", "main", "--max-steps", "1", code=130)
     monkeypatch.undo()
     rows, blobs = snapshot(cli)

@@ -1,0 +1,115 @@
+"""Shared by the services: registry opening, names and references, the base folder, and the
+shape of the public result dicts."""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from kifmerge.errors import IntegrityError, InvalidInputError, NotFoundError, UsageError
+from kifmerge.options import FuseParams, validated
+from kifmerge.registry import Registry
+
+# progress(description, total) → advance(n); None means silent
+Progress = Callable[[str, int], Callable[[int], None]] | None
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+REF_PATTERN = re.compile(r"^(?P<line>[^@]+)(@v(?P<number>\d+))?$")
+PROFILE_EXPORT_NAME = "kifmerge-profile.safetensors"  # the line's accumulated profile, re-importable
+LORA_COMPAT_KEYS = ("r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+
+
+def start_progress(progress: Progress, description: str, total: int) -> Callable[[int], None] | None:
+    return progress(description, total) if progress else None
+
+
+def check_name(name: str, what: str) -> str:
+    if not NAME_PATTERN.match(name or ""):
+        raise UsageError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' (max 100), starting with a letter or digit")
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """`LINE@vN` → (LINE, N); `LINE` → (LINE, None) meaning the newest version."""
+    match = REF_PATTERN.match(ref)
+    if not match:
+        raise UsageError(f"invalid version reference {ref!r}: write LINE or LINE@vN (e.g. support@v3)")
+    number = match.group("number")
+    return match.group("line"), int(number) if number else None
+
+
+@contextmanager
+def opened(root: str | os.PathLike | None) -> Iterator[Registry]:
+    registry = Registry.open(root)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def fuse_params(**values: Any) -> FuseParams:
+    return validated(FuseParams, "fuse", values)
+
+
+def base_dir(reg: Registry, base: dict[str, Any]) -> Path:
+    """The base's model folder, checked against its fingerprint; a copied base is materialised
+    from its blobs under `cache/` when the original folder is gone or changed."""
+    from kifmerge.checkpoints import open_model
+
+    path = Path(base["path"])
+    if path.is_dir():
+        try:
+            if open_model(path).fingerprint == base["fingerprint"]:
+                return path
+        except (NotFoundError, InvalidInputError):
+            pass
+    if not base.get("weights"):
+        raise IntegrityError(f"base {base['name']}: folder {path} is missing or changed since it was registered "
+                             "(re-register it, or register with --copy to keep a copy in the registry)")
+    cache = reg.root / "cache" / "bases" / f"{base['name']}-{base['fingerprint'][:16]}"
+    if not cache.is_dir():
+        staging = reg.blobs.staging_dir()
+        reg.copy_weights(base["weights"], staging)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, cache)
+    return cache
+
+
+def resolve_version(reg: Registry, ref: str) -> tuple[str, dict[str, Any]]:
+    line, number = parse_ref(ref)
+    reg.catalog.get("lines", line, "line")
+    if number is None:
+        head = reg.catalog.head(line)
+        if head is None:
+            raise NotFoundError(f"line {line!r} has no versions yet; fuse a task into it first")
+        return line, head
+    return line, reg.catalog.version(line, number)
+
+
+def now() -> str:
+    from kifmerge.registry.catalog import now
+
+    return now()
+
+
+def public_base(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("name", "path", "architecture", "model_type", "fingerprint", "created")} | {"copied": bool(row.get("weights"))}
+
+
+def public_task(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("name", "base", "kind", "trained_from", "data_fingerprint", "source", "created")}
+
+
+def public_line(reg: Registry, row: dict[str, Any]) -> dict[str, Any]:
+    head = reg.catalog.head(row["name"])
+    return {"name": row["name"], "base": row["base"], "kind": row["kind"], "head": f"v{head['number']}" if head else None,
+            "tasks": [v["task"] for v in reg.catalog.rows("versions", "line = ?", [row["name"]], order_by="number")],
+            "created": row["created"]}
+
+
+def public_version(row: dict[str, Any], kind: str) -> dict[str, Any]:
+    return {"version": f"{row['line']}@v{row['number']}", "line": row["line"], "number": row["number"],
+            "parent": f"v{row['parent']}" if row["parent"] else None, "task": row["task"], "kind": kind,
+            "method": row["method"], "params": row["params"], "timings": row["timings"], "created": row["created"]}

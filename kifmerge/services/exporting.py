@@ -1,0 +1,68 @@
+"""Exporting a version as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kifmerge.errors import ConflictError
+from kifmerge.services.common import PROFILE_EXPORT_NAME, Progress, base_dir, opened, resolve_version, start_progress
+
+
+def export(ref: str, out: str | Path, *, merged: bool = False, registry: str | os.PathLike | None = None,
+           progress: Progress = None) -> dict[str, Any]:
+    """Write LINE[@vN] as an adapter folder, or with `merged` as a full model folder."""
+    from kifmerge import export as exporter
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConflictError(f"output {out} exists and is not empty; choose a new folder")
+    with opened(registry) as reg:
+        line, version = resolve_version(reg, ref)
+        line_row = reg.catalog.get("lines", line, "line")
+        base_row = reg.catalog.get("bases", line_row["base"], "base")
+        folder = base_dir(reg, base_row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(out.parent / f".{out.name}.kifmerge-tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        advance = start_progress(progress, f"exporting {line}@v{version['number']}", 2)
+        try:
+            if line_row["kind"] == "lora":
+                adapter_dir = staging / "adapter" if merged else staging
+                adapter_dir.mkdir(exist_ok=True)
+                reg.copy_weights(version["weights"], adapter_dir)
+                exporter.point_adapter_at_base(adapter_dir, folder)
+                if advance:
+                    advance(1)
+                if merged:
+                    exporter.merge_adapter_into_base(adapter_dir, folder, base_row["config"], staging)
+                    shutil.rmtree(adapter_dir)
+            else:
+                reg.copy_weights(version["weights"], staging)
+                exporter.copy_model_side_files(folder, staging, include_config=True)
+                if advance:
+                    advance(1)
+            shutil.copyfile(reg.blobs.open_verified(version["profile"]), staging / PROFILE_EXPORT_NAME)
+            os.chmod(staging / PROFILE_EXPORT_NAME, 0o644)
+            lineage = [v for v in reg.catalog.rows("versions", "line = ?", [line], order_by="number")
+                       if v["number"] <= version["number"]]
+            evaluations = {row["label"]: row["metrics"] for row in reg.catalog.rows(
+                "evaluations", "line = ? and number = ?", [line, version["number"]], order_by="id")}
+            hashes = exporter.write_model_card(staging, line=line, version={**version, "kind": line_row["kind"]},
+                                               base=base_row, lineage=lineage, merged=merged, evaluations=evaluations)
+            if advance:
+                advance(1)
+            if out.exists():
+                out.rmdir()
+            os.replace(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with reg.catalog.transaction():
+            reg.catalog.event("export", f"{line}@v{version['number']}", {"out": str(out.resolve()), "merged": merged})
+        kind = "adapter" if line_row["kind"] == "lora" and not merged else "model"
+        return {"version": f"{line}@v{version['number']}", "out": str(out.resolve()), "kind": kind,
+                "files": sorted(p.name for p in out.iterdir()), "sha256": hashes}

@@ -1,0 +1,156 @@
+"""Fusing a task into a line: stage the new version's blobs, then commit its row."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kifmerge.errors import ConflictError, InvalidInputError
+from kifmerge.options import FuseParams
+from kifmerge.registry import Registry
+from kifmerge.services.common import (
+    LORA_COMPAT_KEYS,
+    Progress,
+    check_name,
+    fuse_params,
+    now,
+    opened,
+    public_version,
+    start_progress,
+)
+
+
+def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None, tau: float | None = None,
+         weights: tuple[float, float, float] | None = None, alpha: float | None = None,
+         registry: str | os.PathLike | None = None, progress: Progress = None,
+         max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """Fuse TASK into LINE → a new version. The first task of a line becomes v1 as it is."""
+    params = fuse_params(method=method, top=top, tau=tau, weights=weights, alpha=alpha)
+    check_name(into, "line")
+    with opened(registry) as reg:
+        task_row = reg.catalog.get("tasks", task, "task")
+        profile_row = reg.catalog.find("profiles", task)
+        if profile_row is None:
+            raise InvalidInputError(
+                f"task {task!r} has no importance profile; re-register it with `kifmerge add-task … --profile FILE` "
+                "or `--calibrate DATA` (or train it with `kifmerge train`, which records one)")
+        staged = stage_version(reg, task_row, profile_row["scores"], into, params, progress, max_shard_bytes)
+        with reg.catalog.transaction():
+            commit_version(reg, staged)
+        return staged.public()
+
+
+@dataclass
+class StagedVersion:
+    row: dict[str, Any]
+    base: str
+    kind: str
+
+    def public(self) -> dict[str, Any]:
+        return public_version(self.row, self.kind)
+
+
+def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, params: FuseParams,
+                   progress: Progress, max_shard_bytes: int | None = None) -> StagedVersion:
+    """Compute the fused weights and the line's new profile and store their blobs; no rows yet."""
+    from kifmerge.checkpoints import read_headers
+    from kifmerge.fusion import rules
+    from kifmerge.fusion.engine import LazyTensorReader, fuse_streaming
+    from kifmerge.fusion.writer import DEFAULT_MAX_SHARD_BYTES, StreamingShardWriter, TensorSpec
+    from kifmerge.profiles import accumulate, normalise, read_profile, write_profile
+    from kifmerge.units import layout_for
+
+    started = time.perf_counter()
+    task, kind = task_row["name"], task_row["kind"]
+    line_row = reg.catalog.find("lines", into)
+    if line_row and (line_row["base"], line_row["kind"]) != (task_row["base"], kind):
+        raise InvalidInputError(f"line {into!r} holds {line_row['kind']} versions of base {line_row['base']!r}; "
+                                f"task {task!r} is {kind} on base {task_row['base']!r}")
+    head = reg.catalog.head(into)
+    new_ws = reg.weights(task_row["weights"])
+    new_headers = read_headers(new_ws.tensor_files(), new_ws.weight_map)
+    layout = layout_for(kind, new_headers.shapes)
+    p_new = read_profile(reg.blobs.open_verified(profile_sha), layout)
+    staging = reg.blobs.staging_dir()
+    timings: dict[str, float] = {}
+    try:
+        if head is None:
+            method, recorded = "initial", {}
+            weights_sha, p_line = task_row["weights"], normalise(p_new)
+        else:
+            if kind == "lora":
+                check_lora_compatible(head["adapter_config"], task_row["adapter_config"], task, into)
+            old_ws = reg.weights(head["weights"])
+            if layout_for(kind, read_headers(old_ws.tensor_files(), old_ws.weight_map).shapes) != layout:
+                raise InvalidInputError(f"task {task!r} has a different unit layout than {into}@v{head['number']} "
+                                        "(other modules, ranks or tensors); it must be trained from the same running model")
+            p_old = read_profile(reg.blobs.open_verified(head["profile"]), layout)
+            if params.method == "kif":
+                c_new, c_old = rules.kif_static(p_old, normalise(p_new), top=params.top,
+                                                both=params.weights[:2], neither=params.weights[2])
+            elif params.method == "kif-adaptive":
+                c_new, c_old = rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
+            else:
+                c_new, c_old = rules.linear(p_old, p_new, alpha=params.alpha)
+            pattern, index = ("adapter_model{suffix}.safetensors", None) if kind == "lora" else \
+                ("model{suffix}.safetensors", "model.safetensors.index.json")
+            specs = {n: TensorSpec(new_headers.dtypes[n], new_headers.shapes[n]) for n in layout.slots}
+            writer = StreamingShardWriter(staging, specs, filename_pattern=pattern, index_name=index,
+                                          max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+            t0 = time.perf_counter()
+            try:
+                fuse_streaming(LazyTensorReader(old_ws.files, old_ws.weight_map),
+                               LazyTensorReader(new_ws.files, new_ws.weight_map), layout, c_new, c_old, writer,
+                               start_progress(progress, f"fusing {task} into {into}", len(layout.slots)))
+            except BaseException:
+                writer.abort()
+                raise
+            files, weight_map = writer.finish()
+            timings["fuse_s"] = round(time.perf_counter() - t0, 4)
+            for side in set(new_ws.files) - set(new_ws.weight_map.values()) - set(files):
+                files[side] = new_ws.files[side]  # adapter_config.json / config.json travel along
+            weights_sha = reg.put_weights(files, weight_map, move=True)
+            method, recorded = params.method, params.recorded()
+            recorded["units"] = {"total": layout.size, "new_weight_mean": round(float(c_new.mean()), 6)}
+            p_line = accumulate(p_old, p_new, params.profile_weights)
+        profile_path = staging / "profile.safetensors"
+        write_profile(profile_path, p_line, layout)
+        profile_sha = reg.blobs.put_file(profile_path, move=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    timings["total_s"] = round(time.perf_counter() - started, 4)
+    number = (head["number"] if head else 0) + 1
+    row = {"line": into, "number": number, "parent": head["number"] if head else None, "task": task,
+           "method": method, "params": recorded, "weights": weights_sha, "profile": profile_sha,
+           "adapter_config": task_row["adapter_config"] if head is None else head["adapter_config"],
+           "metrics": None, "timings": timings, "created": now()}
+    return StagedVersion(row, task_row["base"], kind)
+
+
+def commit_version(reg: Registry, staged: StagedVersion) -> None:
+    """Inside the caller's transaction: create the line if new, refuse if it moved meanwhile."""
+    row, into = staged.row, staged.row["line"]
+    if reg.catalog.find("lines", into) is None:
+        reg.catalog.insert("lines", {"name": into, "base": staged.base, "kind": staged.kind, "created": now()})
+        reg.catalog.event("line.create", into, {"base": staged.base, "kind": staged.kind})
+    current = reg.catalog.head(into)
+    if (current["number"] if current else 0) != row["number"] - 1:
+        raise ConflictError(f"line {into!r} moved to v{current['number']} while fusing; run the command again")
+    reg.catalog.insert("versions", row)
+    reg.catalog.event("fuse", f"{into}@v{row['number']}", {"task": row["task"], "method": row["method"], "params": row["params"]})
+
+
+def check_lora_compatible(line_config: dict, task_config: dict, task: str, line: str) -> None:
+    for key in LORA_COMPAT_KEYS:
+        if (line_config or {}).get(key) != (task_config or {}).get(key):
+            raise InvalidInputError(f"task {task!r} has LoRA {key}={task_config.get(key)!r} but line {line!r} "
+                                    f"has {line_config.get(key)!r}; adapters must share their LoRA configuration")
+    if set(as_list(line_config.get("target_modules"))) != set(as_list(task_config.get("target_modules"))):
+        raise InvalidInputError(f"task {task!r} adapts other target modules than line {line!r}")
+
+
+def as_list(value: Any) -> list:
+    return [value] if isinstance(value, str) else list(value or [])

@@ -1,0 +1,144 @@
+"""Training a task (and fusing it, for `learn`) from a line's newest version."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from kifmerge.errors import InvalidInputError, UsageError
+from kifmerge.options import TrainOptions, validated
+from kifmerge.registry import Registry
+from kifmerge.registry.blobs import sha256_file
+from kifmerge.services.common import Progress, base_dir, check_name, fuse_params, opened
+from kifmerge.services.fusion import as_list, commit_version, stage_version
+from kifmerge.services.tasks import StagedTask, commit_task, refuse_existing_task, stage_task
+
+
+def train(task: str, data: str | Path, line: str, *, base: str | None = None, options: dict[str, Any] | None = None,
+          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
+    """Fine-tune from LINE's newest version (or from the base when the line is empty), record
+    the importance profile while training, and register TASK. Returns None on non-main ranks."""
+    from kifmerge.training import wait_for_main_process
+
+    opts = validated(TrainOptions, "train", options or {})
+    check_name(task, "task")
+    check_name(line, "line")
+    with opened(registry) as reg:
+        with _trained_task(reg, task, Path(data), line, base, opts, progress) as staged:
+            if staged is not None:
+                with reg.catalog.transaction():
+                    commit_task(reg, staged)
+    wait_for_main_process()
+    return staged.public() if staged else None
+
+
+def learn(task: str, data: str | Path, into: str, *, base: str | None = None, options: dict[str, Any] | None = None,
+          method: str = "kif", top: float | None = None, tau: float | None = None,
+          weights: tuple[float, float, float] | None = None, alpha: float | None = None,
+          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
+    """The pipeline step: train TASK from INTO's newest version, then fuse it into INTO.
+    Task and version are committed in one transaction: both, or nothing."""
+    from kifmerge.training import wait_for_main_process
+
+    opts = validated(TrainOptions, "train", options or {})
+    params = fuse_params(method=method, top=top, tau=tau, weights=weights, alpha=alpha)
+    check_name(task, "task")
+    check_name(into, "line")
+    result = None
+    with opened(registry) as reg:
+        with _trained_task(reg, task, Path(data), into, base, opts, progress) as staged:
+            if staged is not None:
+                version = stage_version(reg, staged.row, staged.profile_row["scores"], into, params, progress)
+                with reg.catalog.transaction():
+                    commit_task(reg, staged)
+                    commit_version(reg, version)
+                result = {**version.public(), "trained": staged.public()}
+    wait_for_main_process()
+    return result
+
+
+@contextmanager
+def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | None, opts: TrainOptions,
+                  progress: Progress) -> Iterator[StagedTask | None]:
+    """Run the training for TASK and stage its blobs; the staging folder lives for the block."""
+    from kifmerge.training import load_records, run_training, split_records
+
+    refuse_existing_task(reg, task)
+    line_row = reg.catalog.find("lines", line)
+    if line_row is None and base is None:
+        raise UsageError(f"line {line!r} does not exist yet; give --base NAME to start it from a base model")
+    if line_row is not None and base is not None and base != line_row["base"]:
+        raise UsageError(f"line {line!r} is built on base {line_row['base']!r}, not {base!r}")
+    base_row = reg.catalog.get("bases", line_row["base"] if line_row else base, "base")
+    if line_row is not None and line_row["kind"] != opts.mode:
+        raise UsageError(f"line {line!r} holds {line_row['kind']} versions; train it with --mode {line_row['kind']}")
+    head = reg.catalog.head(line)
+    records = load_records(data, opts.max_examples)
+    train_set, val_set = split_records(records, opts.val_fraction, opts.seed)
+    replayed = _replay_examples(reg, line, opts, len(train_set))
+    folder = base_dir(reg, base_row)
+    staging = reg.blobs.staging_dir()
+    try:
+        init_dir = None
+        if head is not None:
+            if opts.mode == "lora":
+                _check_rank_options(head["adapter_config"], opts, line)
+            init_dir = staging / "init"
+            init_dir.mkdir()
+            reg.copy_weights(head["weights"], init_dir)
+        result = run_training(folder, base_row["config"], opts, init_dir, train_set + replayed["examples"], val_set,
+                              staging, progress, f"training {task}")
+        if result is None:
+            yield None
+            return
+        training_config = {**opts.model_dump(), "learning_rate": opts.learning_rate,
+                           "data": {"path": str(data.resolve()), "sha256": sha256_file(data)},
+                           "replay": replayed["sources"], "started_from": f"{line}@v{head['number']}" if head else "base"}
+        yield stage_task(reg, task, result.checkpoint, base_row, result.profile, f"{line}@v{head['number'] if head else 0}",
+                          progress, source=f"train:{data.resolve()}", estimator=opts.importance,
+                          training_config=training_config, data_fingerprint=training_config["data"]["sha256"],
+                          metrics=result.metrics)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_rank_options(line_config: dict, opts: TrainOptions, line: str) -> None:
+    """A line's later tasks continue its adapter: the LoRA shape options cannot change."""
+    for option, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        given = getattr(opts, option)
+        if given is not None and given != line_config.get(key):
+            raise UsageError(f"line {line!r} has LoRA {key}={line_config.get(key)}; --{option.replace('_', '-')} {given} "
+                             "cannot change it (tasks continue the line's adapter)")
+    if opts.target_modules and set(opts.target_modules) != set(as_list(line_config.get("target_modules"))):
+        raise UsageError(f"line {line!r} adapts {sorted(as_list(line_config.get('target_modules')))}; "
+                         "--target-modules cannot change that")
+
+
+def _replay_examples(reg: Registry, line: str, opts: TrainOptions, n_train: int) -> dict[str, Any]:
+    """`--replay F`: that fraction of the training set drawn from the data of the line's earlier
+    tasks (files found by recorded path and checked against their recorded sha256)."""
+    import random
+
+    from kifmerge.training import load_records
+
+    if not opts.replay:
+        return {"examples": [], "sources": None}
+    pool, sources = [], []
+    for version in reg.catalog.rows("versions", "line = ?", [line], order_by="number"):
+        task = reg.catalog.find("tasks", version["task"]) if version["task"] else None
+        data = ((task or {}).get("training_config") or {}).get("data")
+        if not data:
+            continue
+        path = Path(data["path"])
+        if not path.is_file() or sha256_file(path) != data["sha256"]:
+            raise InvalidInputError(f"--replay needs the data of task {task['name']!r} ({path}), which is missing or "
+                                    "changed since it was trained; restore it or train without --replay")
+        pool.extend(load_records(path))
+        sources.append({"task": task["name"], "sha256": data["sha256"]})
+    if not pool:
+        raise InvalidInputError(f"--replay: line {line!r} has no earlier task with recorded training data")
+    count = min(len(pool), round(n_train * opts.replay / (1 - opts.replay)))
+    return {"examples": random.Random(opts.seed).sample(pool, count), "sources": {"tasks": sources, "examples": count}}

@@ -1,0 +1,125 @@
+"""Registering tasks: validate a checkpoint against its base, store it and its profile."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from kifmerge.errors import ConflictError, UsageError
+from kifmerge.options import TrainOptions, validated
+from kifmerge.registry import Registry
+from kifmerge.registry.blobs import sha256_file
+from kifmerge.services.common import Progress, base_dir, check_name, now, opened, public_task, start_progress
+
+
+def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Path | None = None,
+             line: str | None = None, calibrate: str | Path | None = None, calibrate_batches: int = 8,
+             calibrate_options: dict[str, Any] | None = None, registry: str | os.PathLike | None = None,
+             progress: Progress = None) -> dict[str, Any]:
+    """Validate a LoRA adapter or full checkpoint against its base and store it with its profile
+    (given as a file, or computed with `calibrate` from gradients on a few batches of data)."""
+    if profile and calibrate:
+        raise UsageError("give either --profile or --calibrate, not both")
+    check_name(name, "task")
+    with opened(registry) as reg:
+        base_row = reg.catalog.get("bases", base, "base")
+        refuse_existing_task(reg, name)
+        trained_from = trained_from_ref(reg, line) if line else None
+        staging = reg.blobs.staging_dir()
+        try:
+            extra: dict[str, Any] = {"estimator": "external"}
+            if calibrate:
+                from kifmerge.calibration import calibrate_profile
+
+                opts = validated(TrainOptions, "calibration", calibrate_options or {})
+                extra = {"estimator": f"calibrated-{opts.importance}",
+                         "training_config": {"calibration": {"data": str(Path(calibrate).resolve()), "batches": calibrate_batches,
+                                                             **opts.model_dump(include={"importance", "beta1", "beta2", "batch_size", "max_length"})}},
+                         "data_fingerprint": sha256_file(Path(calibrate)) if Path(calibrate).is_file() else None}
+                folder = base_dir(reg, base_row)
+
+                def profile(ckpt):  # runs after the checkpoint has been validated against the base
+                    return calibrate_profile(ckpt, folder, base_row["config"], Path(calibrate), calibrate_batches, opts,
+                                             staging / "profile.safetensors", start_progress(progress, "calibrating", calibrate_batches))
+            staged = stage_task(reg, name, Path(checkpoint), base_row, profile, trained_from, progress,
+                                 source=str(Path(checkpoint).resolve()), **extra)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        with reg.catalog.transaction():
+            commit_task(reg, staged)
+        return staged.public()
+
+
+@dataclass
+class StagedTask:
+    """A task whose blobs are stored but whose rows are not yet committed."""
+
+    row: dict[str, Any]
+    profile_row: dict[str, Any] | None
+    layout: Any
+
+    def public(self) -> dict[str, Any]:
+        metrics = {k: v for k, v in (self.row["metrics"] or {}).items() if k != "curve"} or None
+        return {**public_task(self.row), "metrics": metrics,
+                "profile": {"estimator": self.profile_row["estimator"], **self.layout.describe()} if self.profile_row else None}
+
+
+def refuse_existing_task(reg: Registry, name: str) -> None:
+    if reg.catalog.find("tasks", name):
+        raise ConflictError(f"task {name!r} already exists; choose another name")
+
+
+def trained_from_ref(reg: Registry, line: str) -> str:
+    head = reg.catalog.head(line)
+    return f"{line}@v{head['number']}" if head else f"{line}@v0"
+
+
+def stage_task(reg: Registry, name: str, checkpoint: Path, base_row: dict, profile: Path | str | Callable | None,
+                trained_from: str | None, progress: Progress, *, source: str, estimator: str,
+                training_config: dict | None = None, data_fingerprint: str | None = None,
+                metrics: dict | None = None) -> StagedTask:
+    """Validate a checkpoint (and profile) against the base and store their blobs; no rows yet.
+    `profile` may be a callable that makes the profile file from the validated checkpoint."""
+    from kifmerge.checkpoints import (
+        ADAPTER_CONFIG,
+        check_finite,
+        model_tensor_files,
+        open_checkpoint,
+        validate_against_base,
+    )
+    from kifmerge.checkpoints import BaseModel as Model
+    from kifmerge.profiles import read_profile
+
+    ckpt = open_checkpoint(checkpoint)
+    base_folder = base_dir(reg, base_row)
+    validate_against_base(ckpt, Model(base_folder, base_row["config"], model_tensor_files(base_folder)))
+    check_finite(ckpt.tensors, start_progress(progress, "checking weights", len(ckpt.tensors.shapes)))
+    if callable(profile):
+        profile = profile(ckpt)
+    if profile:
+        read_profile(profile, ckpt.layout)
+    files = dict(ckpt.tensors.files)
+    side = [ADAPTER_CONFIG] if ckpt.kind == "lora" else ["config.json", "generation_config.json", "model.safetensors.index.json"]
+    files.update({n: ckpt.path / n for n in side if (ckpt.path / n).is_file()})
+    row = {"name": name, "base": base_row["name"], "kind": ckpt.kind, "weights": reg.put_weights(files, ckpt.tensors.weight_map),
+           "adapter_config": ckpt.adapter_config, "training_config": training_config,
+           "data_fingerprint": data_fingerprint, "metrics": metrics, "trained_from": trained_from,
+           "source": source, "created": now()}
+    profile_row = None
+    if profile:
+        profile_row = {"task": name, "unit": ckpt.layout.unit, "estimator": estimator,
+                       "scores": reg.blobs.put_file(Path(profile)), "layout": ckpt.layout.describe(), "created": now()}
+    return StagedTask(row, profile_row, ckpt.layout)
+
+
+def commit_task(reg: Registry, staged: StagedTask) -> None:
+    """Inside the caller's transaction."""
+    refuse_existing_task(reg, staged.row["name"])
+    reg.catalog.insert("tasks", staged.row)
+    if staged.profile_row:
+        reg.catalog.insert("profiles", staged.profile_row)
+    reg.catalog.event("task.add", staged.row["name"], {"kind": staged.row["kind"], "source": staged.row["source"],
+                                                       "profile": staged.profile_row["estimator"] if staged.profile_row else None})
