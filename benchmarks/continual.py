@@ -183,11 +183,12 @@ def write_outputs(experiment: Experiment, rows: dict, elapsed: float) -> Path:
     args = experiment.args
     stem = HERE / "results" / f"order{args.order}{args.suffix}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
     payload = {"benchmark": "continual", "order": args.order, "tasks": experiment.tasks, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)",
                "metric": "exact_match on dev (first --eval-examples records)", "settings": settings, "methods": rows,
                "wall_s_this_run": round(elapsed, 1), "wall_s_all_steps": round(sum(experiment.wall.values()), 1),
-               "step_wall_s": experiment.wall, "git_commit": git_commit(),
+               "step_wall_s": experiment.wall, "git_commit": args.run["git_commit"], "started": args.run["started"],
+               "git_commit_of_last_resume": git_commit(),
                "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "command": "python benchmarks/continual.py " + " ".join(sys.argv[1:])}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     lines = [f"# Continual learning, order {args.order}: {' → '.join(experiment.tasks)}", "",
@@ -260,6 +261,10 @@ def main() -> None:
     if not (SMOLLM2 / "config.json").exists():
         sys.exit(f"{SMOLLM2} is missing: run `python benchmarks/prepare_smollm2.py` first (see benchmarks/README.md)")
     args.work.mkdir(parents=True, exist_ok=True)
+    run_file = args.work / "run.json"  # the commit that started the experiment; resumes keep it
+    if not run_file.exists():
+        run_file.write_text(json.dumps({"git_commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    args.run = json.loads(run_file.read_text())
     started = time.perf_counter()
     experiment = Experiment(args)
     experiment.setup()
