@@ -3,7 +3,7 @@ SmolLM2-135M learns two tasks of the shared Long Sequence benchmark (agnews, the
 into the line `demo` with `kifmerge learn`, every version is evaluated on both tasks with
 `kifmerge eval`, and `kifmerge report` prints the continual-learning table.
 
-Run by `make demo`, which first prepares SmolLM2-135M (cached). About 5 minutes on 2 cores.
+Run by `make demo`, which first prepares SmolLM2-135M (cached). 3.5 minutes on 2 cores.
 Re-running it reuses what the registry already holds (learned tasks, stored evaluations).
 """
 
