@@ -205,11 +205,14 @@ def add_task(
 def fuse(
     task: Annotated[str, typer.Argument(help="A registered task with a profile.")],
     into: Annotated[str, typer.Option("--into", help="The line to fuse into (created when new).")],
-    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive | linear")] = "kif",
+    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive | linear | task-arithmetic | ties | dare-linear | dare-ties")] = "kif",
     top: Annotated[Optional[float], typer.Option("--top", help="Fraction of units counted important (kif).", show_default="0.2")] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", help="Softmax temperature (kif-adaptive).", show_default="0.25")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="NEW_BOTH,OLD_BOTH,NEW_NEITHER (kif).", show_default="0.3,0.7,0.5")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the new task (linear; 1 = sequential).", show_default="0.5")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the new task (linear, baselines; 1 = sequential).", show_default="0.5")] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help="Task-vector entries kept (ties, dare).", show_default="0.5")] = None,
+    lam: Annotated[Optional[float], typer.Option("--lam", help="Scale of the merged task vector (baselines).", show_default="1.0")] = None,
+    merge_seed: Annotated[Optional[int], typer.Option("--merge-seed", help="Seed of DARE's drops.", show_default="0")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Fuse TASK into LINE unit by unit → a new immutable version."""
@@ -217,7 +220,7 @@ def fuse(
 
     with progress_bars() as progress:
         result = api.fuse(task, into, method=method, top=top, tau=tau, weights=_float_list(weights, 3, "--weights"),
-                          alpha=alpha, registry=registry, progress=progress)
+                          alpha=alpha, density=density, lam=lam, merge_seed=merge_seed, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
 
@@ -314,11 +317,14 @@ def learn(
     data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} records.")],
     into: Annotated[str, typer.Option("--into", help="The line to train from and fuse into.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
-    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive | linear", rich_help_panel="Fusion")] = "kif",
+    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive | linear | task-arithmetic | ties | dare-linear | dare-ties", rich_help_panel="Fusion")] = "kif",
     top: Annotated[Optional[float], typer.Option("--top", help="Fraction of units counted important.", rich_help_panel="Fusion")] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", help="Softmax temperature.", rich_help_panel="Fusion")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="NEW_BOTH,OLD_BOTH,NEW_NEITHER.", rich_help_panel="Fusion")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the new task (linear).", rich_help_panel="Fusion")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the new task (linear, baselines).", rich_help_panel="Fusion")] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help="Task-vector entries kept (ties, dare).", rich_help_panel="Fusion")] = None,
+    lam: Annotated[Optional[float], typer.Option("--lam", help="Scale of the merged task vector.", rich_help_panel="Fusion")] = None,
+    merge_seed: Annotated[Optional[int], typer.Option("--merge-seed", help="Seed of DARE's drops.", rich_help_panel="Fusion")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, train_options: dict = None,
 ) -> None:
     """Train TASK and fuse it into LINE in one step: one new version, or nothing on failure."""
@@ -326,7 +332,8 @@ def learn(
 
     with progress_bars() as progress:
         result = api.learn(task, data, into, base=base, options=train_options, method=method, top=top, tau=tau,
-                           weights=_float_list(weights, 3, "--weights"), alpha=alpha, registry=registry, progress=progress)
+                           weights=_float_list(weights, 3, "--weights"), alpha=alpha, density=density, lam=lam,
+                           merge_seed=merge_seed, registry=registry, progress=progress)
     if result is not None:
         emit(result, json_out, render_mapping)
 

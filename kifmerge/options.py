@@ -14,11 +14,14 @@ class FuseParams(BaseModel):
     """Fusion parameters (DESIGN.md defaults)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    method: Literal["kif", "kif-adaptive", "linear"] = "kif"
+    method: Literal["kif", "kif-adaptive", "linear", "task-arithmetic", "ties", "dare-linear", "dare-ties"] = "kif"
     top: float = Field(0.2, gt=0.0, le=1.0, description="fraction of units counted important")
     tau: float = Field(0.25, gt=0.0, description="softmax temperature of kif-adaptive")
     weights: tuple[float, float, float] = (0.3, 0.7, 0.5)
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the new task (linear)")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the new task (linear and the baselines)")
+    density: float = Field(0.5, gt=0.0, le=1.0, description="fraction of task-vector entries kept (ties, dare)")
+    lam: float = Field(1.0, gt=0.0, description="scale of the merged task vector (baselines)")
+    seed: int = Field(0, description="seed of DARE's random drops")
     profile_weights: tuple[float, float] = (0.3, 0.7)
 
     @field_validator("weights", "profile_weights")
@@ -34,6 +37,13 @@ class FuseParams(BaseModel):
             return {"top": self.top, "weights": list(self.weights), "profile_weights": list(self.profile_weights)}
         if self.method == "linear":
             return {"alpha": self.alpha, "profile_weights": list(self.profile_weights)}
+        if self.method in ("task-arithmetic", "ties", "dare-linear", "dare-ties"):
+            chosen = {"alpha": self.alpha, "lam": self.lam, "profile_weights": list(self.profile_weights)}
+            if self.method != "task-arithmetic":
+                chosen["density"] = self.density
+            if self.method.startswith("dare"):
+                chosen["seed"] = self.seed
+            return chosen
         return {"tau": self.tau, "profile_weights": list(self.profile_weights)}
 
 

@@ -69,7 +69,7 @@ def test_engine_streams_blends_and_refuses_overflow(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from kifmerge.errors import InvalidInputError
-    from kifmerge.fusion.engine import LazyTensorReader, fuse_streaming
+    from kifmerge.fusion.engine import LazyTensorReader, stream_fused, unit_blend
     from kifmerge.fusion.writer import StreamingShardWriter, TensorSpec
     from kifmerge.units import tensor_layout
 
@@ -83,7 +83,7 @@ def test_engine_streams_blends_and_refuses_overflow(tmp_path):
     out.mkdir()
     specs = {k: TensorSpec("F16", tuple(v.shape)) for k, v in new.items()}
     writer = StreamingShardWriter(out, specs, max_shard_bytes=20)
-    fuse_streaming(*readers, layout, torch.tensor([0.25, 0.5]), torch.tensor([0.75, 0.5]), writer)
+    stream_fused(list(layout.slots), unit_blend(*readers, layout, torch.tensor([0.25, 0.5]), torch.tensor([0.75, 0.5])), writer)
     files, weight_map = writer.finish()
     assert len([f for f in files if f.endswith(".safetensors")]) == 2 and set(weight_map) == {"a", "b"}
     fused = {k: v for f in files if f.endswith(".safetensors") for k, v in load_file(files[f]).items()}
@@ -91,7 +91,7 @@ def test_engine_streams_blends_and_refuses_overflow(tmp_path):
 
     writer = StreamingShardWriter(out / "..", specs, filename_pattern="x{suffix}.safetensors", index_name=None)
     with pytest.raises(InvalidInputError, match="fused tensor b is not finite"):
-        fuse_streaming(*readers, layout, torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]), writer)
+        stream_fused(list(layout.slots), unit_blend(*readers, layout, torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])), writer)
     writer.abort()
     assert not list(tmp_path.glob(".x*.partial")), "a refused output leaves no partial shard"
 
@@ -112,3 +112,71 @@ def test_streaming_writer_round_trips_any_order_and_dtype(tmp_path):
     for name, tensor in tensors.items():
         with safe_open(files[weight_map[name]], "pt") as handle:
             assert torch.equal(handle.get_tensor(name), tensor), name
+
+
+def test_task_vector_baselines_against_references():
+    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+
+    base = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    a = base + torch.tensor([0.5, -0.2, 0.0, 1.0, -1.0, 0.3])
+    b = base + torch.tensor([-0.5, -0.4, 0.1, 2.0, 1.0, -0.1])
+    w = [0.4, 0.6]
+    ta = task_vector_merge(base, [a, b], w, lam=0.5, **BASELINES["task-arithmetic"])
+    torch.testing.assert_close(ta, base + 0.5 * (0.4 * (a - base) + 0.6 * (b - base)))
+
+    # TIES, density 0.5: each task vector keeps its 3 largest-magnitude entries, then the sign is
+    # elected by the weighted sum, a sum of exactly 0 counting as positive (entry 0 below)
+    da = torch.tensor([0.5, 0.0, 0.0, 1.0, -1.0, 0.0])
+    db = torch.tensor([-0.5, 0.0, 0.0, 2.0, 1.0, 0.0])
+    weighted = torch.stack([0.5 * da, 0.5 * db])
+    majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = weighted.sign() == majority
+    divisor = (torch.tensor([[0.5], [0.5]]) * agree).sum(0)
+    divisor[divisor == 0] = 1
+    expected = base + (weighted * agree).sum(0) / divisor
+    ties = task_vector_merge(base, [a, b], [0.5, 0.5], density=0.5, **BASELINES["ties"])
+    torch.testing.assert_close(ties, expected)
+    assert ties[0] == base[0] + 0.5, "the sign tie is resolved towards +, keeping only the positive entry"
+
+    def dare(seed):
+        return task_vector_merge(base, [a, b], w, density=0.5, generator=torch.Generator().manual_seed(seed), **BASELINES["dare-linear"])
+
+    assert torch.equal(dare(3), dare(3)) and not torch.equal(dare(3), dare(4))
+    kept = (dare(3) - base) != 0
+    assert kept.any() and not kept.all()
+
+
+def test_baselines_through_the_cli_use_the_base_as_reference(cli, tmp_path, llama_dir):
+    """A full line fused with TIES: v2 = base + TIES(v1 − base, task − base), tensor by tensor;
+    DARE on a LoRA line is reproducible under its seed."""
+    from safetensors.torch import load_file
+
+    from conftest import LORA_TARGETS, make_full, make_lora, write_profile
+    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+    from test_fuse_export import designed_scores, unit_groups
+
+    cli("base", "add", "llama", llama_dir)
+    for kind, make in (("full", lambda out, s: make_full(llama_dir, out, s)),
+                       ("lora", lambda out, s: make_lora(llama_dir, out, s, LORA_TARGETS))):
+        for seed in (1, 2):
+            ckpt = make(tmp_path / f"{kind}{seed}", seed)
+            scores = designed_scores(unit_groups(ckpt, kind), {0}, 1.0)[0]
+            profile = write_profile(tmp_path / f"{kind}{seed}.safetensors", scores, "lora-rank" if kind == "lora" else "tensor")
+            cli("add-task", f"{kind}{seed}", ckpt, "--base", "llama", "--profile", profile)
+    cli("fuse", "full1", "--into", "full-line")
+    assert cli.json("fuse", "full2", "--into", "full-line", "--method", "ties", "--density", "0.3")["params"] == {
+        "alpha": 0.5, "density": 0.3, "lam": 1.0, "profile_weights": [0.3, 0.7]}
+    cli("export", "full-line", tmp_path / "ties")
+    base = load_file(llama_dir / "model.safetensors")
+    old, new = load_file(tmp_path / "full1" / "model.safetensors"), load_file(tmp_path / "full2" / "model.safetensors")
+    fused = load_file(tmp_path / "ties" / "model.safetensors")
+    for name, tensor in fused.items():
+        torch.testing.assert_close(tensor, task_vector_merge(base[name], [old[name], new[name]], [0.5, 0.5], density=0.3,
+                                                             **BASELINES["ties"]), msg=name)
+
+    shas = []
+    for line, seed in (("d1", "7"), ("d2", "7"), ("d3", "8")):
+        cli("fuse", "lora1", "--into", line)
+        cli("fuse", "lora2", "--into", line, "--method", "dare-ties", "--merge-seed", seed)
+        shas.append(cli.json("show", f"{line}@v2")["weights"])
+    assert shas[0] == shas[1] != shas[2]

@@ -59,3 +59,62 @@ def blend(w_old: torch.Tensor, w_new: torch.Tensor, c_new: torch.Tensor, c_old: 
     c_new, c_old = c_new.reshape(shape), c_old.reshape(shape)
     fused = c_new * w_new.to(torch.float32) + c_old * w_old.to(torch.float32)
     return fused.to(w_new.dtype)
+
+
+# ---- importance-blind baselines over task vectors (the generalized task arithmetic family) -----
+def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the `density` fraction of entries with the largest magnitude (at least one)."""
+    if density >= 1:
+        return delta
+    k = max(1, int(density * delta.numel()))
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    keep[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = True
+    return delta * keep.reshape(delta.shape)
+
+
+def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: drop each entry with probability 1 − density and rescale the rest by 1/density."""
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator) < density
+    return delta * keep / density
+
+
+def task_vector_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, sparsify: str | None = None,
+                      density: float = 1.0, consensus: bool = False, normalize: bool = False, lam: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """`base + lam · merge(w_i · sparsify(t_i − base))`, where merge is a plain sum, or with
+    `consensus` (TIES) the sum over entries whose sign agrees with the weighted majority;
+    `normalize` divides by the summed weights of the entries kept. Returned in the last input's dtype."""
+    reference = base.to(torch.float32)
+    deltas = []
+    for tensor in tensors:
+        delta = tensor.to(torch.float32) - reference
+        if sparsify == "magnitude":
+            delta = magnitude_trim(delta, density)
+        elif sparsify == "random":
+            delta = random_drop(delta, density, generator)
+        deltas.append(delta)
+    stacked = torch.stack(deltas)
+    w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * base.dim()))
+    stacked = stacked * w
+    if consensus:
+        majority = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)
+        agree = stacked.sign() == majority
+        mixed = (stacked * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1.0
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = w.sum().clamp(min=1e-8)
+    if normalize:
+        mixed = mixed / divisor
+    return (reference + lam * mixed).to(tensors[-1].dtype)
+
+
+BASELINES = {  # method → how task_vector_merge is configured (mergekit's defaults for each)
+    "task-arithmetic": {"sparsify": None, "consensus": False, "normalize": False},
+    "ties": {"sparsify": "magnitude", "consensus": True, "normalize": True},
+    "dare-linear": {"sparsify": "random", "consensus": False, "normalize": False},
+    "dare-ties": {"sparsify": "random", "consensus": True, "normalize": False},
+}

@@ -14,6 +14,7 @@ from kifmerge.registry import Registry
 from kifmerge.services.common import (
     LORA_COMPAT_KEYS,
     Progress,
+    base_dir,
     check_name,
     fuse_params,
     now,
@@ -25,10 +26,12 @@ from kifmerge.services.common import (
 
 def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None, tau: float | None = None,
          weights: tuple[float, float, float] | None = None, alpha: float | None = None,
+         density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
          registry: str | os.PathLike | None = None, progress: Progress = None,
          max_shard_bytes: int | None = None) -> dict[str, Any]:
     """Fuse TASK into LINE → a new version. The first task of a line becomes v1 as it is."""
-    params = fuse_params(method=method, top=top, tau=tau, weights=weights, alpha=alpha)
+    params = fuse_params(method=method, top=top, tau=tau, weights=weights, alpha=alpha, density=density, lam=lam,
+                         seed=merge_seed)
     check_name(into, "line")
     with opened(registry) as reg:
         task_row = reg.catalog.get("tasks", task, "task")
@@ -58,7 +61,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
     """Compute the fused weights and the line's new profile and store their blobs; no rows yet."""
     from kifmerge.checkpoints import read_headers
     from kifmerge.fusion import rules
-    from kifmerge.fusion.engine import LazyTensorReader, fuse_streaming
+    from kifmerge.fusion.engine import LazyTensorReader, stream_fused, task_vector_blend, unit_blend
     from kifmerge.fusion.writer import DEFAULT_MAX_SHARD_BYTES, StreamingShardWriter, TensorSpec
     from kifmerge.profiles import accumulate, normalise, read_profile, write_profile
     from kifmerge.units import layout_for
@@ -88,13 +91,23 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 raise InvalidInputError(f"task {task!r} has a different unit layout than {into}@v{head['number']} "
                                         "(other modules, ranks or tensors); it must be trained from the same running model")
             p_old = read_profile(reg.blobs.open_verified(head["profile"]), layout)
-            if params.method == "kif":
-                c_new, c_old = rules.kif_static(p_old, normalise(p_new), top=params.top,
-                                                both=params.weights[:2], neither=params.weights[2])
-            elif params.method == "kif-adaptive":
-                c_new, c_old = rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
+            old_reader = LazyTensorReader(old_ws.files, old_ws.weight_map)
+            new_reader = LazyTensorReader(new_ws.files, new_ws.weight_map)
+            units = None
+            if params.method in rules.BASELINES:
+                compute = task_vector_blend(old_reader, new_reader, _base_reader(reg, task_row) if kind == "full" else None,
+                                            params.method, weights=[1 - params.alpha, params.alpha],
+                                            density=params.density, lam=params.lam, seed=params.seed)
             else:
-                c_new, c_old = rules.linear(p_old, p_new, alpha=params.alpha)
+                if params.method == "kif":
+                    c_new, c_old = rules.kif_static(p_old, normalise(p_new), top=params.top,
+                                                    both=params.weights[:2], neither=params.weights[2])
+                elif params.method == "kif-adaptive":
+                    c_new, c_old = rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
+                else:
+                    c_new, c_old = rules.linear(p_old, p_new, alpha=params.alpha)
+                compute = unit_blend(old_reader, new_reader, layout, c_new, c_old)
+                units = {"total": layout.size, "new_weight_mean": round(float(c_new.mean()), 6)}
             pattern, index = ("adapter_model{suffix}.safetensors", None) if kind == "lora" else \
                 ("model{suffix}.safetensors", "model.safetensors.index.json")
             specs = {n: TensorSpec(new_headers.dtypes[n], new_headers.shapes[n]) for n in layout.slots}
@@ -102,9 +115,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                                           max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
             t0 = time.perf_counter()
             try:
-                fuse_streaming(LazyTensorReader(old_ws.files, old_ws.weight_map),
-                               LazyTensorReader(new_ws.files, new_ws.weight_map), layout, c_new, c_old, writer,
-                               start_progress(progress, f"fusing {task} into {into}", len(layout.slots)))
+                stream_fused(list(layout.slots), compute, writer,
+                             start_progress(progress, f"fusing {task} into {into}", len(layout.slots)))
             except BaseException:
                 writer.abort()
                 raise
@@ -114,7 +126,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 files[side] = new_ws.files[side]  # adapter_config.json / config.json travel along
             weights_sha = reg.put_weights(files, weight_map, move=True)
             method, recorded = params.method, params.recorded()
-            recorded["units"] = {"total": layout.size, "new_weight_mean": round(float(c_new.mean()), 6)}
+            if units:
+                recorded["units"] = units
             p_line = accumulate(p_old, p_new, params.profile_weights)
         profile_path = staging / "profile.safetensors"
         write_profile(profile_path, p_line, layout)
@@ -128,6 +141,15 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
            "adapter_config": task_row["adapter_config"] if head is None else head["adapter_config"],
            "metrics": None, "timings": timings, "created": now()}
     return StagedVersion(row, task_row["base"], kind)
+
+
+def _base_reader(reg: Registry, task_row: dict):
+    """The base model's tensors: the reference point of the task-vector baselines (full lines)."""
+    from kifmerge.checkpoints import model_tensor_files
+    from kifmerge.fusion.engine import LazyTensorReader
+
+    tensors = model_tensor_files(base_dir(reg, reg.catalog.get("bases", task_row["base"], "base")))
+    return LazyTensorReader(tensors.files, tensors.weight_map)
 
 
 def commit_version(reg: Registry, staged: StagedVersion) -> None:
