@@ -402,6 +402,8 @@ def render_report(result: dict) -> None:
     console = Console()
     console.print(table)
     console.print("  ".join(f"{k} {'—' if result[k] is None else f'{result[k]:.3f}'}" for k in ("AP", "BWT", "FWT")))
+    if result["order"] != "learning":
+        console.print(f"column order {result['order']}", style="yellow")
 
 
 @app.command()

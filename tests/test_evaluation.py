@@ -86,11 +86,32 @@ def test_report_builds_the_matrix_from_stored_evaluations(cli, line_with_two_ver
     assert report["matrix"] == [[share(parity, a), share(vowel, a)] for a in answers.values()]
     assert {k: report[k] for k in ("AP", "BWT", "FWT")} == summarise(report["matrix"])
 
+    assert report["order"] == "learning"
+
+    # labels that do not name the fused tasks: the matrix, AP, but no BWT/FWT without --tasks
+    current["answer"] = "odd"
+    cli("eval", "main@v1", "--data", f"other={line_with_two_versions['parity']}", "--max-examples", "8")
+    partial = cli.json("report", "main", "--tasks", "other")
+    assert partial["order"] == "learning" and partial["matrix"][1] == [share(parity, "odd")]
+
     missing = cli("report", "main", "--tasks", "parity,nope", code=3)
     assert "nope" in missing.stderr
     pytest.importorskip("matplotlib")
     out = tmp_path / "matrix.png"
     assert cli.json("report", "main", "--png", str(out))["png"] == str(out) and out.stat().st_size > 1000
+
+
+def test_report_without_a_known_order_gives_no_bwt(cli, line_with_two_versions, monkeypatch):
+    from kifmerge import evaluation
+
+    monkeypatch.setattr(evaluation, "generate_answers", lambda model, tok, prompts, **kw: ["odd"] * len(prompts))
+    for version in ("v0", "v1", "v2"):
+        cli("eval", f"main@{version}", "--data", f"a={line_with_two_versions['vowel']}",
+            "--data", f"b={line_with_two_versions['parity']}", "--max-examples", "4")
+    report = cli.json("report", "main")
+    assert report["tasks"] == ["a", "b"] and report["order"].startswith("unknown")
+    assert report["AP"] is not None and report["BWT"] is None and report["FWT"] is None
+    assert cli.json("report", "main", "--tasks", "b,a")["BWT"] is not None
 
 
 def test_eval_rejects_bad_arguments(cli, line_with_two_versions):

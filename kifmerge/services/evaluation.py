@@ -123,13 +123,19 @@ def report(line: str, *, tasks: list[str] | None = None, metric: str = "exact_ma
         for row in reg.catalog.rows("evaluations", "line = ?", [line], order_by="id"):
             scores[(row["number"], row["label"])] = row["metrics"][metric]  # the newest evaluation wins
         labels = sorted({label for _, label in scores})
-        if tasks is None:
+        ordered = tasks is not None
+        if tasks is None:  # labels named like the fused tasks give the learning order
             learned = [v["task"] for v in versions if v["task"] in labels]
+            ordered = len(learned) == len(versions)
             tasks = learned + [label for label in labels if label not in learned]
         missing = [t for t in tasks if t not in labels]
         if missing:
             raise NotFoundError(f"line {line!r} has no evaluation labelled {missing[0]!r}; run `kifmerge eval {line}@vN --data {missing[0]}=FILE`")
         rows = [0] + [v["number"] for v in versions]
         matrix = [[scores.get((n, t)) for t in tasks] for n in rows]
+        summary = summarise(matrix)
+        if not ordered:  # BWT and FWT need column j to be the task version j+1 learned
+            summary.update(BWT=None, FWT=None)
         return {"line": line, "metric": metric, "tasks": tasks, "versions": [f"v{n}" for n in rows],
-                "fused": [None] + [v["task"] for v in versions], "matrix": matrix, **summarise(matrix)}
+                "fused": [None] + [v["task"] for v in versions], "matrix": matrix, **summary,
+                "order": "learning" if ordered else "unknown: name the labels like the tasks, or pass --tasks in learning order"}
