@@ -20,20 +20,16 @@ from kifmerge.units import UnitLayout
 
 
 class LazyTensorReader:
-    """Open safetensors handles on demand and hand out single tensors."""
+    """Hand out single tensors from safetensors files. Each read opens the file, copies the one
+    tensor out and closes it again: an open handle keeps its memory map, and the pages it has
+    touched count in the process's resident memory, which would then grow to the input's size."""
 
     def __init__(self, files: dict[str, Path], weight_map: dict[str, str]):
         self.files, self.weight_map = files, weight_map
-        self._handles: dict[str, object] = {}
 
     def get(self, name: str) -> torch.Tensor:
-        file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.files[file], framework="pt")
-        return self._handles[file].get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
+        with safe_open(self.files[self.weight_map[name]], framework="pt") as handle:
+            return handle.get_tensor(name)
 
 
 def stream_fused(names: list[str], compute: Callable[[str], torch.Tensor], writer: StreamingShardWriter,

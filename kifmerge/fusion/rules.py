@@ -56,8 +56,8 @@ def blend(w_old: torch.Tensor, w_new: torch.Tensor, c_new: torch.Tensor, c_old: 
     shape = [1] * w_new.dim()
     if axis is not None:
         shape[axis] = -1
-    c_new, c_old = c_new.reshape(shape), c_old.reshape(shape)
-    fused = c_new * w_new.to(torch.float32) + c_old * w_old.to(torch.float32)
+    fused = w_new.to(torch.float32) * c_new.reshape(shape)         # one new tensor …
+    fused.addcmul_(w_old.to(torch.float32), c_old.reshape(shape))   # … updated in place: no temporaries
     return fused.to(w_new.dtype)
 
 
