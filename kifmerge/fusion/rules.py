@@ -63,53 +63,61 @@ def blend(w_old: torch.Tensor, w_new: torch.Tensor, c_new: torch.Tensor, c_old: 
 
 # ---- importance-blind baselines over task vectors (the generalized task arithmetic family) -----
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of entries with the largest magnitude (at least one)."""
+    """Keep the `density` fraction of entries with the largest magnitude (at least one), in
+    place. The cut is a k-th value, not a full sort; entries tied with it are all kept."""
     if density >= 1:
         return delta
-    k = max(1, int(density * delta.numel()))
-    keep = torch.zeros(delta.numel(), dtype=torch.bool)
-    keep[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = True
-    return delta * keep.reshape(delta.shape)
+    magnitude = delta.abs().reshape(-1)
+    k = max(1, int(density * magnitude.numel()))
+    threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    return delta.mul_(delta.abs() >= threshold)
 
 
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: drop each entry with probability 1 − density and rescale the rest by 1/density."""
+    """DARE, in place: drop each entry with probability 1 − density, rescale the rest by 1/density."""
     if density >= 1:
         return delta
     keep = torch.rand(delta.shape, generator=generator) < density
-    return delta * keep / density
+    return delta.mul_(keep).div_(density)
 
 
 def task_vector_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, sparsify: str | None = None,
                       density: float = 1.0, consensus: bool = False, normalize: bool = False, lam: float = 1.0,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """`base + lam · merge(w_i · sparsify(t_i − base))`, where merge is a plain sum, or with
-    `consensus` (TIES) the sum over entries whose sign agrees with the weighted majority;
-    `normalize` divides by the summed weights of the entries kept. Returned in the last input's dtype."""
+    `consensus` (TIES) the sum over entries whose sign agrees with the weighted majority (a
+    zero sum counts as positive); `normalize` divides by the summed weights of the entries
+    kept. Works input by input, in place: a handful of tensor-sized buffers, whatever the count.
+    Returned in the last input's dtype."""
     reference = base.to(torch.float32)
     deltas = []
-    for tensor in tensors:
+    for tensor, weight in zip(tensors, weights, strict=True):
         delta = tensor.to(torch.float32) - reference
         if sparsify == "magnitude":
-            delta = magnitude_trim(delta, density)
+            magnitude_trim(delta, density)
         elif sparsify == "random":
-            delta = random_drop(delta, density, generator)
-        deltas.append(delta)
-    stacked = torch.stack(deltas)
-    w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * base.dim()))
-    stacked = stacked * w
+            random_drop(delta, density, generator)
+        deltas.append(delta.mul_(weight))
+    mixed = torch.zeros_like(reference)
     if consensus:
-        majority = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)
-        agree = stacked.sign() == majority
-        mixed = (stacked * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
+        for delta in deltas:
+            mixed.add_(delta)
+        positive = mixed >= 0
+        mixed.zero_()
+        divisor = torch.zeros_like(reference)
+        for delta, weight in zip(deltas, weights, strict=True):
+            agree = torch.where(positive, delta > 0, delta < 0)
+            mixed.add_(delta.mul_(agree))
+            divisor.add_(agree, alpha=weight)
         divisor[divisor == 0] = 1.0
     else:
-        mixed = stacked.sum(dim=0)
-        divisor = w.sum().clamp(min=1e-8)
+        for delta in deltas:
+            mixed.add_(delta)
+        divisor = max(sum(weights), 1e-8)
+    del deltas
     if normalize:
-        mixed = mixed / divisor
-    return (reference + lam * mixed).to(tensors[-1].dtype)
+        mixed.div_(divisor)
+    return mixed.mul_(lam).add_(reference).to(tensors[-1].dtype)
 
 
 BASELINES = {  # method → how task_vector_merge is configured (mergekit's defaults for each)
