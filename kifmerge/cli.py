@@ -146,6 +146,82 @@ def _float_list(text: str | None, count: int, option: str) -> tuple[float, ...] 
     return values
 
 
+# ---- option groups shared by several commands ------------------------------------------------
+def _option(default: Any, *flags: str, help: str, kind: Any, panel: str) -> inspect.Parameter:
+    name = flags[0].lstrip("-").replace("-", "_")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, typer.Option(*flags, help=help, rich_help_panel=panel)])
+
+
+def option_group(into: str, params: list[inspect.Parameter], convert: Callable[[dict], dict]) -> Callable:
+    """A decorator adding `params` to a command's signature (Typer reads it); the command gets
+    their values as one dict in its `into` argument, after `convert`."""
+    names = [p.name for p in params]
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **{into: convert({name: kwargs.pop(name) for name in names})}, **kwargs)
+
+        signature = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # resolve string annotations for Typer
+        kept = [p.replace(annotation=hints[p.name]) if isinstance(p.annotation, str) else p
+                for p in signature.parameters.values() if p.name != into]
+        wrapper.__signature__ = signature.replace(parameters=kept + params)
+        del wrapper.__wrapped__
+        return wrapper
+
+    return decorate
+
+
+def _train(default: Any, *flags: str, help: str, kind: Any) -> inspect.Parameter:
+    return _option(default, *flags, help=help, kind=kind, panel="Training")
+
+
+def _fusion(default: Any, *flags: str, help: str, kind: Any) -> inspect.Parameter:
+    return _option(default, *flags, help=help, kind=kind, panel="Fusion")
+
+
+def _split_modules(options: dict) -> dict:
+    if options["target_modules"]:
+        options["target_modules"] = tuple(m.strip() for m in options["target_modules"].split(",") if m.strip())
+    return options
+
+
+with_train_options = option_group("train_options", [
+    _train("lora", "--mode", help="lora (peft adapter) or full fine-tuning.", kind=str),
+    _train(None, "--lora-r", help="LoRA rank (default: 8; a line keeps its rank).", kind=Optional[int]),
+    _train(None, "--lora-alpha", help="LoRA alpha (default: 2·r).", kind=Optional[int]),
+    _train(None, "--lora-dropout", help="LoRA dropout (default: 0).", kind=Optional[float]),
+    _train(None, "--target-modules", help="Comma-separated module names (default: per architecture).", kind=Optional[str]),
+    _train(None, "--epochs", help="Epochs over the data (default: 1).", kind=Optional[float]),
+    _train(None, "--max-steps", help="Optimizer steps (overrides --epochs).", kind=Optional[int]),
+    _train(None, "--lr", help="Learning rate (default: 3e-4 LoRA, 2e-5 full).", kind=Optional[float]),
+    _train(None, "--batch-size", help="Examples per device per step (default: 8).", kind=Optional[int]),
+    _train(None, "--grad-accum", help="Gradient accumulation steps (default: 1).", kind=Optional[int]),
+    _train(None, "--max-length", help="Max tokens per example (default: 256).", kind=Optional[int]),
+    _train(None, "--seed", help="Random seed (default: 42).", kind=Optional[int]),
+    _train(None, "--max-examples", help="Use only the first N records.", kind=Optional[int]),
+    _train(None, "--val-fraction", help="Hold out this fraction for a validation loss (default: 0).", kind=Optional[float]),
+    _train(None, "--importance", help="Sensitivity estimator: first | mixed (default: first).", kind=Optional[str]),
+    _train(None, "--beta1", help="EMA factor of the sensitivity (default: 0.85).", kind=Optional[float]),
+    _train(None, "--beta2", help="EMA factor of the uncertainty (default: 0.85).", kind=Optional[float]),
+    _train(None, "--orth-reg", help="LoRA orthogonality regulariser λ (default: 0, off).", kind=Optional[float]),
+    _train(None, "--replay", help="Fraction of examples replayed from the line's earlier tasks (default: 0).", kind=Optional[float]),
+], _split_modules)
+
+with_fuse_options = option_group("fuse_options", [
+    _fusion("kif", "--method", help="kif | kif-adaptive | linear | task-arithmetic | ties | dare-linear | dare-ties", kind=str),
+    _fusion(None, "--top", help="Fraction of units counted important (kif; default: 0.2).", kind=Optional[float]),
+    _fusion(None, "--tau", help="Softmax temperature (kif-adaptive; default: 0.25).", kind=Optional[float]),
+    _fusion(None, "--weights", help="NEW_BOTH,OLD_BOTH,NEW_NEITHER (kif; default: 0.3,0.7,0.5).", kind=Optional[str]),
+    _fusion(None, "--alpha", help="Weight of the new task (linear, baselines; 1 = sequential; default: 0.5).", kind=Optional[float]),
+    _fusion(None, "--density", help="Task-vector entries kept (ties, dare; default: 0.5).", kind=Optional[float]),
+    _fusion(None, "--lam", help="Scale of the merged task vector (baselines; default: 1).", kind=Optional[float]),
+    _fusion(None, "--merge-seed", help="Seed of DARE's random drops (default: 0).", kind=Optional[int]),
+], lambda options: {**options, "weights": _float_list(options["weights"], 3, "--weights")})
+
+
 # ---- commands -----------------------------------------------------------------------------
 @app.command()
 @handled
@@ -202,25 +278,17 @@ def add_task(
 
 @app.command()
 @handled
+@with_fuse_options
 def fuse(
     task: Annotated[str, typer.Argument(help="A registered task with a profile.")],
     into: Annotated[str, typer.Option("--into", help="The line to fuse into (created when new).")],
-    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive | linear | task-arithmetic | ties | dare-linear | dare-ties")] = "kif",
-    top: Annotated[Optional[float], typer.Option("--top", help="Fraction of units counted important (kif).", show_default="0.2")] = None,
-    tau: Annotated[Optional[float], typer.Option("--tau", help="Softmax temperature (kif-adaptive).", show_default="0.25")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="NEW_BOTH,OLD_BOTH,NEW_NEITHER (kif).", show_default="0.3,0.7,0.5")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the new task (linear, baselines; 1 = sequential).", show_default="0.5")] = None,
-    density: Annotated[Optional[float], typer.Option("--density", help="Task-vector entries kept (ties, dare).", show_default="0.5")] = None,
-    lam: Annotated[Optional[float], typer.Option("--lam", help="Scale of the merged task vector (baselines).", show_default="1.0")] = None,
-    merge_seed: Annotated[Optional[int], typer.Option("--merge-seed", help="Seed of DARE's drops.", show_default="0")] = None,
-    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, fuse_options: dict = None,
 ) -> None:
     """Fuse TASK into LINE unit by unit → a new immutable version."""
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.fuse(task, into, method=method, top=top, tau=tau, weights=_float_list(weights, 3, "--weights"),
-                          alpha=alpha, density=density, lam=lam, merge_seed=merge_seed, registry=registry, progress=progress)
+        result = api.fuse(task, into, **fuse_options, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
 
@@ -239,55 +307,6 @@ def export(
         result = api.export(ref, out, merged=merged, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
-
-# ---- training options, shared by `train` and `learn` ---------------------------------------
-def _option(default: Any, *flags: str, help: str, kind: Any) -> inspect.Parameter:
-    name = flags[0].lstrip("-").replace("-", "_")
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[kind, typer.Option(*flags, help=help, rich_help_panel="Training")])
-
-
-TRAIN_OPTIONS = [
-    _option("lora", "--mode", help="lora (peft adapter) or full fine-tuning.", kind=str),
-    _option(None, "--lora-r", help="LoRA rank (default: 8; a line keeps its rank).", kind=Optional[int]),
-    _option(None, "--lora-alpha", help="LoRA alpha (default: 2·r).", kind=Optional[int]),
-    _option(None, "--lora-dropout", help="LoRA dropout (default: 0).", kind=Optional[float]),
-    _option(None, "--target-modules", help="Comma-separated module names (default: per architecture).", kind=Optional[str]),
-    _option(None, "--epochs", help="Epochs over the data (default: 1).", kind=Optional[float]),
-    _option(None, "--max-steps", help="Optimizer steps (overrides --epochs).", kind=Optional[int]),
-    _option(None, "--lr", help="Learning rate (default: 3e-4 LoRA, 2e-5 full).", kind=Optional[float]),
-    _option(None, "--batch-size", help="Examples per device per step (default: 8).", kind=Optional[int]),
-    _option(None, "--grad-accum", help="Gradient accumulation steps (default: 1).", kind=Optional[int]),
-    _option(None, "--max-length", help="Max tokens per example (default: 256).", kind=Optional[int]),
-    _option(None, "--seed", help="Random seed (default: 42).", kind=Optional[int]),
-    _option(None, "--max-examples", help="Use only the first N records.", kind=Optional[int]),
-    _option(None, "--val-fraction", help="Hold out this fraction for a validation loss (default: 0).", kind=Optional[float]),
-    _option(None, "--importance", help="Sensitivity estimator: first | mixed (default: first).", kind=Optional[str]),
-    _option(None, "--beta1", help="EMA factor of the sensitivity (default: 0.85).", kind=Optional[float]),
-    _option(None, "--beta2", help="EMA factor of the uncertainty (default: 0.85).", kind=Optional[float]),
-    _option(None, "--orth-reg", help="LoRA orthogonality regulariser λ (default: 0, off).", kind=Optional[float]),
-    _option(None, "--replay", help="Fraction of examples replayed from the line's earlier tasks (default: 0).", kind=Optional[float]),
-]
-TRAIN_OPTION_NAMES = [p.name for p in TRAIN_OPTIONS]
-
-
-def with_train_options(fn: Callable) -> Callable:
-    """Add the training options to a command's signature; the command receives them as one
-    dict in `train_options` (what `TrainOptions` validates)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        options = {name: kwargs.pop(name) for name in TRAIN_OPTION_NAMES}
-        if options["target_modules"]:
-            options["target_modules"] = tuple(m.strip() for m in options["target_modules"].split(",") if m.strip())
-        return fn(*args, train_options=options, **kwargs)
-
-    signature = inspect.signature(fn)
-    hints = typing.get_type_hints(fn, include_extras=True)  # resolve the string annotations for Typer
-    params = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.name != "train_options"]
-    wrapper.__signature__ = signature.replace(parameters=params + TRAIN_OPTIONS)
-    del wrapper.__wrapped__
-    return wrapper
 
 
 @app.command()
@@ -311,29 +330,22 @@ def train(
 
 @app.command()
 @handled
+@with_fuse_options
 @with_train_options
 def learn(
     task: Annotated[str, typer.Argument(help="Name for the new task.")],
     data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} records.")],
     into: Annotated[str, typer.Option("--into", help="The line to train from and fuse into.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
-    method: Annotated[str, typer.Option("--method", help="kif | kif-adaptive | linear | task-arithmetic | ties | dare-linear | dare-ties", rich_help_panel="Fusion")] = "kif",
-    top: Annotated[Optional[float], typer.Option("--top", help="Fraction of units counted important.", rich_help_panel="Fusion")] = None,
-    tau: Annotated[Optional[float], typer.Option("--tau", help="Softmax temperature.", rich_help_panel="Fusion")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="NEW_BOTH,OLD_BOTH,NEW_NEITHER.", rich_help_panel="Fusion")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Weight of the new task (linear, baselines).", rich_help_panel="Fusion")] = None,
-    density: Annotated[Optional[float], typer.Option("--density", help="Task-vector entries kept (ties, dare).", rich_help_panel="Fusion")] = None,
-    lam: Annotated[Optional[float], typer.Option("--lam", help="Scale of the merged task vector.", rich_help_panel="Fusion")] = None,
-    merge_seed: Annotated[Optional[int], typer.Option("--merge-seed", help="Seed of DARE's drops.", rich_help_panel="Fusion")] = None,
-    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, train_options: dict = None,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+    train_options: dict = None, fuse_options: dict = None,
 ) -> None:
     """Train TASK and fuse it into LINE in one step: one new version, or nothing on failure."""
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.learn(task, data, into, base=base, options=train_options, method=method, top=top, tau=tau,
-                           weights=_float_list(weights, 3, "--weights"), alpha=alpha, density=density, lam=lam,
-                           merge_seed=merge_seed, registry=registry, progress=progress)
+        result = api.learn(task, data, into, base=base, options=train_options, **fuse_options, registry=registry,
+                           progress=progress)
     if result is not None:
         emit(result, json_out, render_mapping)
 
