@@ -219,6 +219,8 @@ with_fuse_options = option_group("fuse_options", [
     _fusion(None, "--density", help="Task-vector entries kept (ties, dare; default: 0.5).", kind=Optional[float]),
     _fusion(None, "--lam", help="Scale of the merged task vector (baselines; default: 1).", kind=Optional[float]),
     _fusion(None, "--merge-seed", help="Seed of DARE's random drops (default: 0).", kind=Optional[int]),
+    _fusion(None, "--shard-size", help="Largest output shard, e.g. 5GB or 500MB (default: 5GB).", kind=Optional[str]),
+    _fusion(None, "--dtype", help="Output dtype: float32 | float16 | bfloat16 (default: the task's).", kind=Optional[str]),
 ], lambda options: {**options, "weights": _float_list(options["weights"], 3, "--weights")})
 
 

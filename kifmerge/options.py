@@ -3,11 +3,16 @@ can validate before loading any model."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kifmerge.errors import UsageError
+
+
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]B)$", re.IGNORECASE)
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub counts
 
 
 class FuseParams(BaseModel):
@@ -22,7 +27,21 @@ class FuseParams(BaseModel):
     density: float = Field(0.5, gt=0.0, le=1.0, description="fraction of task-vector entries kept (ties, dare)")
     lam: float = Field(1.0, gt=0.0, description="scale of the merged task vector (baselines)")
     seed: int = Field(0, description="seed of DARE's random drops")
+    shard_size: str = Field("5GB", description="largest output shard, as the hub writes it: 5GB, 500MB, 200KB")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="output dtype (default: the task's)")
     profile_weights: tuple[float, float] = (0.3, 0.7)
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not SIZE.match(value.strip()):
+            raise ValueError("write a size like 5GB, 500MB or 200KB")
+        return value.strip()
+
+    @property
+    def shard_bytes(self) -> int:
+        number, unit = SIZE.match(self.shard_size).groups()
+        return int(float(number) * SIZE_UNITS[unit.upper()])
 
     @field_validator("weights", "profile_weights")
     @classmethod
@@ -32,7 +51,11 @@ class FuseParams(BaseModel):
         return value
 
     def recorded(self) -> dict[str, Any]:
-        """Only the parameters the chosen method uses."""
+        """Only the parameters the chosen method uses (and the output dtype when one was asked)."""
+        chosen = self._method_parameters()
+        return {**chosen, "dtype": self.dtype} if self.dtype else chosen
+
+    def _method_parameters(self) -> dict[str, Any]:
         if self.method == "kif":
             return {"top": self.top, "weights": list(self.weights), "profile_weights": list(self.profile_weights)}
         if self.method == "linear":

@@ -185,9 +185,7 @@ def test_fuse_two_tasks_follows_kif_rules_and_exports_loadable(cli, tmp_path, re
 
 
 def test_sharded_output_for_large_full_models(cli, tmp_path, llama_dir):
-    """A fuse whose output exceeds the shard size writes HF-style shards plus an index."""
-    from kifmerge import api
-
+    """A fuse whose output exceeds --shard-size writes hub-style shards plus an index, in --dtype."""
     task1, task2 = make_full(llama_dir, tmp_path / "f1", 1), make_full(llama_dir, tmp_path / "f2", 2)
     groups = unit_groups(task1, "full")
     for i in range(2):
@@ -196,13 +194,18 @@ def test_sharded_output_for_large_full_models(cli, tmp_path, llama_dir):
     cli("add-task", "f1", task1, "--base", "llama", "--profile", tmp_path / "p0.safetensors")
     cli("add-task", "f2", task2, "--base", "llama", "--profile", tmp_path / "p1.safetensors")
     cli("fuse", "f1", "--into", "line")
-    api.fuse("f2", "line", registry=cli.registry, max_shard_bytes=20_000)
+    assert cli.json("fuse", "f2", "--into", "line", "--shard-size", "20KB", "--dtype", "bfloat16")["params"]["dtype"] == "bfloat16"
     out = tmp_path / "sharded"
     cli("export", "line", out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1
-    model = model_class(llama_dir).from_pretrained(out)
-    assert model.config.model_type == "llama"
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert all((out / s).stat().st_size <= 20_000 + 16_000 for s in shards), "a shard only exceeds the size by one tensor"
+    with safe_open(out / shards[0], "pt") as handle:
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
+    model = model_class(llama_dir).from_pretrained(out, dtype="auto")
+    assert model.config.model_type == "llama" and next(model.parameters()).dtype == torch.bfloat16
+    assert "--shard-size" in cli("fuse", "f2", "--into", "line", "--shard-size", "big", code=2).stderr
 
 
 def test_copied_base_survives_its_folder(cli, tmp_path, llama_dir):

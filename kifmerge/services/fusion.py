@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -27,11 +28,11 @@ from kifmerge.services.common import (
 def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None, tau: float | None = None,
          weights: tuple[float, float, float] | None = None, alpha: float | None = None,
          density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
-         registry: str | os.PathLike | None = None, progress: Progress = None,
-         max_shard_bytes: int | None = None) -> dict[str, Any]:
+         shard_size: str | None = None, dtype: str | None = None,
+         registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
     """Fuse TASK into LINE → a new version. The first task of a line becomes v1 as it is."""
     params = fuse_params(method=method, top=top, tau=tau, weights=weights, alpha=alpha, density=density, lam=lam,
-                         seed=merge_seed)
+                         seed=merge_seed, shard_size=shard_size, dtype=dtype)
     check_name(into, "line")
     with opened(registry) as reg:
         task_row = reg.catalog.get("tasks", task, "task")
@@ -40,7 +41,7 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
             raise InvalidInputError(
                 f"task {task!r} has no importance profile; re-register it with `kifmerge add-task … --profile FILE` "
                 "or `--calibrate DATA` (or train it with `kifmerge train`, which records one)")
-        staged = stage_version(reg, task_row, profile_row["scores"], into, params, progress, max_shard_bytes)
+        staged = stage_version(reg, task_row, profile_row["scores"], into, params, progress)
         with reg.catalog.transaction():
             commit_version(reg, staged)
         return staged.public()
@@ -57,12 +58,14 @@ class StagedVersion:
 
 
 def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, params: FuseParams,
-                   progress: Progress, max_shard_bytes: int | None = None) -> StagedVersion:
+                   progress: Progress) -> StagedVersion:
     """Compute the fused weights and the line's new profile and store their blobs; no rows yet."""
     from kifmerge.checkpoints import read_headers
     from kifmerge.fusion import rules
     from kifmerge.fusion.engine import LazyTensorReader, stream_fused, task_vector_blend, unit_blend
-    from kifmerge.fusion.writer import DEFAULT_MAX_SHARD_BYTES, StreamingShardWriter, TensorSpec
+    import torch
+
+    from kifmerge.fusion.writer import SAFETENSORS_DTYPES, StreamingShardWriter, TensorSpec
     from kifmerge.profiles import accumulate, normalise, read_profile, write_profile
     from kifmerge.units import layout_for
 
@@ -111,8 +114,12 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             pattern, index = ("adapter_model{suffix}.safetensors", None) if kind == "lora" else \
                 ("model{suffix}.safetensors", "model.safetensors.index.json")
             specs = {n: TensorSpec(new_headers.dtypes[n], new_headers.shapes[n]) for n in layout.slots}
+            if params.dtype:  # compute in float32 as always, write the asked dtype
+                out_dtype = getattr(torch, params.dtype)
+                specs = {n: TensorSpec(SAFETENSORS_DTYPES[out_dtype], spec.shape) for n, spec in specs.items()}
+                compute = _cast(compute, out_dtype)
             writer = StreamingShardWriter(staging, specs, filename_pattern=pattern, index_name=index,
-                                          max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+                                          max_shard_bytes=params.shard_bytes)
             t0 = time.perf_counter()
             try:
                 stream_fused(list(layout.slots), compute, writer,
@@ -124,6 +131,11 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             timings["fuse_s"] = round(time.perf_counter() - t0, 4)
             for side in set(new_ws.files) - set(new_ws.weight_map.values()) - set(files):
                 files[side] = new_ws.files[side]  # adapter_config.json / config.json travel along
+            if params.dtype and "config.json" in files:  # the model config states the dtype it is stored in
+                config = json.loads(files["config.json"].read_text())
+                config.update({key: params.dtype for key in ("dtype", "torch_dtype") if key in config} or {"dtype": params.dtype})
+                files["config.json"] = staging / "config.json"
+                files["config.json"].write_text(json.dumps(config, indent=2, sort_keys=True))
             weights_sha = reg.put_weights(files, weight_map, move=True)
             method, recorded = params.method, params.recorded()
             if units:
@@ -141,6 +153,10 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
            "adapter_config": task_row["adapter_config"] if head is None else head["adapter_config"],
            "metrics": None, "timings": timings, "created": now()}
     return StagedVersion(row, task_row["base"], kind)
+
+
+def _cast(compute, dtype):
+    return lambda name: compute(name).to(dtype)
 
 
 def _base_reader(reg: Registry, task_row: dict):

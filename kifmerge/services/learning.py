@@ -39,14 +39,14 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
           method: str = "kif", top: float | None = None, tau: float | None = None,
           weights: tuple[float, float, float] | None = None, alpha: float | None = None,
           density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
-          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
+          shard_size: str | None = None, dtype: str | None = None, registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
     """The pipeline step: train TASK from INTO's newest version, then fuse it into INTO.
     Task and version are committed in one transaction: both, or nothing."""
     from kifmerge.training import wait_for_main_process
 
     opts = validated(TrainOptions, "train", options or {})
     params = fuse_params(method=method, top=top, tau=tau, weights=weights, alpha=alpha, density=density, lam=lam,
-                         seed=merge_seed)
+                         seed=merge_seed, shard_size=shard_size, dtype=dtype)
     check_name(task, "task")
     check_name(into, "line")
     result = None
