@@ -53,16 +53,18 @@ def fuse_params(**values: Any) -> FuseParams:
     return validated(FuseParams, "fuse", values)
 
 
-def base_dir(reg: Registry, base: dict[str, Any]) -> Path:
-    """The base's model folder, checked against its fingerprint; a copied base is materialised
-    from its blobs under `cache/` when the original folder is gone or changed."""
+def open_base(reg: Registry, base: dict[str, Any]):
+    """The base's model folder, opened (config + tensor headers) and checked against its
+    fingerprint; a copied base is materialised from its blobs under `cache/` when the original
+    folder is gone or changed."""
     from kifmerge.checkpoints import open_model
 
     path = Path(base["path"])
     if path.is_dir():
         try:
-            if open_model(path).fingerprint == base["fingerprint"]:
-                return path
+            model = open_model(path)
+            if model.fingerprint == base["fingerprint"]:
+                return model
         except (NotFoundError, InvalidInputError):
             pass
     if not base.get("weights"):
@@ -74,7 +76,11 @@ def base_dir(reg: Registry, base: dict[str, Any]) -> Path:
         reg.copy_weights(base["weights"], staging)
         cache.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, cache)
-    return cache
+    return open_model(cache)
+
+
+def base_dir(reg: Registry, base: dict[str, Any]) -> Path:
+    return open_base(reg, base).path
 
 
 def resolve_version(reg: Registry, ref: str) -> tuple[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ from kifmerge.registry import Registry
 from kifmerge.services.common import (
     LORA_COMPAT_KEYS,
     Progress,
-    base_dir,
+    open_base,
     check_name,
     fuse_params,
     now,
@@ -161,10 +161,9 @@ def _cast(compute, dtype):
 
 def _base_reader(reg: Registry, task_row: dict):
     """The base model's tensors: the reference point of the task-vector baselines (full lines)."""
-    from kifmerge.checkpoints import model_tensor_files
     from kifmerge.fusion.engine import LazyTensorReader
 
-    tensors = model_tensor_files(base_dir(reg, reg.catalog.get("bases", task_row["base"], "base")))
+    tensors = open_base(reg, reg.catalog.get("bases", task_row["base"], "base")).tensors
     return LazyTensorReader(tensors.files, tensors.weight_map)
 
 

@@ -12,7 +12,7 @@ from kifmerge.errors import ConflictError, UsageError
 from kifmerge.options import TrainOptions, validated
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_file
-from kifmerge.services.common import Progress, base_dir, check_name, now, opened, public_task, start_progress
+from kifmerge.services.common import Progress, base_dir, check_name, now, open_base, opened, public_task, start_progress
 
 
 def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Path | None = None,
@@ -86,16 +86,13 @@ def stage_task(reg: Registry, name: str, checkpoint: Path, base_row: dict, profi
     from kifmerge.checkpoints import (
         ADAPTER_CONFIG,
         check_finite,
-        model_tensor_files,
         open_checkpoint,
         validate_against_base,
     )
-    from kifmerge.checkpoints import BaseModel as Model
     from kifmerge.profiles import read_profile
 
     ckpt = open_checkpoint(checkpoint)
-    base_folder = base_dir(reg, base_row)
-    validate_against_base(ckpt, Model(base_folder, base_row["config"], model_tensor_files(base_folder)))
+    validate_against_base(ckpt, open_base(reg, base_row))
     check_finite(ckpt.tensors, start_progress(progress, "checking weights", len(ckpt.tensors.shapes)))
     if callable(profile):
         profile = profile(ckpt)
