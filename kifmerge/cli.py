@@ -422,13 +422,21 @@ def render_report(result: dict) -> None:
 
 @app.command()
 @handled
-def verify(registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
-    """Re-hash every blob the registry references (exit 5 when any is missing or corrupt)."""
+def verify(
+    deep: Annotated[bool, typer.Option("--deep", help="Re-hash every blob and check each profile against its weights' units.")] = False,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Check every blob the registry references (exit 5 when any is missing, corrupt or inconsistent)."""
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.verify(registry=registry, progress=progress)
-    emit(result, json_out, lambda r: print(f"ok: {r['blobs_checked']} blobs verified in {r['registry']}"))
+        result = api.verify(deep=deep, registry=registry, progress=progress)
+    emit(result, json_out, render_verify)
+
+
+def render_verify(result: dict) -> None:
+    deep = f" (deep: every blob re-hashed, {result['profiles_checked']} profiles match their weights)" if result["deep"] else ""
+    print(f"ok: {result['blobs_checked']} blobs verified{deep} in {result['registry']}")
 
 
 @app.command()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kifmerge.errors import ConflictError, IntegrityError, NotFoundError, UsageError
+from kifmerge.faults import fault_point
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_file
 from kifmerge.services.common import (
@@ -121,30 +122,89 @@ def _referenced_blobs(reg: Registry, *, tolerant: bool = False) -> dict[str, lis
     return refs
 
 
-def verify(*, registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
-    """Re-hash every blob the catalog references; report the missing and the corrupt."""
+def verify(*, deep: bool = False, registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
+    """Check every blob the catalog references: present and unchanged since stored (the blob
+    store's own check). `deep` re-hashes every blob with sha256 whatever its file looks like,
+    and checks each stored profile against the unit layout of the weights it scores."""
     with opened(registry) as reg:
         refs = _referenced_blobs(reg, tolerant=True)
         problems: list[dict[str, Any]] = []
         advance = start_progress(progress, "verifying blobs", len(refs))
         for sha, owners in sorted(refs.items()):
-            path = reg.blobs.path_of(sha)
-            problem = "missing" if not path.is_file() else ("corrupt" if sha256_file(path) != sha else None)
+            problem = _blob_problem(reg, sha, deep)
             if problem:
                 problems.append({"blob": sha, "problem": problem, "needed_by": sorted(set(owners))})
             if advance:
                 advance(1)
-        report = {"registry": str(reg.root.resolve()), "blobs_checked": len(refs), "problems": problems, "ok": not problems}
+        checked = 0
+        if deep:
+            damaged = {p["blob"] for p in problems}
+            for profile_sha, weights_sha, kind, owner in _profiled_weights(reg):
+                if profile_sha in damaged or weights_sha in damaged:
+                    continue  # already reported; its layout cannot be read reliably
+                checked += 1
+                problem = _layout_problem(reg, profile_sha, weights_sha, kind, damaged)
+                if problem:
+                    problems.append({"blob": profile_sha, "problem": problem, "needed_by": [owner]})
+        report = {"registry": str(reg.root.resolve()), "blobs_checked": len(refs), "deep": deep,
+                  "profiles_checked": checked, "problems": problems, "ok": not problems}
         if problems:
             first = problems[0]
-            raise IntegrityError(f"{len(problems)} blob(s) missing or corrupt, e.g. {first['blob'][:12]} ({first['problem']}) "
-                                 f"needed by {first['needed_by'][0]}; restore them from a copy of the registry", details=report)
+            raise IntegrityError(f"{len(problems)} blob(s) missing, corrupt or inconsistent, e.g. {first['blob'][:12]} "
+                                 f"({first['problem']}) needed by {first['needed_by'][0]}; restore them from a copy of "
+                                 "the registry", details=report)
         return report
 
 
+def _blob_problem(reg: Registry, sha: str, deep: bool) -> str | None:
+    path = reg.blobs.path_of(sha)
+    if not path.is_file():
+        return "missing"
+    try:
+        if deep:
+            return None if sha256_file(path) == sha else "corrupt"
+        reg.blobs.open_verified(sha)
+    except IntegrityError:
+        return "corrupt"
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    return None
+
+
+def _profiled_weights(reg: Registry) -> list[tuple[str, str, str, str]]:
+    """(profile blob, weights manifest, kind, owning row) for every task profile and version."""
+    kinds = {row["name"]: row["kind"] for row in reg.catalog.rows("tasks")}
+    pairs = [(row["scores"], reg.catalog.get("tasks", row["task"], "task")["weights"], kinds[row["task"]],
+              f"profiles:{row['task']}.scores") for row in reg.catalog.rows("profiles", order_by="task")]
+    lines = {row["name"]: row["kind"] for row in reg.catalog.rows("lines")}
+    pairs += [(row["profile"], row["weights"], lines[row["line"]], f"versions:{row['id']}.profile")
+              for row in reg.catalog.rows("versions", order_by="id")]
+    return pairs
+
+
+def _layout_problem(reg: Registry, profile_sha: str, weights_sha: str, kind: str, damaged: set[str]) -> str | None:
+    """Why a stored profile does not fit the unit layout of its weights (None when it does)."""
+    from kifmerge.checkpoints import read_headers
+    from kifmerge.errors import KifError
+    from kifmerge.profiles import read_profile
+    from kifmerge.units import layout_for
+
+    try:
+        manifest = reg.manifest(weights_sha)
+        used = set(manifest["weight_map"].values())
+        files = {name: reg.blobs.path_of(blob) for name, blob in manifest["files"].items() if name in used}
+        if any(manifest["files"][name] in damaged for name in files):
+            return None  # the weights themselves are already reported
+        read_profile(reg.blobs.path_of(profile_sha), layout_for(kind, read_headers(files).shapes))
+    except (KifError, KeyError, TypeError, ValueError, OSError) as exc:
+        return f"profile does not match the unit layout of its weights: {str(exc).replace(str(reg.blobs.blobs), 'blobs')}"
+    return None
+
+
 def gc(*, dry_run: bool = False, grace_s: float = 3600.0, registry: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Delete blobs no row references and staging leftovers, older than `grace_s` (so a
-    command that has stored blobs but not yet committed its rows keeps them)."""
+    """Delete blobs no row references and staging leftovers (`tmp/`: files and build folders of
+    killed commands), older than `grace_s` (so a command that has stored blobs but not yet
+    committed its rows keeps them). A folder's age is that of the newest file in it."""
     with opened(registry) as reg:
         needed = set(_referenced_blobs(reg))
         cutoff = time.time() - grace_s
@@ -152,14 +212,29 @@ def gc(*, dry_run: bool = False, grace_s: float = 3600.0, registry: str | os.Pat
         candidates = [reg.blobs.path_of(sha) for sha in reg.blobs.all_shas() - needed]
         candidates += list(reg.blobs.staging.iterdir()) if reg.blobs.staging.is_dir() else []
         for path in sorted(candidates):
-            if path.lstat().st_mtime > cutoff:
+            if _newest_mtime(path) > cutoff:
                 continue
             size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
             removed.append(str(path.relative_to(reg.root)))
             freed += size
             if not dry_run:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+                fault_point("gc.removed")
         if removed and not dry_run:
+            fault_point("gc.before-event")
             with reg.catalog.transaction():
                 reg.catalog.event("gc", str(reg.root), {"removed": len(removed), "bytes": freed})
         return {"removed": removed, "bytes_freed": freed, "dry_run": dry_run, "kept_blobs": len(needed)}
+
+
+def _newest_mtime(path: Path) -> float:
+    """A staging folder is in use while anything in it is recent (a long training writes deep
+    inside it, not to the folder itself)."""
+    newest = path.lstat().st_mtime
+    if path.is_dir():
+        for inner in path.rglob("*"):
+            try:
+                newest = max(newest, inner.lstat().st_mtime)
+            except FileNotFoundError:
+                continue
+    return newest
