@@ -22,12 +22,13 @@ VERSION = "1"
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
-    """Min–max to [0, 1]; a constant profile becomes all zeros (never NaN)."""
-    scores = scores.to(torch.float32)
-    low, high = scores.min(), scores.max()
+    """Min–max to [0, 1]; a constant profile becomes all zeros (never NaN). Computed in
+    float64, so a range wider than float32 holds (e.g. ±3e38) cannot overflow to inf/inf."""
+    wide = scores.to(torch.float64)
+    low, high = wide.min(), wide.max()
     if not bool(high > low):
-        return torch.zeros_like(scores)
-    return (scores - low) / (high - low)
+        return torch.zeros_like(scores, dtype=torch.float32)
+    return ((wide - low) / (high - low)).to(torch.float32)
 
 
 def accumulate(p_old: torch.Tensor, p_new: torch.Tensor, weights: tuple[float, float] = (0.3, 0.7)) -> torch.Tensor:
