@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kifmerge.errors import InvalidInputError, NotFoundError
+from kifmerge.faults import fault_point
 from kifmerge.options import TrainOptions
 
 IGNORE = -100
@@ -223,6 +224,7 @@ class ProgressBridge(TrainerCallback):
             self.advance = self.progress(self.description, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
+        fault_point("train.step")
         if self.advance:
             self.advance(1)
 
@@ -338,6 +340,7 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     if trainer.is_world_process_zero():
         checkpoint = out_dir / "checkpoint"
         trainer.model.save_pretrained(checkpoint, safe_serialization=True)
+        fault_point("train.checkpoint-saved")
         layout = open_checkpoint(checkpoint).layout
         profile = out_dir / "profile.safetensors"
         write_profile(profile, from_unit_scores(accumulator.unit_scores(options.mode), layout), layout,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kifmerge.errors import IntegrityError, NotFoundError
+from kifmerge.faults import fault_point
 from kifmerge.registry.blobs import BlobStore
 from kifmerge.registry.catalog import DB_NAME, Catalog
 
@@ -74,9 +75,14 @@ class Registry:
     # ---- weights ------------------------------------------------------------
     def put_weights(self, files: dict[str, Path], weight_map: dict[str, str], *, move: bool = False) -> str:
         """Store tensor files as blobs plus a manifest; returns the manifest sha."""
-        shas = {name: self.blobs.put_file(path, move=move) for name, path in sorted(files.items())}
+        shas = {}
+        for name, path in sorted(files.items()):
+            shas[name] = self.blobs.put_file(path, move=move)
+            fault_point("weights.file-stored")
         manifest = {"format": MANIFEST_FORMAT, "version": 1, "files": shas, "weight_map": dict(sorted(weight_map.items()))}
-        return self.blobs.put_bytes(json.dumps(manifest, sort_keys=True).encode())
+        sha = self.blobs.put_bytes(json.dumps(manifest, sort_keys=True).encode())
+        fault_point("weights.manifest-stored")
+        return sha
 
     def manifest(self, sha: str) -> dict:
         manifest = json.loads(self.blobs.read_bytes(sha))

@@ -8,7 +8,9 @@ leaves either the whole change or none of it.
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,9 +20,11 @@ import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
 from kifmerge.errors import ConflictError, NotFoundError
+from kifmerge.faults import fault_point
 
 DB_NAME = "kifmerge.db"
 BUSY_TIMEOUT_MS = 30_000
+LOCK_ATTEMPTS = 12  # on top of the busy timeout: for the SQLITE_BUSY cases that skip it
 JSON_COLUMNS = {"config", "params", "metrics", "timings", "training_config", "adapter_config", "payload", "layout", "settings"}
 
 migrations = Migrations("kifmerge")
@@ -76,6 +80,29 @@ def m002_evaluations(db: sqlite_utils.Database) -> None:
     db["evaluations"].create_index(["line", "number"])
 
 
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message
+
+
+def retry_locked(step, what: str = "the registry database"):
+    """Run `step()`, retrying "database is locked" with jittered exponential backoff. The busy
+    timeout covers most waits, but SQLite returns SQLITE_BUSY at once (without waiting) while
+    another connection recovers a WAL after a crash, changes the journal mode, or when waiting
+    could deadlock; those must not reach the user of 16 parallel jobs."""
+    delay = 0.02
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc):
+                raise
+            if attempt == LOCK_ATTEMPTS:
+                raise ConflictError(f"{what} stayed locked by other kifmerge processes ({exc}); run the command again") from exc
+        time.sleep(random.uniform(0.5, 1.0) * delay)
+        delay = min(delay * 2, 1.0)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -91,20 +118,28 @@ def _encode(row: dict[str, Any]) -> dict[str, Any]:
 class Catalog:
     def __init__(self, root: Path):
         self.path = Path(root) / DB_NAME
+        self.db = retry_locked(self._connect)
+
+    def _connect(self) -> sqlite_utils.Database:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        self.db = sqlite_utils.Database(conn)
-        self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self.db.execute("PRAGMA foreign_keys = ON")
+        try:
+            db = sqlite_utils.Database(conn)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA foreign_keys = ON")
+            return db
+        except BaseException:
+            conn.close()
+            raise
 
     @classmethod
     def create(cls, root: Path) -> "Catalog":
         catalog = cls(root)
-        catalog.db.enable_wal()
-        migrations.apply(catalog.db)
+        retry_locked(catalog.db.enable_wal)
+        retry_locked(lambda: migrations.apply(catalog.db))
         return catalog
 
     def is_initialised(self) -> bool:
-        return not migrations.pending(self.db)
+        return not retry_locked(lambda: migrations.pending(self.db))
 
     def close(self) -> None:
         self.db.close()
@@ -112,15 +147,23 @@ class Catalog:
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
         """One write transaction; taken IMMEDIATE so concurrent writers queue on the busy timeout
-        instead of failing at commit."""
+        instead of failing at commit; the BEGIN and the COMMIT retry "database is locked"."""
         conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
+        retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
+        fault_point("catalog.begun")
         try:
             yield self.db
+            fault_point("catalog.before-commit")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        try:
+            retry_locked(lambda: conn.execute("COMMIT"))
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        fault_point("catalog.committed")
 
     # ---- generic row access -------------------------------------------------
     def insert(self, table: str, row: dict[str, Any]) -> int:

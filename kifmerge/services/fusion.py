@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kifmerge.errors import ConflictError, InvalidInputError
+from kifmerge.faults import fault_point
 from kifmerge.options import FuseParams
 from kifmerge.registry import Registry
 from kifmerge.services.common import (
@@ -23,6 +24,8 @@ from kifmerge.services.common import (
     public_version,
     start_progress,
 )
+
+REBASE_ATTEMPTS = 16
 
 
 def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None, tau: float | None = None,
@@ -41,10 +44,17 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
             raise InvalidInputError(
                 f"task {task!r} has no importance profile; re-register it with `kifmerge add-task … --profile FILE` "
                 "or `--calibrate DATA` (or train it with `kifmerge train`, which records one)")
-        staged = stage_version(reg, task_row, profile_row["scores"], into, params, progress)
-        with reg.catalog.transaction():
-            commit_version(reg, staged)
-        return staged.public()
+        for attempt in range(1, REBASE_ATTEMPTS + 1):  # the line moved meanwhile: fuse again onto its new head
+            staged = stage_version(reg, task_row, profile_row["scores"], into, params, progress)
+            fault_point("fuse.staged")
+            try:
+                with reg.catalog.transaction():
+                    commit_version(reg, staged)
+                return staged.public()
+            except ConflictError:
+                head = reg.catalog.head(into)
+                if attempt == REBASE_ATTEMPTS or (head["number"] if head else 0) == staged.row["number"] - 1:
+                    raise
 
 
 @dataclass
@@ -128,6 +138,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 writer.abort()
                 raise
             files, weight_map = writer.finish()
+            fault_point("fuse.shards-written")
             timings["fuse_s"] = round(time.perf_counter() - t0, 4)
             for side in set(new_ws.files) - set(new_ws.weight_map.values()) - set(files):
                 files[side] = new_ws.files[side]  # adapter_config.json / config.json travel along
@@ -137,6 +148,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 files["config.json"] = staging / "config.json"
                 files["config.json"].write_text(json.dumps(config, indent=2, sort_keys=True))
             weights_sha = reg.put_weights(files, weight_map, move=True)
+            fault_point("fuse.weights-stored")
             method, recorded = params.method, params.recorded()
             if units:
                 recorded["units"] = units
@@ -173,6 +185,7 @@ def commit_version(reg: Registry, staged: StagedVersion) -> None:
     if reg.catalog.find("lines", into) is None:
         reg.catalog.insert("lines", {"name": into, "base": staged.base, "kind": staged.kind, "created": now()})
         reg.catalog.event("line.create", into, {"base": staged.base, "kind": staged.kind})
+        fault_point("fuse.line-row")
     current = reg.catalog.head(into)
     if (current["number"] if current else 0) != row["number"] - 1:
         raise ConflictError(f"line {into!r} moved to v{current['number']} while fusing; run the command again")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kifmerge.errors import InvalidInputError, UsageError
+from kifmerge.faults import fault_point
 from kifmerge.options import TrainOptions, validated
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_file
@@ -53,9 +54,12 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
     with opened(registry) as reg:
         with _trained_task(reg, task, Path(data), into, base, opts, progress) as staged:
             if staged is not None:
+                fault_point("learn.task-staged")
                 version = stage_version(reg, staged.row, staged.profile_row["scores"], into, params, progress)
+                fault_point("learn.version-staged")
                 with reg.catalog.transaction():
                     commit_task(reg, staged)
+                    fault_point("learn.task-row")
                     commit_version(reg, version)
                 result = {**version.public(), "trained": staged.public()}
     wait_for_main_process()
@@ -96,6 +100,7 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
         if result is None:
             yield None
             return
+        fault_point("train.done")
         training_config = {**opts.model_dump(), "learning_rate": opts.learning_rate,
                            "data": {"path": str(data.resolve()), "sha256": sha256_file(data)},
                            "replay": replayed["sources"], "started_from": f"{line}@v{head['number']}" if head else "base"}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kifmerge.errors import ConflictError, UsageError
+from kifmerge.faults import fault_point
 from kifmerge.options import TrainOptions, validated
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_file
@@ -48,6 +49,7 @@ def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Pat
                                  source=str(Path(checkpoint).resolve()), **extra)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        fault_point("add-task.staged")
         with reg.catalog.transaction():
             commit_task(reg, staged)
         return staged.public()
@@ -105,6 +107,7 @@ def stage_task(reg: Registry, name: str, checkpoint: Path, base_row: dict, profi
            "adapter_config": ckpt.adapter_config, "training_config": training_config,
            "data_fingerprint": data_fingerprint, "metrics": metrics, "trained_from": trained_from,
            "source": source, "created": now()}
+    fault_point("task.weights-stored")
     profile_row = None
     if profile:
         profile_row = {"task": name, "unit": ckpt.layout.unit, "estimator": estimator,
@@ -116,6 +119,7 @@ def commit_task(reg: Registry, staged: StagedTask) -> None:
     """Inside the caller's transaction."""
     refuse_existing_task(reg, staged.row["name"])
     reg.catalog.insert("tasks", staged.row)
+    fault_point("task.row")
     if staged.profile_row:
         reg.catalog.insert("profiles", staged.profile_row)
     reg.catalog.event("task.add", staged.row["name"], {"kind": staged.row["kind"], "source": staged.row["source"],
