@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def world(tmp_path_factory, llama_dir) -> dict:
     cli("add-task", "t2", files["t2"], "--base", "llama", "--profile", files["p2"])
     cli("fuse", "t1", "--into", "main")
     files["data"] = write_jsonl(root / "parity.jsonl", task_records("parity", 8))
-    return {"root": root, "registry": cli.registry, "files": files, "seconds": {}}
+    return {"root": root, "registry": cli.registry, "files": files, "seconds": {}, "reference": {}}
 
 
 def uninterrupted_seconds(world: dict, command: str) -> float:
@@ -128,7 +129,7 @@ def add_garbage(registry: Path) -> None:
 def rows(registry: Path, blobs: bool = True) -> dict:
     """The catalog's content, minus timestamps and the audit log (and blob shas for training,
     whose float sums need not repeat bit for bit)."""
-    with sqlite3.connect(registry / "kifmerge.db") as db:
+    with closing(sqlite3.connect(registry / "kifmerge.db")) as db:
         def q(sql):
             return sorted(db.execute(sql if blobs else sql.replace(", weights", "").replace(", scores", "")).fetchall())
         return {"tasks": q("select name, kind, weights from tasks"), "profiles": q("select task, scores from profiles"),
@@ -138,7 +139,7 @@ def rows(registry: Path, blobs: bool = True) -> dict:
 
 def audit(registry: Path) -> dict:
     """Rows and the events that record them are written in one transaction: counts agree."""
-    with sqlite3.connect(registry / "kifmerge.db") as db:
+    with closing(sqlite3.connect(registry / "kifmerge.db")) as db:
         one = lambda sql: db.execute(sql).fetchone()[0]  # noqa: E731
         return {"tasks": (one("select count(*) from tasks"), one("select count(*) from events where action = 'task.add'")),
                 "versions": (one("select count(*) from versions"), one("select count(*) from events where action = 'fuse'")),
@@ -197,13 +198,14 @@ def crash_and_recover(world: dict, case: Case, tmp_path: Path) -> None:
     args = commands(world, out)[case.command]
     cli = Cli(registry)
 
-    # the reference: the same command, not killed, on another copy
-    reference = tmp_path / "reference"
-    shutil.copytree(registry, reference)
-    Cli(reference)(*commands(world, tmp_path / "reference-out")[case.command])
     blobs = case.command != "learn"
-    before, after = rows(registry, blobs), rows(reference, blobs)
-    expected_out = tree(tmp_path / "reference-out")
+    before = rows(registry, blobs)
+    if case.command not in world["reference"]:  # the same command, not killed, on another copy
+        reference = world["root"] / f"reference-{case.command}"
+        shutil.copytree(registry, reference)
+        Cli(reference)(*commands(world, reference.with_name(reference.name + "-out"))[case.command])
+        world["reference"][case.command] = rows(reference, blobs), tree(reference.with_name(reference.name + "-out"))
+    after, expected_out = world["reference"][case.command]
 
     seconds = uninterrupted_seconds(world, case.command) if case.point is None else 0.0
     code = run_killed(registry, args, case, seconds)
