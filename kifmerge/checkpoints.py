@@ -1,7 +1,10 @@
 """Open and validate Hugging Face model folders and PEFT LoRA adapters, lazily.
 
-Only safetensors are read (never pickle). Tensor shapes and dtypes come from the file
-headers, so validating a checkpoint against its base touches no weights except for the
+Only safetensors are read. Pickle weights (`*.bin`) are refused unless the caller allows
+them (`--allow-pickle`); then they are loaded with `torch.load(weights_only=True)` — which
+rebuilds only tensors and plain containers, never runs code — and converted to safetensors
+in a scratch folder before anything else reads them. Tensor shapes and dtypes come from the
+file headers, so validating a checkpoint against its base touches no weights except for the
 streaming finite-value check.
 """
 
@@ -22,6 +25,8 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_INDEX = "model.safetensors.index.json"
 PEFT_PREFIX = "base_model.model."
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+PICKLE_WEIGHTS = {"adapter_model.bin": ADAPTER_WEIGHTS, "pytorch_model.bin": MODEL_WEIGHTS}
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
 @dataclass
@@ -99,8 +104,8 @@ def model_tensor_files(folder: Path) -> TensorFiles:
     if shards:
         return read_headers({p.name: p for p in shards})
     if any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
-        raise InvalidInputError(f"{folder} has no safetensors weights; pickle-based files are never read "
-                                "(re-save with save_pretrained(safe_serialization=True))")
+        raise InvalidInputError(f"{folder} has no safetensors weights; pickle-based files are never read by default "
+                                f"({PICKLE_ADVICE})")
     raise NotFoundError(f"no model weights in {folder}")
 
 
@@ -129,10 +134,11 @@ class BaseModel:
         return digest.hexdigest()
 
 
-def open_model(folder: str | Path) -> BaseModel:
+def open_model(folder: str | Path, *, allow_pickle: bool = False, scratch: Path | None = None) -> BaseModel:
     folder = Path(folder)
     if not folder.is_dir():
         raise NotFoundError(f"model folder not found: {folder}")
+    folder = safetensors_folder(folder, allow_pickle, scratch)
     config = read_json(folder / "config.json", "config.json of the model")
     return BaseModel(path=folder.resolve(), config=config, tensors=model_tensor_files(folder))
 
@@ -148,16 +154,14 @@ class Checkpoint:
     layout: UnitLayout
 
 
-def open_checkpoint(folder: str | Path) -> Checkpoint:
+def open_checkpoint(folder: str | Path, *, allow_pickle: bool = False, scratch: Path | None = None) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise NotFoundError(f"checkpoint folder not found: {folder}")
+    folder = safetensors_folder(folder, allow_pickle, scratch)
     if (folder / ADAPTER_CONFIG).exists():
         config = read_json(folder / ADAPTER_CONFIG, "adapter config")
         if not (folder / ADAPTER_WEIGHTS).is_file():
-            if (folder / "adapter_model.bin").is_file():
-                raise InvalidInputError(f"{folder} holds a pickle adapter_model.bin, which is never read; "
-                                        "re-save the adapter with safe_serialization=True")
             raise NotFoundError(f"{folder / ADAPTER_WEIGHTS} not found")
         tensors = read_headers({ADAPTER_WEIGHTS: folder / ADAPTER_WEIGHTS})
         _check_lora_config(folder, config, tensors)
@@ -173,6 +177,9 @@ def _check_lora_config(folder: Path, config: dict, tensors: TensorFiles) -> None
         raise InvalidInputError(f"{folder}: peft_type {config.get('peft_type')} is not supported (only LORA)")
     if config.get("use_dora"):
         raise InvalidInputError(f"{folder}: DoRA adapters are not supported (their magnitude vectors are not rank units)")
+    for name, dtype in sorted(tensors.dtypes.items()):
+        if not is_float_dtype(dtype):
+            raise InvalidInputError(f"{folder}: {name} has dtype {dtype}; LoRA factors must be floating point")
     others = sorted(n for n in tensors.shapes if lora_module_of(n) is None)
     if others:
         raise InvalidInputError(f"{folder}: tensor {others[0]} is not a LoRA factor (modules_to_save and "
@@ -219,6 +226,9 @@ def validate_against_base(checkpoint: Checkpoint, base: BaseModel) -> None:
             raise InvalidInputError(f"checkpoint lacks tensor {name} of the base model")
         if ours[name] != theirs[name]:
             raise InvalidInputError(f"tensor {name} has shape {list(ours[name])} but the base has {list(theirs[name])}")
+        ours_dtype, theirs_dtype = checkpoint.tensors.dtypes[name], base.tensors.dtypes[name]
+        if is_float_dtype(ours_dtype) != is_float_dtype(theirs_dtype):
+            raise InvalidInputError(f"tensor {name} has dtype {ours_dtype} but the base has {theirs_dtype}")
 
 
 def check_finite(tensors: TensorFiles, progress: Callable[[int], None] | None = None) -> None:
@@ -231,3 +241,85 @@ def check_finite(tensors: TensorFiles, progress: Callable[[int], None] | None = 
             raise InvalidInputError(f"tensor {name} holds {bad} NaN or infinite values")
         if progress:
             progress(1)
+
+
+def is_float_dtype(dtype: str) -> bool:
+    """A safetensors dtype name (F16, BF16, F32, F8_E4M3, I64, BOOL, …) of a floating-point type."""
+    return dtype.startswith(("F", "BF"))
+
+
+PICKLE_ADVICE = ("re-save it with save_pretrained(safe_serialization=True), or pass --allow-pickle to load it with "
+                 "torch.load(weights_only=True) and store it as safetensors")
+
+
+def pickle_files(folder: Path) -> list[str]:
+    """The pickle weight files of a folder that holds no safetensors weights ([] otherwise)."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        if (folder / ADAPTER_WEIGHTS).is_file():
+            return []
+        return ["adapter_model.bin"] if (folder / "adapter_model.bin").is_file() else []
+    if any(folder.glob("*.safetensors")):
+        return []
+    if (folder / PICKLE_INDEX).is_file():
+        weight_map = read_json(folder / PICKLE_INDEX, "index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InvalidInputError(f"{folder / PICKLE_INDEX} has no weight_map")
+        return sorted(set(weight_map.values()))
+    return ["pytorch_model.bin"] if (folder / "pytorch_model.bin").is_file() else []
+
+
+def safetensors_folder(folder: Path, allow_pickle: bool, scratch: Path | None) -> Path:
+    """`folder` itself, or — for pickle weights when allowed — a copy of it under `scratch`
+    with every pickle file converted to safetensors."""
+    pickles = pickle_files(folder)
+    if not pickles:
+        return folder
+    if not allow_pickle:
+        raise InvalidInputError(f"{folder} holds pickle weights ({pickles[0]}), which are never read by default; "
+                                f"{PICKLE_ADVICE}")
+    if scratch is None:
+        raise ValueError("converting pickle weights needs a scratch folder")
+    return convert_pickle(folder, pickles, scratch)
+
+
+def _converted_name(name: str) -> str:
+    if name in PICKLE_WEIGHTS:
+        return PICKLE_WEIGHTS[name]
+    stem = name[: -len(".bin")] if name.endswith(".bin") else name
+    return (stem[len("pytorch_"):] if stem.startswith("pytorch_") else stem) + ".safetensors"
+
+
+def convert_pickle(folder: Path, pickles: list[str], scratch: Path) -> Path:
+    """Load each pickle file with `torch.load(weights_only=True)` (tensors and plain containers
+    only: a pickle that asks for anything else is refused before it can run), check that it is a
+    flat name → tensor mapping, and write it as safetensors next to copies of the folder's
+    other (non-weight) files."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(scratch) / "converted"
+    out.mkdir(parents=True)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and path.name != PICKLE_INDEX:
+            shutil.copyfile(path, out / path.name)
+    weight_map = {}
+    for name in pickles:
+        source = folder / name
+        if not source.is_file():
+            raise NotFoundError(f"pickle shard {name} named in {folder / PICKLE_INDEX} is missing")
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for a forbidden global, EOFError, RuntimeError for junk …
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InvalidInputError(f"{source} cannot be loaded safely with torch.load(weights_only=True): {first}") from None
+        if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                              for k, v in state.items()):
+            raise InvalidInputError(f"{source} is not a state dict (a mapping of tensor names to tensors)")
+        target = _converted_name(name)
+        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(out / target), metadata={"format": "pt"})
+        weight_map.update({k: target for k in state})
+    if (folder / PICKLE_INDEX).is_file():
+        (out / MODEL_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    return out

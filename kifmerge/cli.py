@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import os
+import sqlite3
 import sys
 import typing
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", envvar="KIFME
                                                      help="Registry folder (default: ./registry).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", envvar="KIFMERGE_DEBUG")]
+ALLOW_PICKLE_HELP = ("Accept pickle *.bin weights: loaded with torch.load(weights_only=True), which runs no code, "
+                     "and stored as safetensors")
 
 
 def _stderr():
@@ -55,6 +58,12 @@ def handled(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             print("kifmerge: interrupted; nothing was recorded", file=sys.stderr)
             raise typer.Exit(130) from None
+        except (OSError, sqlite3.OperationalError) as exc:
+            storage = storage_error(exc)
+            if storage is None or kwargs.get("debug"):
+                raise
+            print(f"kifmerge: error: {storage}", file=sys.stderr)
+            raise typer.Exit(storage.exit_code) from None
         except KifError as exc:
             if kwargs.get("debug"):
                 raise
@@ -71,6 +80,30 @@ def handled(fn: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+STORAGE_ERRNOS = {"ENOSPC": "the disk is full; free space and run it again",
+                  "EDQUOT": "the disk quota is exhausted; free space and run it again",
+                  "EROFS": "the file system is read-only; use a writable registry (--registry)",
+                  "EACCES": "permission denied; check the owner and mode of the registry and of the input files",
+                  "EPERM": "operation not permitted; check the owner and mode of the registry and of the input files"}
+
+
+def storage_error(exc: OSError | sqlite3.OperationalError):
+    """A StorageError for a full, read-only or forbidden file system (None for other errors)."""
+    import errno
+
+    from kifmerge.errors import StorageError
+
+    if isinstance(exc, sqlite3.OperationalError):  # SQLite reports these in words, not errno
+        text = str(exc)
+        name = "ENOSPC" if "disk is full" in text else "EROFS" if "readonly database" in text else None
+        return StorageError(f"cannot write the catalog ({text}): {STORAGE_ERRNOS[name]}; nothing was recorded") if name else None
+    name = errno.errorcode.get(exc.errno or -1)
+    if name not in STORAGE_ERRNOS:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return StorageError(f"cannot write or read{where}: {STORAGE_ERRNOS[name]}; nothing was recorded")
 
 
 @contextmanager
@@ -241,13 +274,14 @@ def base_add(
     name: Annotated[str, typer.Argument(help="Name for the base model.")],
     model: Annotated[Path, typer.Argument(help="Local Hugging Face model folder (safetensors).")],
     copy: Annotated[bool, typer.Option("--copy", help="Also store the model's files in the registry.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP + " (implies --copy).")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Register a base model: its path, architecture and a fingerprint of config + weight headers."""
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.add_base(name, model, copy=copy, registry=registry, progress=progress)
+        result = api.add_base(name, model, copy=copy, allow_pickle=allow_pickle, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
 
@@ -264,6 +298,7 @@ def add_task(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Calibration batch size (default: 8).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Calibration max tokens (default: 256).")] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="first | mixed (default: first).")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP + ".")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Register a checkpoint trained elsewhere, validated against its base, with its profile
@@ -274,7 +309,7 @@ def add_task(
         result = api.add_task(task, checkpoint, base=base, profile=profile, line=line, calibrate=calibrate,
                               calibrate_batches=calibrate_batches,
                               calibrate_options={"batch_size": batch_size, "max_length": max_length, "importance": importance},
-                              registry=registry, progress=progress)
+                              allow_pickle=allow_pickle, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
 

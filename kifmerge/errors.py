@@ -50,4 +50,13 @@ class ConflictError(KifError):
     kind = "conflict"
 
 
-EXIT_CODES = {cls.kind: cls.exit_code for cls in (KifError, UsageError, NotFoundError, InvalidInputError, IntegrityError, ConflictError)}
+class StorageError(KifError):
+    """A file or folder could not be written or read: disk full, read-only file system,
+    permission denied (exit 7). Nothing was recorded."""
+
+    exit_code = 7
+    kind = "storage"
+
+
+EXIT_CODES = {cls.kind: cls.exit_code for cls in (KifError, UsageError, NotFoundError, InvalidInputError, IntegrityError,
+                                                  ConflictError, StorageError)}

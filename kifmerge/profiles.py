@@ -72,6 +72,8 @@ def read_profile(path: str | Path, layout: UnitLayout) -> torch.Tensor:
             raise InvalidInputError(f"profile {path}: {name} has {list(scores.shape)} scores, expected 1-D of length {count}")
         if not scores.is_floating_point() or not bool(torch.isfinite(scores).all()):
             raise InvalidInputError(f"profile {path}: {name} holds NaN, infinite or non-float scores")
+        if bool((scores < 0).any()):
+            raise InvalidInputError(f"profile {path}: {name} holds negative scores (importance scores are >= 0)")
     return flatten(groups, layout)
 
 

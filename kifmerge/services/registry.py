@@ -34,30 +34,44 @@ def init(registry: str | os.PathLike | None = None) -> dict[str, Any]:
         reg.close()
 
 
-def add_base(name: str, model_dir: str | Path, *, copy: bool = False, registry: str | os.PathLike | None = None,
-             progress: Progress = None) -> dict[str, Any]:
-    """Record a local HF model folder (architecture, fingerprint, path); `copy` also stores its files."""
-    from kifmerge.checkpoints import open_model
+def add_base(name: str, model_dir: str | Path, *, copy: bool = False, allow_pickle: bool = False,
+             registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
+    """Record a local HF model folder (architecture, fingerprint, path); `copy` also stores its files.
+    `allow_pickle` converts `*.bin` weights (loaded with `torch.load(weights_only=True)`) to
+    safetensors and stores the converted copy (pickle weights imply `copy`)."""
+    from kifmerge.checkpoints import open_model, pickle_files
 
     check_name(name, "base")
     with opened(registry) as reg:
         if reg.catalog.find("bases", name):
             raise ConflictError(f"base {name!r} already exists; choose another name")
-        model = open_model(model_dir)
-        weights = None
-        if copy:
-            files = {p.name: p for p in sorted(model.path.iterdir()) if p.is_file()}
-            advance = start_progress(progress, "copying base", 1)
-            weights = reg.put_weights(files, model.tensors.weight_map)
-            if advance:
-                advance(1)
-        row = {"name": name, "path": str(model.path), "architecture": model.architecture,
-               "model_type": model.model_type, "fingerprint": model.fingerprint, "config": model.config,
-               "weights": weights, "created": now()}
-        with reg.catalog.transaction():
-            reg.catalog.insert("bases", row)
-            reg.catalog.event("base.add", name, {"path": row["path"], "copied": copy})
-        return public_base(row)
+        if not Path(model_dir).is_dir():
+            raise NotFoundError(f"model folder not found: {model_dir}")
+        scratch = reg.blobs.staging_dir() if allow_pickle and pickle_files(Path(model_dir)) else None
+        try:
+            return _add_base(reg, name, model_dir, open_model(model_dir, allow_pickle=allow_pickle, scratch=scratch),
+                             copy or scratch is not None, progress)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _add_base(reg: Registry, name: str, model_dir: str | Path, model, copy: bool, progress: Progress) -> dict[str, Any]:
+    """Store the opened base (its files too when `copy`) and commit its row."""
+    weights = None
+    if copy:
+        files = {p.name: p for p in sorted(model.path.iterdir()) if p.is_file()}
+        advance = start_progress(progress, "copying base", 1)
+        weights = reg.put_weights(files, model.tensors.weight_map)
+        if advance:
+            advance(1)
+    row = {"name": name, "path": str(Path(model_dir).resolve()), "architecture": model.architecture,
+           "model_type": model.model_type, "fingerprint": model.fingerprint, "config": model.config,
+           "weights": weights, "created": now()}
+    with reg.catalog.transaction():
+        reg.catalog.insert("bases", row)
+        reg.catalog.event("base.add", name, {"path": row["path"], "copied": copy})
+    return public_base(row)
 
 
 def list_items(what: str = "tasks", *, registry: str | os.PathLike | None = None) -> list[dict[str, Any]]:

@@ -18,10 +18,12 @@ from kifmerge.services.common import Progress, base_dir, check_name, now, open_b
 
 def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Path | None = None,
              line: str | None = None, calibrate: str | Path | None = None, calibrate_batches: int = 8,
-             calibrate_options: dict[str, Any] | None = None, registry: str | os.PathLike | None = None,
-             progress: Progress = None) -> dict[str, Any]:
+             calibrate_options: dict[str, Any] | None = None, allow_pickle: bool = False,
+             registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
     """Validate a LoRA adapter or full checkpoint against its base and store it with its profile
-    (given as a file, or computed with `calibrate` from gradients on a few batches of data)."""
+    (given as a file, or computed with `calibrate` from gradients on a few batches of data).
+    `allow_pickle` converts `*.bin` weights (loaded with `torch.load(weights_only=True)`) to
+    safetensors first; otherwise they are refused."""
     if profile and calibrate:
         raise UsageError("give either --profile or --calibrate, not both")
     check_name(name, "task")
@@ -46,7 +48,8 @@ def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Pat
                     return calibrate_profile(ckpt, folder, base_row["config"], Path(calibrate), calibrate_batches, opts,
                                              staging / "profile.safetensors", start_progress(progress, "calibrating", calibrate_batches))
             staged = stage_task(reg, name, Path(checkpoint), base_row, profile, trained_from, progress,
-                                 source=str(Path(checkpoint).resolve()), **extra)
+                                 source=str(Path(checkpoint).resolve()), allow_pickle=allow_pickle,
+                                 scratch=staging, **extra)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         fault_point("add-task.staged")
@@ -82,7 +85,7 @@ def trained_from_ref(reg: Registry, line: str) -> str:
 def stage_task(reg: Registry, name: str, checkpoint: Path, base_row: dict, profile: Path | str | Callable | None,
                 trained_from: str | None, progress: Progress, *, source: str, estimator: str,
                 training_config: dict | None = None, data_fingerprint: str | None = None,
-                metrics: dict | None = None) -> StagedTask:
+                metrics: dict | None = None, allow_pickle: bool = False, scratch: Path | None = None) -> StagedTask:
     """Validate a checkpoint (and profile) against the base and store their blobs; no rows yet.
     `profile` may be a callable that makes the profile file from the validated checkpoint."""
     from kifmerge.checkpoints import (
@@ -93,7 +96,7 @@ def stage_task(reg: Registry, name: str, checkpoint: Path, base_row: dict, profi
     )
     from kifmerge.profiles import read_profile
 
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint, allow_pickle=allow_pickle, scratch=scratch)
     validate_against_base(ckpt, open_base(reg, base_row))
     check_finite(ckpt.tensors, start_progress(progress, "checking weights", len(ckpt.tensors.shapes)))
     if callable(profile):
