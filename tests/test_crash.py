@@ -53,7 +53,7 @@ CI_CASES = [
     Case("export", "export.renamed", True),
     Case("gc", "gc.removed", None), Case("gc", "gc.before-event", None),
     Case("learn", "train.step", False), Case("learn", "learn.task-row", False),
-    Case("fuse", None, None, at=0.85),
+    Case("fuse", None, None, at=0.6),
 ]
 SLOW_CASES = [
     *(Case("learn", p, c) for p, c in [("train.step#2", False), ("train.checkpoint-saved", False), ("train.done", False),
@@ -209,7 +209,7 @@ def crash_and_recover(world: dict, case: Case, tmp_path: Path) -> None:
 
     seconds = uninterrupted_seconds(world, case.command) if case.point is None else 0.0
     code = run_killed(registry, args, case, seconds)
-    if case.point is None and case.at <= 0.85:
+    if case.point is None and case.at <= 0.6:  # later ones may finish first on a machine less busy than when timed
         assert code == -signal.SIGKILL, f"the {case.command} ({seconds:.1f} s) finished before {case.at:.0%} of its time"
 
     state = rows(registry, blobs)
