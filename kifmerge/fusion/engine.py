@@ -1,82 +1,307 @@
-"""The streaming fusion engine: reads one tensor at a time from safetensors (like mergekit's
-lazy loader), applies a rule's unit coefficients, and hands each result to a
-`StreamingShardWriter`, which puts it straight into its output shard. Peak memory is one
-tensor of each input and of the output, whatever the model size.
+"""The streaming fusion engine: tensors are cut into blocks of rows (about `BLOCK_ELEMENTS`
+elements), each block of every input is read with a positional read, fused, checked and
+handed to the `StreamingShardWriter`, which puts it at its place in its output shard. Peak
+memory is a few blocks per thread, whatever the model or tensor size; reading and computing
+run on a pool of threads while this one writes.
+
+A method is a `Fusion`: which inputs it reads, per-tensor preparation (TIES needs each task
+vector's magnitude threshold over the whole tensor: two extra streaming passes, see
+`rules.kth_largest`), and the rule applied to one block (a pure function from `rules`).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import struct
 import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Protocol, TypeVar
 
 import torch
-from safetensors import safe_open
 
-from kifmerge.errors import InvalidInputError
-from kifmerge.fusion.rules import BASELINES, blend, task_vector_merge
-from kifmerge.fusion.writer import StreamingShardWriter
+from kifmerge.errors import IntegrityError, InvalidInputError
+from kifmerge.fusion.rules import (
+    BASELINES,
+    blend,
+    bracket_pass,
+    bracket_pick,
+    radix_counts,
+    radix_pick,
+    sample_bracket,
+    task_vector_merge,
+)
+from kifmerge.fusion.writer import SAFETENSORS_DTYPES, StreamingShardWriter
 from kifmerge.units import UnitLayout
 
+SAMPLE_ELEMENTS = 1 << 16  # rows read up front to bracket TIES' magnitude threshold
+BLOCK_ELEMENTS = 1 << 18  # 1 MB in float32: a block's dozen work buffers stay in cache
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+T, R = TypeVar("T"), TypeVar("R")
 
-class LazyTensorReader:
-    """Hand out single tensors from safetensors files. Each read opens the file, copies the one
-    tensor out and closes it again: an open handle keeps its memory map, and the pages it has
-    touched count in the process's resident memory, which would then grow to the input's size."""
+
+@dataclass(frozen=True)
+class StoredTensor:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int                      # absolute file offset of the first byte
+
+    @property
+    def row(self) -> int:
+        """Elements per row (along dim 0): the unit blocks are cut in."""
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+
+class TensorSource:
+    """Tensors, or runs of their rows, read from safetensors files with `os.preadv` straight into
+    a fresh tensor. No memory map: a read costs exactly the bytes asked for (a map's touched
+    pages would count in resident memory until it is closed) and releases the GIL, so a
+    second thread can read ahead. Headers were validated by safetensors at registration; the
+    offsets are checked again against the file size here."""
 
     def __init__(self, files: dict[str, Path], weight_map: dict[str, str]):
         self.files, self.weight_map = files, weight_map
+        self._headers: dict[str, dict[str, StoredTensor]] = {}
+        self._fds: dict[Path, int] = {}
+
+    def info(self, name: str) -> StoredTensor:
+        file = self.weight_map[name]
+        if file not in self._headers:
+            self._headers[file] = _read_header(self.files[file])
+        return self._headers[file][name]
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the tensor, as a tensor of shape (stop − start, *shape[1:])."""
+        info = self.info(name)
+        stop = info.rows if stop is None else stop
+        count = (stop - start) * info.row
+        out = torch.empty(count, dtype=info.dtype)
+        if count:
+            buffer = out.view(torch.uint8).numpy()
+            offset = info.begin + start * info.row * out.element_size()
+            if os.preadv(self._fd(info.path), [buffer], offset) != buffer.nbytes:
+                raise IntegrityError(f"{info.path.name} ends inside tensor {name}")
+        return out.reshape(stop - start, *info.shape[1:]) if info.shape else out.reshape(())
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.files[self.weight_map[name]], framework="pt") as handle:
-            return handle.get_tensor(name)
+        return self.read_rows(name)
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
-def stream_fused(names: list[str], compute: Callable[[str], torch.Tensor], writer: StreamingShardWriter,
-                 progress: Callable[[int], None] | None = None) -> None:
-    """Compute each output tensor, refuse it if not finite, hand it to the writer, drop it."""
-    for name in names:
-        fused = compute(name)
-        if fused.is_floating_point() and not bool(torch.isfinite(fused).all()):
-            raise InvalidInputError(f"fused tensor {name} is not finite (an overflow in {fused.dtype}?); nothing was written")
-        writer.add(name, fused)
-        del fused
-        if progress:
-            progress(1)
+def _read_header(path: Path) -> dict[str, StoredTensor]:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > size - 8:
+            raise IntegrityError(f"{path.name}: safetensors header runs past the end of the file")
+        header = json.loads(handle.read(length))
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if end - begin != math.prod(shape) * dtype.itemsize or 8 + length + end > size:
+            raise IntegrityError(f"{path.name}: tensor {name} has inconsistent offsets")
+        out[name] = StoredTensor(path, dtype, shape, 8 + length + begin)
+    return out
 
 
-def _pair(old: LazyTensorReader, new: LazyTensorReader, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    w_old, w_new = old.get(name), new.get(name)
-    if w_old.shape != w_new.shape:
-        raise InvalidInputError(f"tensor {name} has shape {list(w_new.shape)} in the task but {list(w_old.shape)} in the line")
-    return w_old, w_new
+def row_blocks(info: StoredTensor, block_elements: int | None = None) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of about `block_elements` elements each (at least one row)."""
+    per_block = max(1, (block_elements or BLOCK_ELEMENTS) // max(info.row, 1))
+    return [(start, min(start + per_block, info.rows)) for start in range(0, info.rows, per_block)] or [(0, 0)]
 
 
-def unit_blend(old: LazyTensorReader, new: LazyTensorReader, layout: UnitLayout, c_new: torch.Tensor,
-               c_old: torch.Tensor) -> Callable[[str], torch.Tensor]:
-    """Per-unit rules (kif, kif-adaptive, linear): `c_new·new + c_old·old` unit by unit."""
-    offsets = layout.offsets()
-
-    def compute(name: str) -> torch.Tensor:
-        w_old, w_new = _pair(old, new, name)
-        slot = layout.slots[name]
-        part = offsets[slot.group]
-        return blend(w_old, w_new, c_new[part], c_old[part], slot.axis)
-
-    return compute
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
+    """`fn` over `items` on the pool, at most `window` in flight, results in order."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
-def task_vector_blend(old: LazyTensorReader, new: LazyTensorReader, base: LazyTensorReader | None, method: str, *,
-                      weights: list[float], density: float, lam: float, seed: int) -> Callable[[str], torch.Tensor]:
-    """Baselines over task vectors `t − base`; with no base reader the reference is zero (LoRA
-    factors: the base model has no adapter). DARE draws from a generator seeded per tensor name,
-    so a version is reproducible whatever the order tensors are visited in."""
-    config = BASELINES[method]
+class Fusion(Protocol):
+    sources: list[TensorSource]
 
-    def compute(name: str) -> torch.Tensor:
-        w_old, w_new = _pair(old, new, name)
-        reference = base.get(name) if base is not None else torch.zeros_like(w_new)
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        return task_vector_merge(reference, [w_old, w_new], weights, density=density, lam=lam, generator=generator, **config)
+    def prepare(self, name: str, mapper: Callable) -> object:
+        """Per-tensor state the blocks need (e.g. TIES thresholds); `mapper(fn, items)` runs in parallel."""
 
-    return compute
+    def block(self, name: str, rows: tuple[int, int], inputs: list[torch.Tensor], state: object) -> torch.Tensor: ...
+
+
+def stream_fused(fusion: Fusion, writer: StreamingShardWriter, progress: Callable[[int], None] | None = None) -> None:
+    """Fuse every planned output tensor block by block into the writer. Blocks are read and
+    computed on a pool of threads (torch releases the GIL; its own intra-op threads are set to
+    one meanwhile: on a busy machine their spin-waiting costs more than they give), and
+    written by this thread in the writer's order, so each shard is hashed as it is written."""
+    reference = fusion.sources[-1]
+    keep_freed_memory()
+    workers = max(1, torch.get_num_threads())
+    window = 2 * workers
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kifmerge-fuse")
+    pending: deque = deque()
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            name, start, last, future = pending.popleft()
+            writer.add_block(name, start, future.result())
+            if progress and last:
+                progress(1)
+
+    try:
+        for name in writer.order():
+            info = reference.info(name)
+            _check_shapes(fusion.sources, name)
+            state = fusion.prepare(name, lambda fn, items: ordered_map(pool, fn, items, window))
+            out_dtype = TORCH_DTYPES[writer.specs[name].dtype]
+            for rows in row_blocks(info):
+                future = pool.submit(_fuse_block, fusion, name, rows, state, out_dtype)
+                pending.append((name, rows[0] * info.row, rows[1] >= info.rows, future))
+                drain(window)
+        drain(0)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(previous)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc reuse freed block buffers instead of giving each one back to the
+    system and faulting fresh zeroed pages in for the next (the default for allocations over
+    128 KB): that page-fault traffic cost more than the arithmetic. Bounded by the blocks in
+    flight. No-op where malloc is not glibc's."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _fuse_block(fusion: Fusion, name: str, rows: tuple[int, int], state: object, out_dtype: torch.dtype) -> torch.Tensor:
+    out = fusion.block(name, rows, [source.read_rows(name, *rows) for source in fusion.sources], state).to(out_dtype)
+    if out.is_floating_point() and out.numel() and not bool(out.abs().amax() <= torch.finfo(out.dtype).max):  # NaN fails too
+        raise InvalidInputError(f"fused tensor {name} is not finite (an overflow in {out.dtype}?); nothing was written")
+    return out
+
+
+def _check_shapes(sources: list[TensorSource], name: str) -> None:
+    shapes = [source.info(name).shape for source in sources]
+    if len(set(shapes)) > 1:
+        raise InvalidInputError(f"tensor {name} has shape {list(shapes[-1])} in the task but {list(shapes[0])} in the line")
+
+
+class UnitBlend:
+    """Per-unit rules (kif, kif-adaptive, linear): `c_new·new + c_old·old` unit by unit. A unit
+    whose coefficients are exactly (1, 0) or (0, 1) is copied, not computed (same bytes)."""
+
+    def __init__(self, old: TensorSource, new: TensorSource, layout: UnitLayout, c_new: torch.Tensor, c_old: torch.Tensor):
+        self.sources, self.layout, self.offsets = [old, new], layout, layout.offsets()
+        self.c_new, self.c_old = c_new, c_old
+
+    def prepare(self, name: str, mapper: Callable) -> None:
+        return None
+
+    def block(self, name: str, rows: tuple[int, int], inputs: list[torch.Tensor], state: None) -> torch.Tensor:
+        w_old, w_new = inputs
+        slot = self.layout.slots[name]
+        c_new, c_old = self.c_new[self.offsets[slot.group]], self.c_old[self.offsets[slot.group]]
+        if slot.axis == 0:
+            c_new, c_old = c_new[rows[0]:rows[1]], c_old[rows[0]:rows[1]]
+        if bool((c_new == 1).all() and (c_old == 0).all()):
+            return w_new
+        if bool((c_new == 0).all() and (c_old == 1).all()):
+            return w_old
+        return blend(w_old, w_new, c_new, c_old, slot.axis, out_dtype=torch.float32)
+
+
+class TaskVectorFusion:
+    """Baselines over task vectors `t − base`; with no base source the reference is zero (LoRA
+    factors: the base model has no adapter). TIES' magnitude threshold is found over the whole
+    tensor before its first block; DARE draws from a generator seeded per tensor name and
+    block, so a version is reproducible whatever the order tensors are visited in."""
+
+    def __init__(self, old: TensorSource, new: TensorSource, base: TensorSource | None, method: str, *,
+                 weights: list[float], density: float, lam: float, seed: int):
+        self.sources = [base, old, new] if base is not None else [old, new]
+        self.has_base, self.config = base is not None, BASELINES[method]
+        self.weights, self.density, self.lam, self.seed = weights, density, lam, seed
+
+    def _split(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.has_base:
+            return inputs[0], inputs[1:]
+        return torch.zeros_like(inputs[-1]), inputs
+
+    def prepare(self, name: str, mapper: Callable) -> list[torch.Tensor] | None:
+        """TIES: each task vector's magnitude cut over the whole tensor. A sample of rows gives a
+        narrow bracket around it, one pass counts the values above and collects those inside;
+        should the bracket miss, an exact radix select (two passes) decides."""
+        info = self.sources[-1].info(name)
+        count = info.rows * info.row
+        if self.config["sparsify"] != "magnitude" or self.density >= 1 or count == 0:
+            return None
+        k = max(1, int(self.density * count))
+        blocks = row_blocks(info)
+
+        def magnitudes(rows: tuple[int, int]) -> list[torch.Tensor]:
+            reference, tensors = self._split([s.read_rows(name, *rows) for s in self.sources])
+            reference = reference.to(torch.float32)
+            return [tensor.to(torch.float32).sub_(reference).abs_().reshape(-1) for tensor in tensors]
+
+        def summed(fn) -> list[torch.Tensor]:
+            totals = None
+            for counts in mapper(fn, blocks):
+                totals = counts if totals is None else [a.add_(b) for a, b in zip(totals, counts)]
+            return totals
+
+        found: list[torch.Tensor | None] = [None] * (len(self.sources) - self.has_base)
+        if len(blocks) > 1:
+            sample_rows = torch.linspace(0, info.rows - 1, min(info.rows, max(64, -(-SAMPLE_ELEMENTS // info.row)))).long()
+            samples = list(zip(*(magnitudes((r, r + 1)) for r in sample_rows.unique().tolist())))
+            brackets = [sample_bracket(torch.cat(sample), k / count) for sample in samples]
+            above, candidates = [0] * len(found), [[] for _ in found]
+            for results in mapper(lambda rows: [bracket_pass(m, *b) for m, b in zip(magnitudes(rows), brackets)], blocks):
+                for i, (n_above, inside) in enumerate(results):
+                    above[i] += n_above
+                    candidates[i].append(inside)
+            found = [bracket_pick(a, torch.cat(c), k) for a, c in zip(above, candidates)]
+            del candidates
+        if all(value is not None for value in found):
+            return found
+        high = summed(lambda rows: [radix_counts(m) for m in magnitudes(rows)])
+        picks = [radix_pick(counts, k) for counts in high]
+        low = summed(lambda rows: [radix_counts(m, bucket) for m, (bucket, _) in zip(magnitudes(rows), picks)])
+        return [radix_pick(counts, rank, bucket)[0] for counts, (bucket, rank) in zip(low, picks)]
+
+    def block(self, name: str, rows: tuple[int, int], inputs: list[torch.Tensor], thresholds: list | None) -> torch.Tensor:
+        reference, tensors = self._split(inputs)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) + 7919 * rows[0]) % 2**63)
+        return task_vector_merge(reference, tensors, self.weights, density=self.density, lam=self.lam,
+                                 generator=generator, thresholds=thresholds, out_dtype=torch.float32, **self.config)

@@ -7,6 +7,9 @@ one tensor, broadcasting each unit's coefficient along the tensor's unit axis.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
+
 import torch
 
 
@@ -50,27 +53,97 @@ def linear(p_old: torch.Tensor, p_new: torch.Tensor, *, alpha: float = 0.5) -> t
     return torch.full(p_new.shape, alpha, dtype=torch.float32), torch.full(p_new.shape, 1.0 - alpha, dtype=torch.float32)
 
 
-def blend(w_old: torch.Tensor, w_new: torch.Tensor, c_new: torch.Tensor, c_old: torch.Tensor, axis: int | None) -> torch.Tensor:
+def blend(w_old: torch.Tensor, w_new: torch.Tensor, c_new: torch.Tensor, c_old: torch.Tensor, axis: int | None,
+          out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`c_new·W_new + c_old·W_old` in float32, unit coefficients broadcast along `axis`
-    (None: the whole tensor is one unit), returned in W_new's dtype."""
+    (None: the whole tensor is one unit), returned in `out_dtype` (default: W_new's dtype)."""
     shape = [1] * w_new.dim()
     if axis is not None:
         shape[axis] = -1
     fused = w_new.to(torch.float32) * c_new.reshape(shape)         # one new tensor …
     fused.addcmul_(w_old.to(torch.float32), c_old.reshape(shape))   # … updated in place: no temporaries
-    return fused.to(w_new.dtype)
+    return fused.to(out_dtype or w_new.dtype)
 
 
 # ---- importance-blind baselines over task vectors (the generalized task arithmetic family) -----
-def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_trim(delta: torch.Tensor, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the `density` fraction of entries with the largest magnitude (at least one), in
-    place. The cut is a k-th value, not a full sort; entries tied with it are all kept."""
-    if density >= 1:
+    place. The cut is the k-th largest magnitude (`threshold` when the caller found it over a
+    whole tensor of which `delta` is a block); entries tied with it are all kept. Float ops
+    only (`threshold` + `copysign`): a boolean mask costs several times more on a CPU."""
+    if density >= 1 or delta.numel() == 0:
         return delta
-    magnitude = delta.abs().reshape(-1)
-    k = max(1, int(density * magnitude.numel()))
-    threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
-    return delta.mul_(delta.abs() >= threshold)
+    if threshold is None:
+        magnitude = delta.abs().reshape(-1)
+        k = max(1, int(density * magnitude.numel()))
+        threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    below = torch.nextafter(torch.as_tensor(threshold, dtype=torch.float32), torch.tensor(-1.0))  # |d| > below ⟺ |d| ≥ threshold
+    kept = torch.nn.functional.threshold_(delta.abs(), float(below), 0.0)
+    return delta.copy_(kept.copysign_(delta))
+
+
+def radix_counts(values: torch.Tensor, bucket: int | None = None) -> torch.Tensor:
+    """One pass of a radix select over non-negative finite float32 values, whose IEEE-754 bit
+    patterns order like the values: counts of the high 16 bits, or (given the high `bucket`
+    that holds the wanted value) of the low 16 bits of the values in that bucket."""
+    bits = values.reshape(-1).view(torch.int32)
+    if bucket is None:
+        return torch.bincount(bits >> 16, minlength=1 << 15)
+    return torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+
+
+def radix_pick(counts: torch.Tensor, k: int, bucket: int | None = None) -> tuple:
+    """From summed `radix_counts`: (high bucket, rank of the k-th largest inside it), or with
+    `bucket` the k-th largest value itself (as a float32 0-d tensor) and None."""
+    from_top = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, k))
+    slot = counts.numel() - 1 - j
+    if bucket is None:
+        return slot, k - (int(from_top[j - 1]) if j else 0)
+    return torch.tensor([(bucket << 16) | slot], dtype=torch.int32).view(torch.float32)[0], None
+
+
+def sample_bracket(sample: torch.Tensor, fraction: float) -> tuple[float, float]:
+    """From a sample of values, a range [lo, hi] that very likely (±4σ) holds the value with
+    `fraction` of all values at or above it: `bracket_pass` then needs one pass, not two."""
+    ordered = sample.reshape(-1).sort(descending=True).values
+    n = ordered.numel()
+    at = fraction * n
+    margin = 4 * math.sqrt(max(n * fraction * (1 - fraction), 1.0)) + 8
+    top, bottom = int(at - margin), int(math.ceil(at + margin))
+    hi = float(ordered[top]) if top >= 0 else math.inf
+    lo = float(ordered[bottom]) if bottom < n else 0.0
+    return lo, hi
+
+
+def bracket_pass(values: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """(how many values are > hi, the values in [lo, hi]) of one block."""
+    values = values.reshape(-1)
+    above = int((values - hi).sign_().clamp_min_(0).sum())  # float ops: a boolean sum costs 3× more
+    if hi < math.inf:  # one cheap test with slack for rounding (|hi|·1e-6 ≫ an ulp), then the exact one
+        near = (values - 0.5 * (lo + hi)).abs_() <= 0.5 * (hi - lo) + abs(hi) * 1e-6 + 1e-40
+    else:
+        near = values >= lo
+    candidates = values[near]
+    return above, candidates[(candidates >= lo) & (candidates <= hi)]  # exact edges, on the few
+
+
+def bracket_pick(above: int, candidates: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The k-th largest value overall from a bracket pass's summed results, or None when the
+    bracket missed it (the caller falls back to the radix select)."""
+    if not above < k <= above + candidates.numel():
+        return None
+    return torch.kthvalue(candidates, candidates.numel() - (k - above) + 1).values
+
+
+def kth_largest(blocks: Callable[[], Iterable[list[torch.Tensor]]], ks: list[int]) -> list[torch.Tensor]:
+    """For each of several series of non-negative finite float32 values, streamed as blocks
+    (`blocks()` yields one list with a block of every series and can be called twice), its
+    `ks[i]`-th largest value, exactly, in two passes and a few hundred KB of counts."""
+    high = [sum(counts) for counts in zip(*([radix_counts(v) for v in block] for block in blocks()))]
+    picks = [radix_pick(counts, k) for counts, k in zip(high, ks, strict=True)]
+    low = [sum(counts) for counts in zip(*([radix_counts(v, b) for v, (b, _) in zip(block, picks)] for block in blocks()))]
+    return [radix_pick(counts, rank, bucket)[0] for counts, (bucket, rank) in zip(low, picks)]
 
 
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -83,41 +156,51 @@ def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator)
 
 def task_vector_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, sparsify: str | None = None,
                       density: float = 1.0, consensus: bool = False, normalize: bool = False, lam: float = 1.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, thresholds: list[torch.Tensor | None] | None = None,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`base + lam · merge(w_i · sparsify(t_i − base))`, where merge is a plain sum, or with
     `consensus` (TIES) the sum over entries whose sign agrees with the weighted majority (a
     zero sum counts as positive); `normalize` divides by the summed weights of the entries
     kept. Works input by input, in place: a handful of tensor-sized buffers, whatever the count.
-    Returned in the last input's dtype."""
+    `thresholds`: per input, TIES' magnitude cut found over the whole tensor (when the tensors
+    are blocks of it). Returned in `out_dtype` (default: the last input's dtype)."""
     reference = base.to(torch.float32)
-    deltas = []
-    for tensor, weight in zip(tensors, weights, strict=True):
-        delta = tensor.to(torch.float32) - reference
+    mixed = torch.zeros_like(reference)
+    if consensus:  # running sums of the positive and negative parts, and of the weights behind them
+        total, negative = torch.zeros_like(reference), torch.zeros_like(reference)
+        weight_pos, weight_neg = torch.zeros_like(reference), torch.zeros_like(reference)
+    for i, (tensor, weight) in enumerate(zip(tensors, weights, strict=True)):
+        delta = tensor.to(torch.float32, copy=True).sub_(reference)  # never the caller's tensor
         if sparsify == "magnitude":
-            magnitude_trim(delta, density)
+            magnitude_trim(delta, density, thresholds[i] if thresholds else None)
         elif sparsify == "random":
             random_drop(delta, density, generator)
-        deltas.append(delta.mul_(weight))
-    mixed = torch.zeros_like(reference)
-    if consensus:
-        for delta in deltas:
+        delta.mul_(weight)
+        if not consensus:
             mixed.add_(delta)
-        positive = mixed >= 0
-        mixed.zero_()
-        divisor = torch.zeros_like(reference)
-        for delta, weight in zip(deltas, weights, strict=True):
-            agree = torch.where(positive, delta > 0, delta < 0)
-            mixed.add_(delta.mul_(agree))
-            divisor.add_(agree, alpha=weight)
-        divisor[divisor == 0] = 1.0
+            continue
+        total.add_(delta)
+        positive_part = delta.clamp_min(0)
+        mixed.add_(positive_part)
+        negative.add_(delta.sub_(positive_part))                  # delta now holds min(delta, 0)
+        weight_pos.add_(positive_part.sign_(), alpha=weight)      # 1 where delta > 0
+        weight_neg.add_(delta.sign_().neg_(), alpha=weight)       # 1 where delta < 0
+        del delta, positive_part
+    if consensus:  # the elected sign: + where the weighted sum is ≥ 0; keep only entries of that sign
+        plus = total.sign_().add_(1).clamp_max_(1)                # 1 or 0, exactly
+        minus = torch.ones_like(plus).sub_(plus)
+        mixed.mul_(plus).addcmul_(negative, minus)
+        divisor = weight_pos.mul_(plus).addcmul_(weight_neg, minus)
+        positive = [w for w in weights if w > 0]
+        if len(positive) == len(weights):  # a non-zero divisor is ≥ the smallest weight; where it is 0, so is `mixed`
+            divisor.clamp_min_(min(positive))
+        else:
+            divisor.masked_fill_(divisor == 0, 1.0)
     else:
-        for delta in deltas:
-            mixed.add_(delta)
         divisor = max(sum(weights), 1e-8)
-    del deltas
     if normalize:
         mixed.div_(divisor)
-    return mixed.mul_(lam).add_(reference).to(tensors[-1].dtype)
+    return mixed.mul_(lam).add_(reference).to(out_dtype or tensors[-1].dtype)
 
 
 BASELINES = {  # method → how task_vector_merge is configured (mergekit's defaults for each)

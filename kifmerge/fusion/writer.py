@@ -3,12 +3,14 @@
 The output's names, dtypes and shapes are known before any value is computed (they are the
 inputs'), so the shard plan (huggingface_hub's `split_state_dict_into_shards_factory`: the
 hub's file names and index) and every file header are fixed up front. Each fused tensor is
-then written at its offset and dropped: memory holds one tensor, never a shard. A shard is
-written under a temporary name and renamed when its last tensor is in.
+then written at its offset and dropped: memory holds one block, never a shard. A shard is
+written under a temporary name and renamed when its last byte is in. Written in `order()`, a
+shard's bytes arrive front to back and are hashed on the way (no re-read to store it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -49,8 +51,11 @@ class _Shard:
     temp: Path
     header: bytes
     offsets: dict[str, int]
-    pending: set[str]
+    pending: dict[str, int]            # tensor → bytes still to write
     handle: object | None = None
+    position: int = 0                  # bytes hashed so far (header included)
+    hasher: object | None = None       # None once a write arrived out of order
+    sha256: str | None = None
 
 
 class StreamingShardWriter:
@@ -73,7 +78,12 @@ class StreamingShardWriter:
                 position += spec.nbytes
             header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
             header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned
-            self.shards[file] = _Shard(self.out_dir / file, self.out_dir / f".{file}.partial", header, offsets, set(names))
+            self.shards[file] = _Shard(self.out_dir / file, self.out_dir / f".{file}.partial", header, offsets,
+                                       {n: self.specs[n].nbytes for n in names})
+
+    def order(self) -> list[str]:
+        """Tensor names shard by shard, front to back: the order that lets each shard be hashed as it is written."""
+        return [name for shard in self.shards.values() for name in sorted(shard.offsets, key=shard.offsets.get)]
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
@@ -81,20 +91,45 @@ class StreamingShardWriter:
             raise InvalidInputError(f"tensor {name} is not part of the planned output")
         if SAFETENSORS_DTYPES.get(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise InvalidInputError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, planned {spec.dtype} {list(spec.shape)}")
+        self.add_block(name, 0, tensor)
+
+    def add_block(self, name: str, start: int, block: torch.Tensor) -> None:
+        """Write `block` (the tensor's elements from flat index `start` on, in its planned dtype)."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise InvalidInputError(f"tensor {name} is not part of the planned output")
+        if SAFETENSORS_DTYPES.get(block.dtype) != spec.dtype:
+            raise InvalidInputError(f"tensor {name} is {block.dtype}, planned {spec.dtype}")
         shard = self.shards[self.split.tensor_to_filename[name]]
-        if name not in shard.pending:
-            raise InvalidInputError(f"tensor {name} was written twice")
+        data = block.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
+        offset = start * DTYPE_BYTES[spec.dtype]
+        if shard.pending.get(name, 0) < len(data) or offset + len(data) > spec.nbytes:
+            raise InvalidInputError(f"tensor {name} was written twice or past its end")
         if shard.handle is None:
-            shard.handle = open(shard.temp, "wb")
-            shard.handle.write(struct.pack("<Q", len(shard.header)) + shard.header)
-        shard.handle.seek(8 + len(shard.header) + shard.offsets[name])
-        shard.handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        shard.pending.discard(name)
+            shard.handle = open(shard.temp, "wb", buffering=0)  # noqa: SIM115 (closed when its last block is in, or by abort)
+            head = struct.pack("<Q", len(shard.header)) + shard.header
+            shard.handle.write(head)
+            shard.hasher, shard.position = hashlib.sha256(head), len(head)
+        where = 8 + len(shard.header) + shard.offsets[name] + offset
+        if shard.hasher is not None and where == shard.position:
+            shard.hasher.update(data)
+            shard.position += len(data)
+        else:
+            shard.hasher = None
+        os.pwrite(shard.handle.fileno(), data, where)
+        shard.pending[name] -= len(data)
+        if not shard.pending[name]:
+            del shard.pending[name]
         if not shard.pending:
-            shard.handle.flush()
             os.fsync(shard.handle.fileno())
             shard.handle.close()
+            if shard.hasher is not None:
+                shard.sha256 = shard.hasher.hexdigest()
             os.replace(shard.temp, shard.path)
+
+    def hashes(self) -> dict[str, str]:
+        """sha256 of each finished shard whose bytes were all written in order."""
+        return {file: shard.sha256 for file, shard in self.shards.items() if shard.sha256}
 
     def finish(self) -> tuple[dict[str, Path], dict[str, str]]:
         missing = sorted(n for shard in self.shards.values() for n in shard.pending)

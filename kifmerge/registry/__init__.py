@@ -73,11 +73,13 @@ class Registry:
         self.catalog.close()
 
     # ---- weights ------------------------------------------------------------
-    def put_weights(self, files: dict[str, Path], weight_map: dict[str, str], *, move: bool = False) -> str:
-        """Store tensor files as blobs plus a manifest; returns the manifest sha."""
+    def put_weights(self, files: dict[str, Path], weight_map: dict[str, str], *, move: bool = False,
+                    hashes: dict[str, str] | None = None) -> str:
+        """Store tensor files as blobs plus a manifest; returns the manifest sha. `hashes`: the
+        sha256 of staged files their writer computed on the way (they are not read again)."""
         shas = {}
         for name, path in sorted(files.items()):
-            shas[name] = self.blobs.put_file(path, move=move)
+            shas[name] = self.blobs.put_file(path, move=move, sha=(hashes or {}).get(name))
             fault_point("weights.file-stored")
         manifest = {"format": MANIFEST_FORMAT, "version": 1, "files": shas, "weight_map": dict(sorted(weight_map.items()))}
         sha = self.blobs.put_bytes(json.dumps(manifest, sort_keys=True).encode())

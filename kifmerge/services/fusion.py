@@ -72,7 +72,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
     """Compute the fused weights and the line's new profile and store their blobs; no rows yet."""
     from kifmerge.checkpoints import read_headers
     from kifmerge.fusion import rules
-    from kifmerge.fusion.engine import LazyTensorReader, stream_fused, task_vector_blend, unit_blend
+    from kifmerge.fusion.engine import TaskVectorFusion, TensorSource, UnitBlend, stream_fused
     import torch
 
     from kifmerge.fusion.writer import SAFETENSORS_DTYPES, StreamingShardWriter, TensorSpec
@@ -104,13 +104,13 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 raise InvalidInputError(f"task {task!r} has a different unit layout than {into}@v{head['number']} "
                                         "(other modules, ranks or tensors); it must be trained from the same running model")
             p_old = read_profile(reg.blobs.open_verified(head["profile"]), layout)
-            old_reader = LazyTensorReader(old_ws.files, old_ws.weight_map)
-            new_reader = LazyTensorReader(new_ws.files, new_ws.weight_map)
+            old_source = TensorSource(old_ws.files, old_ws.weight_map)
+            new_source = TensorSource(new_ws.files, new_ws.weight_map)
             units = None
             if params.method in rules.BASELINES:
-                compute = task_vector_blend(old_reader, new_reader, _base_reader(reg, task_row) if kind == "full" else None,
-                                            params.method, weights=[1 - params.alpha, params.alpha],
-                                            density=params.density, lam=params.lam, seed=params.seed)
+                fusion = TaskVectorFusion(old_source, new_source, _base_source(reg, task_row) if kind == "full" else None,
+                                          params.method, weights=[1 - params.alpha, params.alpha],
+                                          density=params.density, lam=params.lam, seed=params.seed)
             else:
                 if params.method == "kif":
                     c_new, c_old = rules.kif_static(p_old, normalise(p_new), top=params.top,
@@ -119,7 +119,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                     c_new, c_old = rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
                 else:
                     c_new, c_old = rules.linear(p_old, p_new, alpha=params.alpha)
-                compute = unit_blend(old_reader, new_reader, layout, c_new, c_old)
+                fusion = UnitBlend(old_source, new_source, layout, c_new, c_old)
                 units = {"total": layout.size, "new_weight_mean": round(float(c_new.mean()), 6)}
             pattern, index = ("adapter_model{suffix}.safetensors", None) if kind == "lora" else \
                 ("model{suffix}.safetensors", "model.safetensors.index.json")
@@ -127,16 +127,17 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             if params.dtype:  # compute in float32 as always, write the asked dtype
                 out_dtype = getattr(torch, params.dtype)
                 specs = {n: TensorSpec(SAFETENSORS_DTYPES[out_dtype], spec.shape) for n, spec in specs.items()}
-                compute = _cast(compute, out_dtype)
             writer = StreamingShardWriter(staging, specs, filename_pattern=pattern, index_name=index,
                                           max_shard_bytes=params.shard_bytes)
             t0 = time.perf_counter()
             try:
-                stream_fused(list(layout.slots), compute, writer,
-                             start_progress(progress, f"fusing {task} into {into}", len(layout.slots)))
+                stream_fused(fusion, writer, start_progress(progress, f"fusing {task} into {into}", len(layout.slots)))
             except BaseException:
                 writer.abort()
                 raise
+            finally:
+                for source in fusion.sources:
+                    source.close()
             files, weight_map = writer.finish()
             fault_point("fuse.shards-written")
             timings["fuse_s"] = round(time.perf_counter() - t0, 4)
@@ -147,7 +148,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 config.update({key: params.dtype for key in ("dtype", "torch_dtype") if key in config} or {"dtype": params.dtype})
                 files["config.json"] = staging / "config.json"
                 files["config.json"].write_text(json.dumps(config, indent=2, sort_keys=True))
-            weights_sha = reg.put_weights(files, weight_map, move=True)
+            weights_sha = reg.put_weights(files, weight_map, move=True, hashes=writer.hashes())
             fault_point("fuse.weights-stored")
             method, recorded = params.method, params.recorded()
             if units:
@@ -167,16 +168,12 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
     return StagedVersion(row, task_row["base"], kind)
 
 
-def _cast(compute, dtype):
-    return lambda name: compute(name).to(dtype)
-
-
-def _base_reader(reg: Registry, task_row: dict):
+def _base_source(reg: Registry, task_row: dict):
     """The base model's tensors: the reference point of the task-vector baselines (full lines)."""
-    from kifmerge.fusion.engine import LazyTensorReader
+    from kifmerge.fusion.engine import TensorSource
 
     tensors = open_base(reg, reg.catalog.get("bases", task_row["base"], "base")).tensors
-    return LazyTensorReader(tensors.files, tensors.weight_map)
+    return TensorSource(tensors.files, tensors.weight_map)
 
 
 def commit_version(reg: Registry, staged: StagedVersion) -> None:
