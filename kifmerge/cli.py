@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 base_app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
+profile_app = typer.Typer(help="Inspect importance profiles.", no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
 
 RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", envvar="KIFMERGE_REGISTRY",
                                                      help="Registry folder (default: ./registry).", show_default=False)]
@@ -283,6 +285,44 @@ def base_add(
     with progress_bars() as progress:
         result = api.add_base(name, model, copy=copy, allow_pickle=allow_pickle, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
+
+
+@profile_app.command("show")
+@handled
+def profile_show(
+    ref: Annotated[str, typer.Argument(help="TASK, or LINE / LINE@vN / LINE@ALIAS for a line's accumulated profile.")],
+    line: Annotated[bool, typer.Option("--line", help="Read REF as a line even when a task has that name.")] = False,
+    top: Annotated[int, typer.Option("--top", help="How many of the most and of the least important units.")] = 10,
+    png: Annotated[Optional[Path], typer.Option("--png", help="Also draw a layer × module heatmap (needs matplotlib).")] = None,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """The most and least important skill units of a task's profile, or of a line version's
+    accumulated profile (a bare name is a task if one has that name, else the line's newest version)."""
+    from kifmerge import api
+
+    result = api.profile_show(ref, line=line, top=top, registry=registry)
+    if png:
+        from kifmerge.plots import draw_profile_heatmap
+
+        result["png"] = str(draw_profile_heatmap(result, png))
+    emit(result, json_out, render_profile)
+
+
+def render_profile(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    subject = result.get("version") or f"task {result['task']}"
+    console.print(f"{subject}: {result['units']} {result['unit']} units in {result['groups']} groups "
+                  f"(scores normalised to [0, 1])")
+    for title, rows in (("most important", result["top"]), ("least important", result["bottom"])):
+        table = Table("unit", "score", "raw", title=title)
+        for row in rows:
+            table.add_row(row["unit"], f"{row['score']:.3f}", f"{row['raw']:.4g}")
+        console.print(table)
+    if result.get("png"):
+        console.print(f"heatmap: {result['png']}")
 
 
 @app.command("add-task")

@@ -43,3 +43,32 @@ def draw_report(report: dict, out: Path) -> Path:
 
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:+.3f}" if value < 0 else f"{value:.3f}"
+
+
+def draw_profile_heatmap(profile: dict, out: Path) -> Path:
+    """The layer × module grid of a profile (`kifmerge profile show --png`): mean normalised
+    score per cell, blank where a layer has no such module."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--png needs matplotlib: pip install 'kifmerge[plot]'") from None
+    grid = profile["grid"]
+    rows, columns = grid["rows"], grid["columns"]
+    values = [[float("nan") if v is None else v for v in row] for row in grid["values"]]
+    fig, ax = plt.subplots(figsize=(min(2.5 + 0.9 * len(columns), 24), min(1.8 + 0.32 * len(rows), 40)))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    subject = profile.get("version") or f"task {profile['task']}"
+    mean = "mean over rank units" if profile["unit"] == "lora-rank" else "one tensor per cell"
+    ax.set_title(f"importance of {subject} ({mean})", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="normalised score")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

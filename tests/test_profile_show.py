@@ -1,0 +1,106 @@
+"""`kifmerge profile show`: most / least important units of a task's profile and of a line's
+accumulated profile, the layer × module grid, and the heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import LORA_TARGETS, make_full, make_lora, write_profile
+from kifmerge.services.profiling import layer_module_grid, split_layer
+
+
+def lora_groups(r: int = 4) -> list[str]:
+    return sorted(f"base_model.model.model.layers.{layer}.self_attn.{m}" for layer in range(2) for m in LORA_TARGETS)
+
+
+@pytest.fixture
+def lora_line(cli, tmp_path, llama_dir):
+    """Task `t1` whose unit layers.1.v_proj[2] scores highest and layers.0.q_proj[0] lowest,
+    fused into `main` (v1), then `t2` (v2)."""
+    groups = lora_groups()
+    scores = {g: [0.1 + 0.01 * i + 0.1 * j for i in range(4)] for j, g in enumerate(groups)}
+    scores[groups[0]][0] = 0.0
+    scores["base_model.model.model.layers.1.self_attn.v_proj"][2] = 9.0
+    cli("base", "add", "llama", llama_dir)
+    for task, seed in (("t1", 1), ("t2", 2)):
+        adapter = make_lora(llama_dir, tmp_path / task, seed, LORA_TARGETS)
+        write_profile(tmp_path / f"{task}.safetensors", scores if task == "t1" else {g: [1.0, 2.0, 3.0, 4.0] for g in groups},
+                      "lora-rank")
+        cli("add-task", task, adapter, "--base", "llama", "--profile", tmp_path / f"{task}.safetensors")
+        cli("fuse", task, "--into", "main")
+    return cli
+
+
+def test_task_profile_top_and_bottom(lora_line):
+    shown = lora_line.json("profile", "show", "t1", "--top", "3")
+    assert shown["type"] == "task" and shown["unit"] == "lora-rank" and shown["units"] == 16 and shown["groups"] == 4
+    assert shown["top"][0]["unit"] == "base_model.model.model.layers.1.self_attn.v_proj[2]"
+    assert shown["top"][0]["score"] == 1.0 and shown["top"][0]["raw"] == 9.0
+    assert shown["bottom"][0]["unit"] == "base_model.model.model.layers.0.self_attn.q_proj[0]"
+    assert shown["bottom"][0]["score"] == 0.0 and len(shown["top"]) == len(shown["bottom"]) == 3
+    assert [r["score"] for r in shown["top"]] == sorted((r["score"] for r in shown["top"]), reverse=True)
+    grid = shown["grid"]
+    assert grid["rows"] == ["0", "1"] and grid["columns"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    cell = grid["values"][1][1]  # layer 1, v_proj: mean of its 4 normalised rank units
+    assert cell == pytest.approx(sum((0.1 + 0.01 * i + 0.3) / 9.0 for i in (0, 1, 3)) / 4 + 0.25)
+    text = lora_line("profile", "show", "t1", "--top", "2").stdout
+    assert "most important" in text and "layers.1.self_attn.v_proj[2]" in text
+
+
+def test_line_profile_by_version_alias_free_refs(lora_line):
+    """`LINE@vN` is a version; a bare name that is no task is the line's newest version."""
+    v1 = lora_line.json("profile", "show", "main@v1", "--top", "1")
+    assert v1["type"] == "version" and v1["version"] == "main@v1" and v1["task"] == "t1"
+    assert v1["top"][0]["unit"].endswith("layers.1.self_attn.v_proj[2]")  # v1 is t1 as it is
+    head = lora_line.json("profile", "show", "main", "--top", "1")
+    assert head["version"] == "main@v2"
+    assert lora_line.json("profile", "show", "main", "--line", "--top", "1")["version"] == "main@v2"
+
+
+def test_task_and_line_with_one_name(cli, tmp_path, llama_dir):
+    """A task named like a line: the bare name is the task, `--line` the line."""
+    adapter = make_lora(llama_dir, tmp_path / "a", 1, LORA_TARGETS)
+    write_profile(tmp_path / "p.safetensors", {g: [1.0, 0.0, 0.0, 0.0] for g in lora_groups()}, "lora-rank")
+    cli("base", "add", "llama", llama_dir)
+    cli("add-task", "same", adapter, "--base", "llama", "--profile", tmp_path / "p.safetensors")
+    cli("fuse", "same", "--into", "same")
+    assert cli.json("profile", "show", "same")["type"] == "task"
+    assert cli.json("profile", "show", "same", "--line")["version"] == "same@v1"
+
+
+def test_full_profile_heatmap_and_errors(cli, tmp_path, llama_dir):
+    from safetensors import safe_open
+
+    checkpoint = make_full(llama_dir, tmp_path / "full", 1)
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as handle:
+        names = sorted(handle.keys())
+    write_profile(tmp_path / "full.safetensors", {n: [float(i)] for i, n in enumerate(names)}, "tensor")
+    cli("base", "add", "llama", llama_dir)
+    cli("add-task", "f", checkpoint, "--base", "llama", "--profile", tmp_path / "full.safetensors")
+    out = tmp_path / "heat.png"
+    shown = cli.json("profile", "show", "f", "--png", out)
+    assert shown["unit"] == "tensor" and shown["top"][0]["unit"] == names[-1] and shown["bottom"][0]["unit"] == names[0]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shown["png"] == str(out)
+    grid = shown["grid"]
+    assert grid["rows"] == ["0", "1", "other"]
+    assert "self_attn.q_proj.weight" in grid["columns"] and "lm_head.weight" in grid["columns"]
+    other = grid["values"][2]
+    assert other[grid["columns"].index("lm_head.weight")] is not None and other[grid["columns"].index("self_attn.q_proj.weight")] is None
+    missing = cli("profile", "show", "nothing", code=3).stderr
+    assert "'nothing' not found" in missing and missing.count("\n") == 1
+    assert "--top" in cli("profile", "show", "f", "--top", "0", code=2).stderr
+
+
+def test_split_layer_names():
+    assert split_layer("base_model.model.model.layers.11.mlp.down_proj") == ("11", "mlp.down_proj")
+    assert split_layer("encoder.block.1.layer.0.SelfAttention.q.weight") == ("encoder.1", "layer.0.SelfAttention.q.weight")
+    assert split_layer("transformer.h.3.attn.c_attn.weight") == ("3", "attn.c_attn.weight")
+    assert split_layer("model.embed_tokens.weight") == ("other", "model.embed_tokens.weight")
+    import numpy as np
+
+    grid = layer_module_grid({"decoder.block.0.x": np.array([1.0]), "encoder.block.10.x": np.array([0.5, 0.0]),
+                              "encoder.block.2.x": np.array([0.2]), "shared.weight": np.array([0.3])})
+    assert grid["rows"] == ["decoder.0", "encoder.2", "encoder.10", "other"]
+    assert grid["values"] == [[1.0, None], [0.2, None], [0.25, None], [None, 0.3]]
