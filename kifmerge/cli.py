@@ -372,7 +372,7 @@ def fuse(
 @app.command()
 @handled
 def export(
-    ref: Annotated[str, typer.Argument(help="LINE or LINE@vN.")],
+    ref: Annotated[str, typer.Argument(help="LINE, LINE@vN or LINE@ALIAS.")],
     out: Annotated[Path, typer.Argument(help="New output folder.")],
     merged: Annotated[bool, typer.Option("--merged", help="Merge a LoRA line into the base: a full model folder.")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
@@ -442,7 +442,7 @@ def _labelled_files(items: list[str]) -> dict[str, Path]:
 @app.command("eval")
 @handled
 def eval_(
-    ref: Annotated[str, typer.Argument(help="LINE, LINE@vN, or LINE@v0 for the base model zero-shot.")],
+    ref: Annotated[str, typer.Argument(help="LINE, LINE@vN, LINE@ALIAS, or LINE@v0 for the base model zero-shot.")],
     data: Annotated[list[str], typer.Option("--data", help="NAME=FILE, once per task (JSON/JSONL of {input, output}).")],
     max_examples: Annotated[int, typer.Option("--max-examples", help="Evaluate the first N records of each file.")] = 100,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer generated.")] = 8,
@@ -531,8 +531,8 @@ def gc(
 
 LIST_COLUMNS = {
     "tasks": ["name", "base", "kind", "profile", "trained_from", "created"],
-    "lines": ["name", "base", "kind", "head", "tasks", "created"],
-    "versions": ["version", "task", "method", "parent", "created"],
+    "lines": ["name", "base", "kind", "head", "tasks", "aliases", "created"],
+    "versions": ["version", "task", "method", "parent", "aliases", "created"],
     "bases": ["name", "architecture", "path", "copied", "created"],
 }
 
@@ -553,7 +553,7 @@ def list_(
 @app.command()
 @handled
 def show(
-    ref: Annotated[str, typer.Argument(help="TASK, LINE or LINE@vN.")],
+    ref: Annotated[str, typer.Argument(help="TASK, LINE, LINE@vN or LINE@ALIAS.")],
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Show one task, line or version."""
@@ -566,13 +566,161 @@ def show(
 @handled
 def history(
     line: Annotated[str, typer.Argument(help="A line.")],
+    events: Annotated[bool, typer.Option("--events", help="The line's event log instead: fuses, rollbacks, alias moves, evals, exports.")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """The versions of a line, oldest first."""
+    """The versions of a line, oldest first (with --events: its audit log)."""
     from kifmerge import api
 
+    if events:
+        rows = api.line_events(line, registry=registry)
+        emit(rows, json_out, lambda r: render_table(r, ["ts", "action", "subject", "details"], "no events"))
+        return
     rows = api.history(line, registry=registry)
-    emit(rows, json_out, lambda r: render_table(r, ["version", "task", "method", "params", "created"], "no versions yet"))
+    emit(rows, json_out, lambda r: render_table(r, ["version", "task", "method", "params", "aliases", "created"], "no versions yet"))
+
+
+# ---- operating versions: aliases, rollback, diff ------------------------------------------------
+alias_app = typer.Typer(help="Named pointers to versions (LINE@champion), usable wherever LINE@vN is.", no_args_is_help=True)
+app.add_typer(alias_app, name="alias")
+
+
+@alias_app.command("set")
+@handled
+def alias_set(
+    ref: Annotated[str, typer.Argument(help="The version: LINE, LINE@vN or LINE@ALIAS.")],
+    name: Annotated[str, typer.Argument(help="Alias name, e.g. champion (not v<number>).")],
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Point LINE@NAME at a version (create or move it atomically; logged in `history --events`)."""
+    from kifmerge import api
+
+    result = api.alias_set(ref, name, registry=registry)
+    moved = lambda r: f" (was {r['previous']})" if r["previous"] else " (new)"
+    emit(result, json_out, lambda r: print(f"{r['alias']} → {r['version']}" + (moved(r) if r["changed"] else " (unchanged)")))
+
+
+@alias_app.command("rm")
+@handled
+def alias_rm(
+    ref: Annotated[str, typer.Argument(help="LINE@NAME.")],
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Remove an alias (its version is untouched)."""
+    from kifmerge import api
+
+    result = api.alias_rm(ref, registry=registry)
+    emit(result, json_out, lambda r: print(f"removed {r['alias']} (pointed at {r['version']})"))
+
+
+@alias_app.command("list")
+@handled
+def alias_list(
+    line: Annotated[Optional[str], typer.Argument(help="Only this line's aliases.")] = None,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """List aliases and the versions they point at."""
+    from kifmerge import api
+
+    rows = api.alias_list(line, registry=registry)
+    emit(rows, json_out, lambda r: render_table(r, ["alias", "version", "updated"], "no aliases yet"))
+
+
+@app.command()
+@handled
+def rollback(
+    line: Annotated[str, typer.Argument(help="The line to roll back.")],
+    to: Annotated[str, typer.Option("--to", help="The version whose weights become the head: vN, ALIAS or LINE@….")],
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Make an earlier version's weights and profile the head again, as a NEW version."""
+    from kifmerge import api
+
+    result = api.rollback(line, to, registry=registry)
+    emit(result, json_out, lambda r: print(f"{r['version']}: rolled back to {r['to']} (parent {r['parent']})"))
+
+
+@app.command()
+@handled
+def diff(
+    ref_a: Annotated[str, typer.Argument(metavar="A", help="LINE, LINE@vN or LINE@ALIAS.")],
+    ref_b: Annotated[str, typer.Argument(metavar="B", help="LINE, LINE@vN or LINE@ALIAS.")],
+    top: Annotated[int, typer.Option("--top", help="Show the K most changed units.")] = 10,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Per-unit relative change ‖W_B − W_A‖/‖W_A‖, and what each fuse in between kept, replaced or blended."""
+    from kifmerge import api
+
+    emit(api.diff(ref_a, ref_b, top=top, registry=registry), json_out, render_diff)
+
+
+def render_diff(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def number(value: float | None) -> str:
+        return "inf" if value is None else f"{value:.4g}"
+
+    console = Console()
+    summary = result["summary"]
+    table = Table("from", "to", "unit", "units", "changed", "relative ‖ΔW‖/‖W‖", "max unit", title="diff")
+    table.add_row(result["from"], result["to"], result["unit"], str(summary["units"]), str(summary["changed"]),
+                  number(summary["relative"]), number(summary["max_relative"]))
+    console.print(table)
+    if result["steps"]:
+        steps = Table("version", "task", "method", "kept", "replaced", "blended", title="fuses in between")
+        for step in result["steps"]:
+            counts = step["counts"] or {}
+            note = step["params"].get("to") if step["method"] == "rollback" else None
+            steps.add_row(step["version"], step["task"] or (f"(to v{note})" if note else "—"), step["method"],
+                          *[str(counts[f]) if counts else "—" for f in ("kept", "replaced", "blended")])
+        console.print(steps)
+    elif not result["same_line"]:
+        console.print("versions of different lines: no fuse steps between them")
+    if result["top"]:
+        ranked = Table("unit", "relative", "‖ΔW‖", "fate", title=f"top {len(result['top'])} changed units")
+        for unit in result["top"]:
+            ranked.add_row(unit["id"], number(unit["relative"]), f"{unit['diff_norm']:.4g}",
+                           ", ".join(f"{v}: {fate}" for v, fate in unit["fates"].items()) or "—")
+        console.print(ranked)
+
+
+@app.command("run")
+@handled
+def run_plan(
+    plan: Annotated[Path, typer.Argument(help="A plan file (.yaml, .toml or .json): a line and its steps.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the plan and print it with estimates; run nothing.")] = False,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Run a plan's learn / add-task / fuse / eval steps in order; finished steps are skipped."""
+    from kifmerge.services.plans import run_plan as run
+
+    def announce(step) -> None:
+        state = "already done, skipped" if step.status == "done" else ("would run" if dry_run else "running")
+        sys.stderr.write(f"step {step.index}: {step.kind} {step.subject} — {state}\n")
+
+    with progress_bars() as progress:
+        result = run(plan, dry_run=dry_run, registry=registry, progress=progress, on_step=None if dry_run else announce)
+    emit(result, json_out, render_plan)
+
+
+def render_plan(result: dict) -> None:
+    rows = [{**step, "estimate": ", ".join(f"{k} {_size(v)}" for k, v in step["estimate"].items() if v is not None),
+             "fingerprint": step["fingerprint"][:12]} for step in result["steps"]]
+    render_table(rows, ["step", "kind", "subject", "status", "estimate", "fingerprint"], "no steps")
+    verb = "would run" if result["dry_run"] else "ran"
+    sys.stdout.write(f"{result['line']}: {result['done']} step(s) done, {result['pending']} {verb if result['dry_run'] else 'pending'}\n")
+
+
+def _size(value) -> str:
+    if isinstance(value, dict):
+        return "/".join(str(v) for v in value.values())
+    if isinstance(value, int) and value > 10_000:
+        for unit in ("B", "KB", "MB", "GB", "TB"):
+            if value < 1000:
+                return f"{value:.0f} {unit}"
+            value /= 1000
+    return str(value)
 
 
 def main() -> None:
