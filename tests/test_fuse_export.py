@@ -231,3 +231,52 @@ def test_copied_base_survives_its_folder(cli, tmp_path, llama_dir):
     shutil.rmtree(moved)
     result = cli("export", "fragile-line", tmp_path / "x", "--merged", code=5)
     assert "missing or changed" in result.stderr and "--copy" in result.stderr
+
+
+def test_sharded_inputs_round_trip_to_a_three_shard_model(cli, tmp_path, llama_dir):
+    """Base and tasks saved as several shards each (index + files) are registered, fused block
+    by block into exactly three output shards, and the export loads with `from_pretrained`
+    holding, tensor by tensor, the rule applied by hand to the unsharded weights."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    base_model = model_class(llama_dir).from_pretrained(llama_dir)
+    base_model.save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (llama_dir / name).exists():
+            shutil.copy(llama_dir / name, tmp_path / "base" / name)
+    tasks = {}
+    for seed in (1, 2):
+        model = model_class(llama_dir).from_pretrained(llama_dir)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        model.save_pretrained(tmp_path / f"s{seed}", max_shard_size="40KB")
+        tasks[seed] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        assert len(list((tmp_path / f"s{seed}").glob("model-*.safetensors"))) >= 3, "the inputs are sharded"
+    groups = sorted((k, 1) for k in json.loads((tmp_path / "s1" / "model.safetensors.index.json").read_text())["weight_map"])
+    scores_old, _ = designed_scores(groups, {0, 1}, 1.0)
+    scores_new, _ = designed_scores(groups, {1, 2}, 1.0)
+    write_profile(tmp_path / "p1.safetensors", scores_old, "tensor")
+    write_profile(tmp_path / "p2.safetensors", scores_new, "tensor")
+    cli("base", "add", "sharded", tmp_path / "base")
+    cli("add-task", "s1", tmp_path / "s1", "--base", "sharded", "--profile", tmp_path / "p1.safetensors")
+    cli("add-task", "s2", tmp_path / "s2", "--base", "sharded", "--profile", tmp_path / "p2.safetensors")
+    cli("fuse", "s1", "--into", "sh")
+    total = sum(v.numel() * v.element_size() for v in tasks[2].values())
+    size_kb = next(kb for kb in range(total // 4000, total // 1000)
+                   if len(split_torch_state_dict_into_shards(tasks[2], max_shard_size=kb * 1000).filename_to_tensors) == 3)
+    cli("fuse", "s2", "--into", "sh", "--shard-size", f"{size_kb}KB")
+    out = tmp_path / "export"
+    cli("export", "sh", out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    fused = model_class(llama_dir).from_pretrained(out).state_dict()
+    from kifmerge.fusion.rules import blend, kif_static
+
+    names = [g for g, _ in groups]
+    c_new, c_old = kif_static(normalise(torch.tensor([scores_old[n][0] for n in names])),
+                              normalise(torch.tensor([scores_new[n][0] for n in names])))
+    for i, name in enumerate(names):
+        expected = blend(tasks[1][name], tasks[2][name], c_new[i:i + 1], c_old[i:i + 1], None)
+        assert torch.equal(fused[name], expected), name
