@@ -48,6 +48,10 @@ class FuseParams(BaseModel):
     def _unit_interval(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if any(not 0.0 <= w <= 1.0 for w in value):
             raise ValueError("every weight must lie in [0, 1]")
+        pair = value[:2]  # (NB, OB) of --weights, (new, old) of profile_weights: a mix, not an extrapolation
+        if abs(sum(pair) - 1.0) > 1e-6:
+            raise ValueError(f"the first two weights must sum to 1 (got {pair[0]:g} + {pair[1]:g}): "
+                             "a fused unit lies between its old and new values")
         return value
 
     def recorded(self) -> dict[str, Any]:

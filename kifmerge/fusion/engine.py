@@ -15,6 +15,7 @@ import json
 import math
 import os
 import struct
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -73,6 +74,7 @@ class TensorSource:
         self.files, self.weight_map = files, weight_map
         self._headers: dict[str, dict[str, StoredTensor]] = {}
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # reader threads open files lazily
 
     def info(self, name: str) -> StoredTensor:
         file = self.weight_map[name]
@@ -97,9 +99,10 @@ class TensorSource:
         return self.read_rows(name)
 
     def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def close(self) -> None:
         for fd in self._fds.values():
