@@ -278,12 +278,14 @@ def base_add(
     copy: Annotated[bool, typer.Option("--copy", help="Also store the model's files in the registry.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP + " (implies --copy).")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit (hub ids only; default: main).")] = None,
 ) -> None:
     """Register a base model: its path, architecture and a fingerprint of config + weight headers."""
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.add_base(name, model, copy=copy, allow_pickle=allow_pickle, registry=registry, progress=progress)
+        result = api.add_base(name, model, copy=copy, allow_pickle=allow_pickle, revision=revision, registry=registry,
+                              progress=progress)
     emit(result, json_out, render_mapping)
 
 
@@ -533,7 +535,7 @@ LIST_COLUMNS = {
     "tasks": ["name", "base", "kind", "profile", "trained_from", "created"],
     "lines": ["name", "base", "kind", "head", "tasks", "aliases", "created"],
     "versions": ["version", "task", "method", "parent", "aliases", "created"],
-    "bases": ["name", "architecture", "path", "copied", "created"],
+    "bases": ["name", "architecture", "hub_id", "path", "copied", "created"],
 }
 
 

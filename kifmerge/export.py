@@ -11,6 +11,8 @@ from pathlib import Path
 from kifmerge.checkpoints import ADAPTER_CONFIG, WEIGHT_SUFFIXES
 
 CONFIG_FILES = ("config.json", "generation_config.json")
+HUB_SHARD_SIZE = "5GB"  # the hub's shard convention, and `fuse --shard-size`'s default
+TAGS = ["kifmerge", "continual-learning", "model-merging"]
 
 
 def copy_model_side_files(base_dir: Path, out_dir: Path, *, include_config: bool) -> None:
@@ -62,7 +64,7 @@ def merge_adapter_into_base(adapter_dir: Path, base_dir: Path, base_config: dict
     quiet_transformers()
     model = model_class_for(base_config).from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
+    merged.save_pretrained(out_dir, safe_serialization=True, max_shard_size=HUB_SHARD_SIZE)  # hub-style shards + index
     copy_model_side_files(base_dir, out_dir, include_config=False)
 
 
@@ -74,20 +76,49 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def pipeline_tag(architecture: str) -> str | None:
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return "text-generation"
+    if architecture.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")):
+        return "text2text-generation"
+    return None
+
+
+def card_data(*, line: str, version: dict, base: dict, lineage: list[dict], adapter: bool, evaluations: dict[str, dict]):
+    """The card's YAML metadata in the hub's terms: `base_model` (only a hub id: a local path
+    is not one) with `base_model_relation` `adapter` (a LoRA export) or `merge` (a merged or
+    full model); tags (the fusion methods of the lineage among them); and the stored `eval`
+    scores as model-index results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    methods = [m for m in dict.fromkeys(v["method"] for v in lineage) if m and m not in ("initial", "rollback")]
+    task_type = pipeline_tag(base.get("architecture") or "") or "text-generation"
+    results = [EvalResult(task_type=task_type, dataset_type=label, dataset_name=label, metric_type=metric,
+                          metric_name=name, metric_value=round(float(scores[metric]), 4))
+               for label, scores in evaluations.items()
+               for metric, name in (("exact_match", "exact match"), ("rouge_l", "ROUGE-L")) if scores.get(metric) is not None]
+    hub_id = base.get("hub_id")
+    return ModelCardData(
+        base_model=hub_id or None,
+        base_model_relation=("adapter" if adapter else "merge") if hub_id else None,
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag=pipeline_tag(base.get("architecture") or ""),
+        tags=[*TAGS, *methods, *(["lora"] if version["kind"] == "lora" else [])],
+        model_name=f"{line}-v{version['number']}" if results else None,
+        eval_results=results or None,
+    )
+
+
 def write_model_card(out_dir: Path, *, line: str, version: dict, base: dict, lineage: list[dict], merged: bool,
                      evaluations: dict[str, dict] | None = None) -> dict[str, str]:
     """A README.md model card with base, tasks, method, parameters, lineage, stored evaluation
     scores and file hashes."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     hashes = {p.name: sha256_of(p) for p in sorted(out_dir.iterdir())
               if p.is_file() and p.suffix == ".safetensors"}
     adapter = version["kind"] == "lora" and not merged
-    data = ModelCardData(
-        base_model=base["path"] if not base.get("hub_id") else base["hub_id"],
-        library_name="peft" if adapter else "transformers",
-        tags=["kifmerge", "continual-learning", "kif", *(["lora"] if version["kind"] == "lora" else [])],
-    )
+    data = card_data(line=line, version=version, base=base, lineage=lineage, adapter=adapter, evaluations=evaluations or {})
     rows = "\n".join(
         f"| v{v['number']} | {v['task'] or '—'} | {v['method']} | `{json.dumps(v['params'] or {}, sort_keys=True)}` | {v['created']} |"
         for v in lineage)
@@ -102,12 +133,14 @@ def write_model_card(out_dir: Path, *, line: str, version: dict, base: dict, lin
 {scores}
 """ if scores else ""
     tasks = ", ".join(v["task"] for v in lineage if v["task"])
+    source = (f"hub model `{base['hub_id']}` at commit `{base.get('revision') or '?'}`" if base.get("hub_id")
+              else f"local folder `{base['path']}`")
     body = f"""
 # {line} v{version['number']}
 
-Produced by [kifmerge](https://github.com/) (importance-guided merging, KIF / TaSL) as version
+Produced by kifmerge (importance-guided merging, KIF / TaSL) as version
 {version['number']} of line `{line}`. {"A LoRA adapter" if adapter else "A full model"} on base
-`{base['name']}` ({base['architecture']}, fingerprint `{base['fingerprint'][:16]}`).
+`{base['name']}` ({base['architecture']}, {source}, fingerprint `{base['fingerprint'][:16]}`).
 
 Tasks learned, in order: {tasks}.
 

@@ -179,7 +179,7 @@ def test_fuse_two_tasks_follows_kif_rules_and_exports_loadable(cli, tmp_path, re
         torch.testing.assert_close(logits(exported, seq2seq), logits(by_hand_model.eval(), seq2seq))
 
     card = (tmp_path / "v2" / "README.md").read_text()
-    assert "t1, t2" in card and "kif" in card and "base_model:" in card
+    assert "t1, t2" in card and "kif" in card and "library_name:" in card and "base_model:" not in card  # local base: no hub id
     history = cli.json("history", "main")
     assert [h["task"] for h in history] == ["t1", "t2"]
 

@@ -80,6 +80,23 @@ def m002_evaluations(db: sqlite_utils.Database) -> None:
     db["evaluations"].create_index(["line", "number"])
 
 
+@migrations()
+def m003_aliases(db: sqlite_utils.Database) -> None:
+    """Named pointers to versions of a line (`support@champion`); moved in place, every move
+    logged in `events` (`alias.set` / `alias.rm`)."""
+    db["aliases"].create(
+        {"line": str, "name": str, "number": int, "updated": str},
+        pk=("line", "name"), foreign_keys=[("line", "lines", "name")], not_null={"number", "updated"},
+    )
+
+
+
+@migrations()
+def m004_base_hub(db: sqlite_utils.Database) -> None:
+    """A base registered from a Hugging Face Hub id: the id and the commit its snapshot is."""
+    db["bases"].add_column("hub_id", str)
+    db["bases"].add_column("revision", str)
+
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
     message = str(exc).lower()
     return "locked" in message or "busy" in message

@@ -101,7 +101,8 @@ def now() -> str:
 
 
 def public_base(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("name", "path", "architecture", "model_type", "fingerprint", "created")} | {"copied": bool(row.get("weights"))}
+    return {k: row[k] for k in ("name", "path", "architecture", "model_type", "fingerprint", "created")} | {
+        "copied": bool(row.get("weights")), "hub_id": row.get("hub_id"), "revision": row.get("revision")}
 
 
 def public_task(row: dict[str, Any]) -> dict[str, Any]:

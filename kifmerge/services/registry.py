@@ -35,28 +35,40 @@ def init(registry: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 def add_base(name: str, model_dir: str | Path, *, copy: bool = False, allow_pickle: bool = False,
-             registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
+             revision: str | None = None, registry: str | os.PathLike | None = None,
+             progress: Progress = None) -> dict[str, Any]:
     """Record a local HF model folder (architecture, fingerprint, path); `copy` also stores its files.
-    `allow_pickle` converts `*.bin` weights (loaded with `torch.load(weights_only=True)`) to
-    safetensors and stores the converted copy (pickle weights imply `copy`)."""
+    `model_dir` may be a hub id (`org/name`, when no such local path exists): resolved with
+    `snapshot_download` (the local cache; `HF_HUB_OFFLINE` honoured) at `revision`, and the id and
+    commit are recorded. `allow_pickle` converts `*.bin` weights (loaded with
+    `torch.load(weights_only=True)`) to safetensors and stores the converted copy (pickle weights imply `copy`)."""
     from kifmerge.checkpoints import open_model, pickle_files
+    from kifmerge.hub import looks_like_hub_id
 
     check_name(name, "base")
     with opened(registry) as reg:
         if reg.catalog.find("bases", name):
             raise ConflictError(f"base {name!r} already exists; choose another name")
+        hub = None
+        if looks_like_hub_id(str(model_dir)):
+            from kifmerge.hub import resolve
+
+            model_dir, hub = resolve(str(model_dir), revision)
+        elif revision:
+            raise UsageError("--revision applies to hub ids (org/name) only, not to a local folder")
         if not Path(model_dir).is_dir():
             raise NotFoundError(f"model folder not found: {model_dir}")
         scratch = reg.blobs.staging_dir() if allow_pickle and pickle_files(Path(model_dir)) else None
         try:
             return _add_base(reg, name, model_dir, open_model(model_dir, allow_pickle=allow_pickle, scratch=scratch),
-                             copy or scratch is not None, progress)
+                             copy or scratch is not None, progress, hub)
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _add_base(reg: Registry, name: str, model_dir: str | Path, model, copy: bool, progress: Progress) -> dict[str, Any]:
+def _add_base(reg: Registry, name: str, model_dir: str | Path, model, copy: bool, progress: Progress,
+              hub: dict[str, str] | None = None) -> dict[str, Any]:
     """Store the opened base (its files too when `copy`) and commit its row."""
     weights = None
     if copy:
@@ -67,10 +79,10 @@ def _add_base(reg: Registry, name: str, model_dir: str | Path, model, copy: bool
             advance(1)
     row = {"name": name, "path": str(Path(model_dir).resolve()), "architecture": model.architecture,
            "model_type": model.model_type, "fingerprint": model.fingerprint, "config": model.config,
-           "weights": weights, "created": now()}
+           "weights": weights, "created": now(), **(hub or {})}
     with reg.catalog.transaction():
         reg.catalog.insert("bases", row)
-        reg.catalog.event("base.add", name, {"path": row["path"], "copied": copy})
+        reg.catalog.event("base.add", name, {"path": row["path"], "copied": copy, **(hub or {})})
     return public_base(row)
 
 
