@@ -219,6 +219,41 @@ class Catalog:
             raise NotFoundError(f"version {line}@v{number} not found; see `kifmerge history {line}`")
         return found[0]
 
+    def aliases(self, line: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("line = ?", [line]) if line is not None else (None, [])
+        return self.rows("aliases", where, args, order_by="line, name")
+
+    def alias_map(self, line: str | None = None) -> dict[tuple[str, int], list[str]]:
+        """(line, number) → the alias names pointing at that version."""
+        out: dict[tuple[str, int], list[str]] = {}
+        for row in self.aliases(line):
+            out.setdefault((row["line"], row["number"]), []).append(row["name"])
+        return out
+
+    def set_alias(self, line: str, name: str, number: int) -> int | None:
+        """Inside the caller's transaction: point LINE@NAME at version `number`; returns the
+        version it pointed at before (None: a new alias). A move is logged as `alias.set`."""
+        current = self.find("aliases", (line, name))
+        previous = current["number"] if current else None
+        if previous != number:
+            self.db["aliases"].upsert({"line": line, "name": name, "number": number, "updated": now()}, pk=("line", "name"))
+            self.event("alias.set", f"{line}@{name}", {"line": line, "alias": name, "from": previous, "to": number})
+        return previous
+
+    def remove_alias(self, line: str, name: str) -> int:
+        """Inside the caller's transaction: delete LINE@NAME (logged as `alias.rm`); returns its version."""
+        current = self.find("aliases", (line, name))
+        if current is None:
+            raise NotFoundError(f"line {line!r} has no alias {name!r}; see `kifmerge alias list {line}`")
+        self.db["aliases"].delete((line, name))
+        self.event("alias.rm", f"{line}@{name}", {"line": line, "alias": name, "from": current["number"], "to": None})
+        return current["number"]
+
+    def line_events(self, line: str) -> list[dict[str, Any]]:
+        """The events about a line: its creation and everything on `LINE@…` (versions, aliases)."""
+        prefix = f"{line}@"
+        return self.rows("events", "subject = ? or substr(subject, 1, ?) = ?", [line, len(prefix), prefix], order_by="id")
+
     def find_evaluation(self, subject: str, data_fingerprint: str, settings: dict) -> dict[str, Any] | None:
         found = self.rows("evaluations", "subject = ? and data_fingerprint = ? and settings = ?",
                           [subject, data_fingerprint, json.dumps(settings, sort_keys=True)], order_by="id desc")

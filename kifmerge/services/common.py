@@ -16,7 +16,8 @@ from kifmerge.registry import Registry
 # progress(description, total) → advance(n); None means silent
 Progress = Callable[[str, int], Callable[[int], None]] | None
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-REF_PATTERN = re.compile(r"^(?P<line>[^@]+)(@v(?P<number>\d+))?$")
+REF_PATTERN = re.compile(r"^(?P<line>[^@]+)(@(?P<selector>[^@]+))?$")
+VERSION_PATTERN = re.compile(r"^[vV](?P<number>\d+)$")
 PROFILE_EXPORT_NAME = "kifmerge-profile.safetensors"  # the line's accumulated profile, re-importable
 LORA_COMPAT_KEYS = ("r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
 
@@ -31,13 +32,25 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """`LINE@vN` → (LINE, N); `LINE` → (LINE, None) meaning the newest version."""
-    match = REF_PATTERN.match(ref)
-    if not match:
-        raise UsageError(f"invalid version reference {ref!r}: write LINE or LINE@vN (e.g. support@v3)")
-    number = match.group("number")
-    return match.group("line"), int(number) if number else None
+def parse_ref(ref: str) -> tuple[str, int | str | None]:
+    """`LINE@vN` → (LINE, N); `LINE@NAME` → (LINE, "NAME"), an alias; `LINE` → (LINE, None),
+    the newest version. Only the syntax is checked here; `resolve_version` looks it up."""
+    match = REF_PATTERN.match(ref or "")
+    selector = match.group("selector") if match else None
+    if not match or (selector is not None and not (VERSION_PATTERN.match(selector) or NAME_PATTERN.match(selector))):
+        raise UsageError(f"invalid version reference {ref!r}: write LINE, LINE@vN or LINE@ALIAS (e.g. support@v3, support@champion)")
+    if selector is None:
+        return match.group("line"), None
+    number = VERSION_PATTERN.match(selector)
+    return match.group("line"), int(number.group("number")) if number else selector
+
+
+def check_alias_name(name: str) -> str:
+    """Alias names follow the other names' rules and must not look like a version (`v12`)."""
+    check_name(name, "alias")
+    if VERSION_PATTERN.match(name):
+        raise UsageError(f"invalid alias name {name!r}: it looks like a version number; choose a word such as 'champion'")
+    return name
 
 
 @contextmanager
@@ -84,14 +97,22 @@ def base_dir(reg: Registry, base: dict[str, Any]) -> Path:
 
 
 def resolve_version(reg: Registry, ref: str) -> tuple[str, dict[str, Any]]:
-    line, number = parse_ref(ref)
+    """The version row a reference names: `LINE` (newest), `LINE@vN` or `LINE@ALIAS`."""
+    line, selector = parse_ref(ref)
     reg.catalog.get("lines", line, "line")
-    if number is None:
+    if selector is None:
         head = reg.catalog.head(line)
         if head is None:
             raise NotFoundError(f"line {line!r} has no versions yet; fuse a task into it first")
         return line, head
-    return line, reg.catalog.version(line, number)
+    if isinstance(selector, str):
+        alias = reg.catalog.find("aliases", (line, selector))
+        if alias is None:
+            known = ", ".join(row["name"] for row in reg.catalog.aliases(line)) or "none"
+            raise NotFoundError(f"line {line!r} has no alias {selector!r} (aliases: {known}); "
+                                f"set one with `kifmerge alias set {line}@vN {selector}`")
+        selector = alias["number"]
+    return line, reg.catalog.version(line, selector)
 
 
 def now() -> str:
@@ -113,10 +134,11 @@ def public_line(reg: Registry, row: dict[str, Any]) -> dict[str, Any]:
     head = reg.catalog.head(row["name"])
     return {"name": row["name"], "base": row["base"], "kind": row["kind"], "head": f"v{head['number']}" if head else None,
             "tasks": [v["task"] for v in reg.catalog.rows("versions", "line = ?", [row["name"]], order_by="number")],
-            "created": row["created"]}
+            "aliases": {a["name"]: f"v{a['number']}" for a in reg.catalog.aliases(row["name"])}, "created": row["created"]}
 
 
-def public_version(row: dict[str, Any], kind: str) -> dict[str, Any]:
+def public_version(row: dict[str, Any], kind: str, aliases: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     return {"version": f"{row['line']}@v{row['number']}", "line": row["line"], "number": row["number"],
             "parent": f"v{row['parent']}" if row["parent"] else None, "task": row["task"], "kind": kind,
-            "method": row["method"], "params": row["params"], "timings": row["timings"], "created": row["created"]}
+            "method": row["method"], "params": row["params"], "timings": row["timings"], "created": row["created"],
+            "aliases": sorted(aliases)}

@@ -187,7 +187,8 @@ def commit_version(reg: Registry, staged: StagedVersion) -> None:
     if (current["number"] if current else 0) != row["number"] - 1:
         raise ConflictError(f"line {into!r} moved to v{current['number']} while fusing; run the command again")
     reg.catalog.insert("versions", row)
-    reg.catalog.event("fuse", f"{into}@v{row['number']}", {"task": row["task"], "method": row["method"], "params": row["params"]})
+    action = "rollback" if row["method"] == "rollback" else "fuse"
+    reg.catalog.event(action, f"{into}@v{row['number']}", {"task": row["task"], "method": row["method"], "params": row["params"]})
 
 
 def check_lora_compatible(line_config: dict, task_config: dict, task: str, line: str) -> None:

@@ -209,19 +209,19 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
             if line != plan.line:
                 if not catalog or not catalog.find("lines", line):
                     raise NotFoundError(f"{where}: line {line!r} does not exist")
-            elif number is not None and number > head:
+            elif isinstance(number, int) and number > head:  # an alias (str) is checked when the step runs
                 raise NotFoundError(f"{where}: {ref} will not exist at this point (the line reaches v{head})")
             settings = plan.eval_settings(body)
             fingerprint = _fingerprint(step.kind, body, {"eval": settings.model_dump(), "head": head}, list(body.data.values()))
             done = fingerprint in finished
             limit = settings.max_examples
             estimate = {"examples": {label: min(_count_records(f), limit or 10**9) for label, f in body.data.items()}}
-            subject = f"{line}@v{number if number is not None else head}"
+            subject = f"{line}@{number}" if isinstance(number, str) else f"{line}@v{number if number is not None else head}"
         out.append(PlannedStep(index, step.kind, subject, fingerprint, "done" if done else "pending", estimate))
     return out
 
 
-def _parse_future_ref(ref: str, where: str) -> tuple[str, int | None]:
+def _parse_future_ref(ref: str, where: str) -> tuple[str, int | str | None]:
     """A version reference that may name a version this plan has yet to make."""
     try:
         return parse_ref(ref)

@@ -99,18 +99,21 @@ def list_items(what: str = "tasks", *, registry: str | os.PathLike | None = None
         if what == "bases":
             return [public_base(r) for r in reg.catalog.rows("bases", order_by="name")]
         kinds = {r["name"]: r["kind"] for r in reg.catalog.rows("lines")}
-        return [public_version(r, kinds[r["line"]]) for r in reg.catalog.rows("versions", order_by="line, number")]
+        aliases = reg.catalog.alias_map()
+        return [public_version(r, kinds[r["line"]], aliases.get((r["line"], r["number"]), ()))
+                for r in reg.catalog.rows("versions", order_by="line, number")]
 
 
 def show(ref: str, *, registry: str | os.PathLike | None = None) -> dict[str, Any]:
-    """A task (`TASK`), a line and its head (`LINE`), or one version (`LINE@vN`)."""
+    """A task (`TASK`), a line and its head (`LINE`), or one version (`LINE@vN`, `LINE@ALIAS`)."""
     with opened(registry) as reg:
         if "@" in ref:
             line, version = resolve_version(reg, ref)
             kind = reg.catalog.get("lines", line, "line")["kind"]
             evaluations = {row["label"]: {**row["metrics"], "settings": row["settings"]} for row in reg.catalog.rows(
                 "evaluations", "line = ? and number = ?", [line, version["number"]], order_by="id")}
-            return {"type": "version", **public_version(version, kind), "weights": version["weights"],
+            aliases = reg.catalog.alias_map(line).get((line, version["number"]), ())
+            return {"type": "version", **public_version(version, kind, aliases), "weights": version["weights"],
                     "profile_blob": version["profile"], "evaluations": evaluations}
         task = reg.catalog.find("tasks", ref)
         if task:
@@ -129,7 +132,9 @@ def show(ref: str, *, registry: str | os.PathLike | None = None) -> dict[str, An
 def history(line: str, *, registry: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     with opened(registry) as reg:
         row = reg.catalog.get("lines", line, "line")
-        return [public_version(v, row["kind"]) for v in reg.catalog.rows("versions", "line = ?", [line], order_by="number")]
+        aliases = reg.catalog.alias_map(line)
+        return [public_version(v, row["kind"], aliases.get((line, v["number"]), ()))
+                for v in reg.catalog.rows("versions", "line = ?", [line], order_by="number")]
 
 
 def _referenced_blobs(reg: Registry, *, tolerant: bool = False) -> dict[str, list[str]]:
