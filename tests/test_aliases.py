@@ -126,6 +126,7 @@ COMMANDS = {  # command → the version it acted on, given a reference
     "diff-to": lambda cli, ref, tmp: cli.json("diff", "main@v2", ref)["to"],
     "rollback": lambda cli, ref, tmp: f"main@v{cli.json('rollback', 'main', '--to', ref)['params']['to']}",
     "alias-set": lambda cli, ref, tmp: cli.json("alias", "set", ref, "other")["version"],
+    "profile-show": lambda cli, ref, tmp: cli.json("profile", "show", ref)["version"],
 }
 
 

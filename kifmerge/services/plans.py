@@ -209,8 +209,10 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
             if line != plan.line:
                 if not catalog or not catalog.find("lines", line):
                     raise NotFoundError(f"{where}: line {line!r} does not exist")
-            elif isinstance(number, int) and number > head:  # an alias (str) is checked when the step runs
+            elif isinstance(number, int) and number > head:
                 raise NotFoundError(f"{where}: {ref} will not exist at this point (the line reaches v{head})")
+            if isinstance(number, str) and not (catalog and catalog.find("aliases", (line, number))):
+                raise NotFoundError(f"{where}: line {line!r} has no alias {number!r}")
             settings = plan.eval_settings(body)
             fingerprint = _fingerprint(step.kind, body, {"eval": settings.model_dump(), "head": head}, list(body.data.values()))
             done = fingerprint in finished
