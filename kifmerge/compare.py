@@ -47,8 +47,8 @@ def _tensor_unit_norms(slice_a, slice_b, axis: int | None) -> tuple[torch.Tensor
     shape = slice_a.get_shape()
     if list(slice_b.get_shape()) != list(shape):
         raise ValueError(f"shapes differ: {shape} vs {slice_b.get_shape()}")
-    if axis is not None and axis != 0 or len(shape) == 0:  # LoRA B [out, r]: small, read whole
-        a, b = slice_a[:].to(torch.float64), slice_b[:].to(torch.float64)
+    if (axis is not None and axis != 0) or len(shape) == 0:  # LoRA B [out, r] (small) or a scalar: read whole
+        a, b = slice_a[...].to(torch.float64), slice_b[...].to(torch.float64)
         dims = [d for d in range(a.dim()) if d != axis]
         if axis is None:
             return ((b - a) ** 2).sum().reshape(1), (a ** 2).sum().reshape(1)
