@@ -43,8 +43,8 @@ def test_wal_mode_and_migrations_recorded(tmp_path):
     reg, _ = Registry.init(tmp_path / "r")
     assert reg.catalog.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     applied = [row["name"] for row in reg.catalog.db["_sqlite_migrations"].rows]
-    assert applied == ["m001_initial", "m002_evaluations"]
-    assert {"bases", "tasks", "profiles", "lines", "versions", "events", "evaluations"} <= set(reg.catalog.db.table_names())
+    assert applied[:4] == ["m001_initial", "m002_evaluations", "m003_aliases", "m004_base_hub"]
+    assert {"bases", "tasks", "profiles", "lines", "versions", "events", "evaluations", "aliases"} <= set(reg.catalog.db.table_names())
 
 
 def test_parallel_writers_share_one_registry(tmp_path):
