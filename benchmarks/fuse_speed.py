@@ -129,11 +129,15 @@ def prepare(name: str, kif: list[str], env: dict) -> dict:
         if not (root / folder / "config.json").exists():
             print(f"[{name}] writing {folder} …", flush=True)
             write_checkpoint(root / folder, size, seed, 0.0 if seed == 0 else 0.002)
-    if not (root / "registry").exists():
-        for command in (["init"], ["base", "add", "base", str(root / "base")],
+    subprocess.run([*kif, "init"], env=env, check=True, capture_output=True)  # creates, or upgrades the schema
+    if not (root / "registry" / "done").exists():
+        for command in (["base", "add", "base", str(root / "base")],
                         ["add-task", "t1", str(root / "t1"), "--base", "base", "--profile", str(root / "t1.profile.safetensors")],
                         ["add-task", "t2", str(root / "t2"), "--base", "base", "--profile", str(root / "t2.profile.safetensors")]):
-            subprocess.run([*kif, *command], env=env, check=True, capture_output=True)
+            done = subprocess.run([*kif, *command], env=env, capture_output=True, text=True)
+            if done.returncode not in (0, 6):  # 6: registered by an earlier, interrupted run
+                raise SystemExit(f"{command} failed: {done.stderr}")
+        (root / "registry" / "done").touch()
     shapes = llama_shapes(size)
     largest = max(2 * _numel(s) for s in shapes.values())
     total = sum(2 * _numel(s) for s in shapes.values())
@@ -200,7 +204,8 @@ def ratios(size: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# fuse_speed — {result['when']} (commit {result['git_commit'][:8]}, {result['repeats']} repeats, median)", "",
+    lines = [f"# fuse_speed — {result['when']} (commit {result['git_commit'][:8]}, {result['repeats']} repeats, median; "
+             f"{result['cpus']} CPUs)", "",
              "| size | checkpoint | largest tensor | command | wall s | peak RSS MB | wall ÷ floor | wall ÷ mergekit | RSS ÷ mergekit |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, size in result["sizes"].items():
@@ -209,7 +214,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | {size['checkpoint_mb']:.0f} MB ({size['input_shards']} shards) | {size['largest_tensor_mb']:.0f} MB | "
                          f"{command} | {med['wall_s']:.1f} | {med['peak_rss_mb']:.0f} | {r.get('wall_vs_floor', '')} | "
                          f"{r.get('wall_vs_mergekit', '')} | {r.get('rss_vs_mergekit', '')} |")
-    if len(result["sizes"]) == 2:
+    if set(result["sizes"]) == {"small", "large"}:
         small, large = result["sizes"]["small"], result["sizes"]["large"]
         lines += ["", "Growth small → large (checkpoint × "
                   f"{large['checkpoint_mb'] / small['checkpoint_mb']:.2f}):", ""]
@@ -237,15 +242,20 @@ def main() -> None:
     if args.mergekit and not Path(args.mergekit).exists():
         sys.exit(f"{args.mergekit} not found")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    out = HERE / "results" / "fuse_speed.json"
     result = {"benchmark": "fuse_speed", "when": time.strftime("%Y-%m-%d %H:%M"), "git_commit": commit,
               "repeats": args.repeats, "cpus": os.cpu_count(), "mergekit": bool(args.mergekit), "sizes": {},
               "command": "python benchmarks/fuse_speed.py " + " ".join(sys.argv[1:])}
+    if out.exists():  # resumable: a run of some sizes replaces those and keeps the others (with their commit)
+        kept = json.loads(out.read_text()).get("sizes", {})
+        result["sizes"] = {name: size for name, size in kept.items() if name not in args.sizes}
+    out.parent.mkdir(exist_ok=True)
     for name in args.sizes:
         size = measure(name, args.repeats, args.mergekit)
         size["ratios"] = ratios(size)
+        size.update(git_commit=commit, when=time.strftime("%Y-%m-%d %H:%M"), load_average=os.getloadavg()[0])
         result["sizes"][name] = size
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "fuse_speed.json").write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(result, indent=2))
     table = markdown(result)
     (HERE / "results" / "fuse_speed.md").write_text(table)
     print(table)
