@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup smollm2 demo test clean
+.PHONY: setup smollm2 demo test docs check-quickstart clean
 
 $(BIN)/kifmerge: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ demo: smollm2
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# docs/cli.md: the CLI reference generated from the Typer app (tests/test_docs.py fails when stale)
+docs: setup
+	$(BIN)/python -m typer kifmerge.cli utils docs --name kifmerge --output docs/cli.md
+
+# the README quickstart, verbatim, in a fresh venv
+check-quickstart:
+	scripts/check_quickstart.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,7 +27,7 @@ app = typer.Typer(
     help="Continual learning of language models by importance-guided merging (KIF).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 base_app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
@@ -274,13 +274,15 @@ def init(registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOp
 @handled
 def base_add(
     name: Annotated[str, typer.Argument(help="Name for the base model.")],
-    model: Annotated[Path, typer.Argument(help="Local Hugging Face model folder (safetensors).")],
+    model: Annotated[Path, typer.Argument(help="Local Hugging Face model folder (safetensors), or a hub id (org/name) "
+                                               "resolved through the Hugging Face cache (HF_HUB_OFFLINE is honoured).")],
     copy: Annotated[bool, typer.Option("--copy", help="Also store the model's files in the registry.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP + " (implies --copy).")] = False,
-    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit (hub ids only; default: main).")] = None,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """Register a base model: its path, architecture and a fingerprint of config + weight headers."""
+    """Register a base model: its path (and hub id + commit), architecture and a fingerprint of
+    config + weight headers."""
     from kifmerge import api
 
     with progress_bars() as progress:
