@@ -62,6 +62,12 @@ def draw_profile_heatmap(profile: dict, out: Path) -> Path:
     image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    if len(rows) * len(columns) <= 200:  # small grids: the values too
+        for i, row in enumerate(grid["values"]):
+            for j, value in enumerate(row):
+                if value is not None:
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if value < 0.6 else "black")
     ax.set_xlabel("module")
     ax.set_ylabel("layer")
     subject = profile.get("version") or f"task {profile['task']}"
