@@ -49,7 +49,7 @@ def test_task_profile_top_and_bottom(lora_line):
     assert "most important" in text and "layers.1.self_attn.v_proj[2]" in text
 
 
-def test_line_profile_by_version_alias_free_refs(lora_line):
+def test_line_profile_by_version_alias_and_bare_line(lora_line):
     """`LINE@vN` is a version; a bare name that is no task is the line's newest version."""
     v1 = lora_line.json("profile", "show", "main@v1", "--top", "1")
     assert v1["type"] == "version" and v1["version"] == "main@v1" and v1["task"] == "t1"
@@ -57,6 +57,8 @@ def test_line_profile_by_version_alias_free_refs(lora_line):
     head = lora_line.json("profile", "show", "main", "--top", "1")
     assert head["version"] == "main@v2"
     assert lora_line.json("profile", "show", "main", "--line", "--top", "1")["version"] == "main@v2"
+    lora_line("alias", "set", "main@v1", "champion")
+    assert lora_line.json("profile", "show", "main@champion", "--top", "1")["version"] == "main@v1"
 
 
 def test_task_and_line_with_one_name(cli, tmp_path, llama_dir):

@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any
 
-from kifmerge.errors import IntegrityError, UsageError
+from kifmerge.errors import IntegrityError, NotFoundError, UsageError
 from kifmerge.services.common import opened, resolve_version
 
 OTHER_ROW = "other"
@@ -35,7 +35,7 @@ def profile_show(ref: str, *, line: bool = False, top: int = 10, registry: str |
         if task is not None:
             row = reg.catalog.find("profiles", ref)
             if row is None:
-                raise UsageError(f"task {ref!r} has no profile; register it with --profile or --calibrate")
+                raise NotFoundError(f"task {ref!r} has no profile; register it with --profile or --calibrate")
             subject, kind, sha = {"type": "task", "task": ref}, task["kind"], row["scores"]
         else:
             line_name, version = resolve_version(reg, ref)
