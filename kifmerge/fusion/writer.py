@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from kifmerge.errors import InvalidInputError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # the Hugging Face default, "5GB"
+FLUSH_EVERY = 256 << 20  # start writing a shard back to disk every 256 MB, while the next blocks are computed
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -56,6 +58,8 @@ class _Shard:
     position: int = 0                  # bytes hashed so far (header included)
     hasher: object | None = None       # None once a write arrived out of order
     sha256: str | None = None
+    unflushed: int = 0                 # bytes written since the last background flush was started
+    flushing: Future | None = None
 
 
 class StreamingShardWriter:
@@ -69,6 +73,7 @@ class StreamingShardWriter:
             max_shard_size=max_shard_bytes if index_name else 2**62)
         self.split = split
         self.shards: dict[str, _Shard] = {}
+        self._flush_pool: ThreadPoolExecutor | None = None
         for file, names in split.filename_to_tensors.items():
             entries, offsets, position = {}, {}, 0
             for name in sorted(names):
@@ -117,15 +122,27 @@ class StreamingShardWriter:
         else:
             shard.hasher = None
         os.pwrite(shard.handle.fileno(), data, where)
+        shard.unflushed += len(data)
+        if shard.unflushed >= FLUSH_EVERY and (shard.flushing is None or shard.flushing.done()):
+            shard.flushing, shard.unflushed = self._flusher().submit(os.fdatasync, shard.handle.fileno()), 0
         shard.pending[name] -= len(data)
         if not shard.pending[name]:
             del shard.pending[name]
         if not shard.pending:
-            os.fsync(shard.handle.fileno())
+            if shard.flushing is not None:
+                shard.flushing.result()
+            os.fsync(shard.handle.fileno())  # durable before it is renamed into place
             shard.handle.close()
             if shard.hasher is not None:
                 shard.sha256 = shard.hasher.hexdigest()
             os.replace(shard.temp, shard.path)
+
+    def _flusher(self) -> ThreadPoolExecutor:
+        """One background thread that pushes written bytes to disk as the shard grows, so the
+        final fsync has little left to wait for."""
+        if self._flush_pool is None:
+            self._flush_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kifmerge-flush")
+        return self._flush_pool
 
     def hashes(self) -> dict[str, str]:
         """sha256 of each finished shard whose bytes were all written in order."""
@@ -141,10 +158,14 @@ class StreamingShardWriter:
                      "weight_map": dict(sorted(self.split.tensor_to_filename.items()))}
             (self.out_dir / self.index_name).write_text(json.dumps(index, indent=2))
             files[self.index_name] = self.out_dir / self.index_name
+        if self._flush_pool is not None:
+            self._flush_pool.shutdown()
         return files, dict(self.split.tensor_to_filename)
 
     def abort(self) -> None:
         for shard in self.shards.values():
+            if shard.flushing is not None:
+                shard.flushing.exception()  # wait: the flush holds the descriptor about to be closed
             if shard.handle is not None and not shard.handle.closed:
                 shard.handle.close()
             shard.temp.unlink(missing_ok=True)
