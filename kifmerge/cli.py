@@ -710,10 +710,19 @@ def run_plan(
 
 def render_plan(result: dict) -> None:
     rows = [{**step, "estimate": ", ".join(f"{k} {_size(v)}" for k, v in step["estimate"].items() if v is not None),
-             "fingerprint": step["fingerprint"][:12]} for step in result["steps"]]
-    render_table(rows, ["step", "kind", "subject", "status", "estimate", "fingerprint"], "no steps")
+             "fingerprint": step["fingerprint"][:12], "outcome": _outcome(step.get("result"))} for step in result["steps"]]
+    render_table(rows, ["step", "kind", "subject", "status", "estimate", "outcome", "fingerprint"], "no steps")
     verb = "would run" if result["dry_run"] else "ran"
     sys.stdout.write(f"{result['line']}: {result['done']} step(s) done, {result['pending']} {verb if result['dry_run'] else 'pending'}\n")
+
+
+def _outcome(result: dict | None) -> str:
+    """What a step just made: the version, the task, or the scores (exact match)."""
+    if not result:
+        return ""
+    if "results" in result:
+        return ", ".join(f"{label} {m.get('exact_match', 0):.2f}" for label, m in result["results"].items())
+    return str(result.get("version") or result.get("name") or "")
 
 
 def _size(value) -> str:
