@@ -32,8 +32,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fuse_memory import timed  # noqa: E402  (wall seconds, peak RSS MB) of one command, by GNU time
+
 WORK = HERE / "work" / "fuse_speed"
-SIZES = {  # Llama-style shapes; float16; ≈ 0.54 GB and ≈ 2.1 GB per checkpoint
+SIZES = {  # Llama-style shapes; float16; 485 MiB and 1870 MiB per checkpoint
     "small": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16, "shard_mb": 150},
     "large": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 18, "shard_mb": 600},
 }
@@ -111,15 +114,6 @@ def io_floor(inputs: list[Path], out: Path) -> None:
                 tensor = handle.get_tensor(name)
         writer.add(name, tensor)
     writer.finish()
-
-
-def timed(args: list[str], env: dict) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one command, measured by GNU time."""
-    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *args], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, args))} failed:\n{done.stderr[-3000:]}")
-    wall, rss_kb = done.stderr.strip().splitlines()[-1].split()
-    return float(wall), int(rss_kb) / 1024
 
 
 def prepare(name: str, kif: list[str], env: dict) -> dict:
