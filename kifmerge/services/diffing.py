@@ -105,19 +105,13 @@ def _steps(reg: Registry, layout, line: str, a: int, b: int) -> list[dict[str, A
 def _fates(reg: Registry, layout, line: str, row: dict[str, Any]) -> list[str]:
     """Recompute the step's unit coefficients as `fuse` did (parent's accumulated profile, the
     task's profile, the recorded parameters): c_new = 0 kept, c_new = 1 replaced, else blended."""
-    from kifmerge.fusion import rules
-    from kifmerge.profiles import normalise, read_profile
+    from kifmerge.options import FuseParams
+    from kifmerge.profiles import read_profile
+    from kifmerge.services.fusion import unit_coefficients
 
-    params = row["params"] or {}
+    recorded = {k: v for k, v in (row["params"] or {}).items() if k in FuseParams.model_fields}
     parent = reg.catalog.version(line, row["parent"])
     p_old = read_profile(reg.blobs.open_verified(parent["profile"]), layout)
     p_new = read_profile(reg.blobs.open_verified(reg.catalog.get("profiles", row["task"], "profile")["scores"]), layout)
-    if row["method"] == "kif":
-        weights = params.get("weights", [0.3, 0.7, 0.5])
-        c_new, _ = rules.kif_static(p_old, normalise(p_new), top=params.get("top", 0.2),
-                                    both=(weights[0], weights[1]), neither=weights[2])
-    elif row["method"] == "kif-adaptive":
-        c_new, _ = rules.kif_adaptive(p_old, normalise(p_new), tau=params.get("tau", 0.25))
-    else:
-        c_new, _ = rules.linear(p_old, p_new, alpha=params.get("alpha", 0.5))
+    c_new, _ = unit_coefficients(FuseParams(method=row["method"], **recorded), p_old, p_new)
     return ["kept" if c == 0.0 else "replaced" if c == 1.0 else "blended" for c in c_new.tolist()]

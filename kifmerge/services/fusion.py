@@ -112,13 +112,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                                           params.method, weights=[1 - params.alpha, params.alpha],
                                           density=params.density, lam=params.lam, seed=params.seed)
             else:
-                if params.method == "kif":
-                    c_new, c_old = rules.kif_static(p_old, normalise(p_new), top=params.top,
-                                                    both=params.weights[:2], neither=params.weights[2])
-                elif params.method == "kif-adaptive":
-                    c_new, c_old = rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
-                else:
-                    c_new, c_old = rules.linear(p_old, p_new, alpha=params.alpha)
+                c_new, c_old = unit_coefficients(params, p_old, p_new)
                 fusion = UnitBlend(old_source, new_source, layout, c_new, c_old)
                 units = {"total": layout.size, "new_weight_mean": round(float(c_new.mean()), 6)}
             pattern, index = ("adapter_model{suffix}.safetensors", None) if kind == "lora" else \
@@ -166,6 +160,20 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
            "adapter_config": task_row["adapter_config"] if head is None else head["adapter_config"],
            "metrics": None, "timings": timings, "created": now()}
     return StagedVersion(row, task_row["base"], kind)
+
+
+def unit_coefficients(params: FuseParams, p_old, p_new) -> tuple:
+    """Per-unit (c_new, c_old) of the unit-wise methods (kif, kif-adaptive, linear) from the
+    line's accumulated profile and the task's raw profile. `diff` recomputes past fuses with it
+    from their recorded parameters (`FuseParams.recorded()`)."""
+    from kifmerge.fusion import rules
+    from kifmerge.profiles import normalise
+
+    if params.method == "kif":
+        return rules.kif_static(p_old, normalise(p_new), top=params.top, both=params.weights[:2], neither=params.weights[2])
+    if params.method == "kif-adaptive":
+        return rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
+    return rules.linear(p_old, p_new, alpha=params.alpha)
 
 
 def _base_source(reg: Registry, task_row: dict):
