@@ -186,6 +186,9 @@ def check_gc_cleans(cli: Cli) -> None:
     assert list((cli.registry / "tmp").iterdir()) == []
     kept = cli.json("gc", "--dry-run", "--grace", "0")
     assert kept["removed"] == [] and kept["kept_blobs"] == len(list((cli.registry / "blobs").glob("*/*")))
+    stamps = {p.relative_to(cli.registry / "stamps") for p in (cli.registry / "stamps").glob("*/*")}
+    assert stamps <= {p.relative_to(cli.registry / "blobs") for p in (cli.registry / "blobs").glob("*/*")}, \
+        "a removed blob's stamp goes with it"
     assert cli.json("verify")["ok"]
 
 

@@ -250,6 +250,8 @@ def gc(*, dry_run: bool = False, grace_s: float = 3600.0, registry: str | os.Pat
             freed += size
             if not dry_run:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.parent.parent == reg.blobs.blobs:  # a blob: its stamp goes with it
+                    (reg.blobs.stamps / path.parent.name / path.name).unlink(missing_ok=True)
                 fault_point("gc.removed")
         if removed and not dry_run:
             fault_point("gc.before-event")
