@@ -121,6 +121,8 @@ def _read_header(path: Path) -> dict[str, StoredTensor]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if entry["dtype"] not in TORCH_DTYPES:
+            raise IntegrityError(f"{path.name}: tensor {name} has dtype {entry['dtype']}, which fusion does not handle")
         dtype, shape = TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"])
         begin, end = entry["data_offsets"]
         if end - begin != math.prod(shape) * dtype.itemsize or 8 + length + end > size:
@@ -160,11 +162,11 @@ def stream_fused(fusion: Fusion, writer: StreamingShardWriter, progress: Callabl
     computed on a pool of threads (torch releases the GIL; its own intra-op threads are set to
     one meanwhile: on a busy machine their spin-waiting costs more than they give), and
     written by this thread in the writer's order, so each shard is hashed as it is written."""
-    reference = fusion.sources[-1]
+    task = fusion.sources[-1]  # the new task's headers plan the blocks (all sources share shapes)
     keep_freed_memory()
-    workers = max(1, torch.get_num_threads())
-    window = 2 * workers
     previous = torch.get_num_threads()
+    workers = max(1, previous)
+    window = 2 * workers
     torch.set_num_threads(1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kifmerge-fuse")
     pending: deque = deque()
@@ -178,7 +180,7 @@ def stream_fused(fusion: Fusion, writer: StreamingShardWriter, progress: Callabl
 
     try:
         for name in writer.order():
-            info = reference.info(name)
+            info = task.info(name)
             _check_shapes(fusion.sources, name)
             state = fusion.prepare(name, lambda fn, items: ordered_map(pool, fn, items, window))
             out_dtype = TORCH_DTYPES[writer.specs[name].dtype]
