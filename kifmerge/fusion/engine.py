@@ -41,7 +41,7 @@ from kifmerge.fusion.writer import SAFETENSORS_DTYPES, StreamingShardWriter
 from kifmerge.units import UnitLayout
 
 SAMPLE_ELEMENTS = 1 << 16  # rows read up front to bracket TIES' magnitude threshold
-BLOCK_ELEMENTS = 1 << 18  # 1 MB in float32: a block's dozen work buffers stay in cache
+BLOCK_ELEMENTS = 1 << 19  # 2 MB in float32: measured best for TIES on 2 cores (2^17: +30 %, 2^18: +10 %, 2^20: +2 %)
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 T, R = TypeVar("T"), TypeVar("R")
 
