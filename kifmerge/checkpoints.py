@@ -51,6 +51,17 @@ class TensorFiles:
                     yield name, handle.get_tensor(name)
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """A user-supplied text file (data, plan): missing → exit 3, not UTF-8 → exit 4, one line each."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise NotFoundError(f"{what} not found: {path}")

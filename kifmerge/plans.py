@@ -23,7 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kifmerge.errors import InvalidInputError, NotFoundError
+from kifmerge.checkpoints import read_text
+from kifmerge.errors import InvalidInputError
 from kifmerge.options import FuseParams, TrainOptions
 
 PLAN_FORMAT_VERSION = 1
@@ -133,13 +134,7 @@ def load_plan(path: str | Path) -> tuple[Plan, Path]:
     """Parse and validate a plan; returns it with relative paths made absolute, and its folder.
     Any problem is one line naming the file and the key (`steps[2].learn.data`)."""
     path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"plan file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason})") from None
-    raw = _parse(path, text)
+    raw = _parse(path, read_text(path, "plan file"))
     try:
         plan = Plan.model_validate(raw)
         for number, step in enumerate(plan.steps):  # nested option dicts: validated against their models

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from kifmerge.errors import InvalidInputError, NotFoundError
+from kifmerge.errors import InvalidInputError
 from kifmerge.faults import fault_point
 from kifmerge.options import TrainOptions
 
@@ -33,13 +33,10 @@ DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"
 # ---- data -----------------------------------------------------------------------------------
 def load_records(path: str | Path, max_examples: int | None = None) -> list[dict[str, str]]:
     """A JSON list or JSONL of {"input", "output"} records; a bad record is named by file and line."""
+    from kifmerge.checkpoints import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_text(path, "data file")
     records = [_check_record(path, line, obj) for obj, line in _json_values(path, text)]
     if not records:
         raise InvalidInputError(f"{path} holds no records")
