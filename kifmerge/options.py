@@ -97,6 +97,8 @@ class TrainOptions(BaseModel):
     beta2: float = Field(0.85, ge=0.0, lt=1.0)
     orth_reg: float = Field(0.0, ge=0.0)
     replay: float = Field(0.0, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup before the linear decay")
+    bf16: bool = Field(False, description="bfloat16 autocast (CPUs with avx512_bf16, recent GPUs); weights stay float32")
 
     @model_validator(mode="after")
     def _lora_only_options(self) -> "TrainOptions":

@@ -271,7 +271,7 @@ def test_baselines_through_the_cli_use_the_base_as_reference(cli, tmp_path, llam
             cli("add-task", f"{kind}{seed}", ckpt, "--base", "llama", "--profile", profile)
     cli("fuse", "full1", "--into", "full-line")
     assert cli.json("fuse", "full2", "--into", "full-line", "--method", "ties", "--density", "0.3")["params"] == {
-        "alpha": 0.5, "density": 0.3, "lam": 1.0, "profile_weights": [0.3, 0.7]}
+        "alpha": 0.5, "density": 0.3, "lam": 1.0, "profile_weights": [0.3, 0.7], "reference": "base"}
     cli("export", "full-line", tmp_path / "ties")
     base = load_file(llama_dir / "model.safetensors")
     old, new = load_file(tmp_path / "full1" / "model.safetensors"), load_file(tmp_path / "full2" / "model.safetensors")
@@ -286,3 +286,37 @@ def test_baselines_through_the_cli_use_the_base_as_reference(cli, tmp_path, llam
         cli("fuse", "lora2", "--into", line, "--method", "dare-ties", "--merge-seed", seed)
         shas.append(cli.json("show", f"{line}@v2")["weights"])
     assert shas[0] == shas[1] != shas[2]
+
+
+def test_task_vectors_are_taken_against_the_adapter_the_task_started_from(cli, tmp_path, llama_dir):
+    """A LoRA task trained from line@v1 is TIES-merged as `v1 + merge(0, trim(task − v1))`: the
+    line's own adapter is the reference, not a task vector that gets magnitude-pruned."""
+    from conftest import LORA_TARGETS, make_lora, write_profile
+    from safetensors.torch import load_file
+    from test_fuse_export import designed_scores, unit_groups
+
+    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+
+    cli("base", "add", "llama", llama_dir)
+    for seed in (1, 2):
+        ckpt = make_lora(llama_dir, tmp_path / f"lora{seed}", seed, LORA_TARGETS)
+        profile = write_profile(tmp_path / f"p{seed}.safetensors", designed_scores(unit_groups(ckpt, "lora"), {0}, 1.0)[0], "lora-rank")
+        if seed == 1:
+            cli("add-task", "lora1", ckpt, "--base", "llama", "--profile", profile)
+            cli("fuse", "lora1", "--into", "tv")
+        else:
+            cli("add-task", "lora2", ckpt, "--base", "llama", "--profile", profile, "--line", "tv")
+    assert cli.json("fuse", "lora2", "--into", "tv", "--method", "ties")["params"]["reference"] == "tv@v1"
+    assert cli.json("show", "tv@v1")["weights"] == cli.json("show", "lora1")["weights"]
+    cli("export", "tv", tmp_path / "out")
+    start = load_file(tmp_path / "lora1" / "adapter_model.safetensors")
+    new = load_file(tmp_path / "lora2" / "adapter_model.safetensors")
+    fused = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert fused.keys() == start.keys()
+    for name, tensor in fused.items():
+        expected = task_vector_merge(start[name], [start[name], new[name]], [0.5, 0.5], density=0.5, **BASELINES["ties"])
+        torch.testing.assert_close(tensor, expected, msg=name)
+        delta = new[name] - start[name]
+        kept = (tensor != start[name]).float().mean()
+        assert 0.4 <= kept <= 0.6, f"{name}: TIES keeps about half of the task vector's entries"
+        torch.testing.assert_close(tensor[tensor != start[name]], (start[name] + delta)[tensor != start[name]])

@@ -108,7 +108,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             new_source = TensorSource(new_ws.files, new_ws.weight_map)
             units = None
             if params.method in rules.BASELINES:
-                fusion = TaskVectorFusion(old_source, new_source, _base_source(reg, task_row) if kind == "full" else None,
+                reference, reference_name = _start_source(reg, task_row)
+                fusion = TaskVectorFusion(old_source, new_source, reference,
                                           params.method, weights=[1 - params.alpha, params.alpha],
                                           density=params.density, lam=params.lam, seed=params.seed)
             else:
@@ -147,6 +148,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             method, recorded = params.method, params.recorded()
             if units:
                 recorded["units"] = units
+            if params.method in rules.BASELINES:
+                recorded["reference"] = reference_name
             p_line = accumulate(p_old, p_new, params.profile_weights)
         profile_path = staging / "profile.safetensors"
         write_profile(profile_path, p_line, layout)
@@ -176,12 +179,34 @@ def unit_coefficients(params: FuseParams, p_old, p_new) -> tuple:
     return rules.linear(p_old, p_new, alpha=params.alpha)
 
 
-def _base_source(reg: Registry, task_row: dict):
-    """The base model's tensors: the reference point of the task-vector baselines (full lines)."""
+def _start_source(reg: Registry, task_row: dict):
+    """The reference point of the task-vector baselines: the weights the task was trained from
+    (its `trained_from` version), so that the task vectors are `new − start` and `old − start`
+    (a line's head that the task started from contributes no task vector of its own). A task
+    trained from the base: a full line's reference is the base model; a LoRA adapter started
+    from a fresh initialisation that is not stored, so its reference is zero.
+    Returns (source or None for zero, a description recorded with the version)."""
     from kifmerge.fusion.engine import TensorSource
 
-    tensors = open_base(reg, reg.catalog.get("bases", task_row["base"], "base")).tensors
-    return TensorSource(tensors.files, tensors.weight_map)
+    start = _trained_from_version(reg, task_row.get("trained_from"))
+    if start is not None:
+        ws = reg.weights(start["weights"])
+        return TensorSource(ws.files, ws.weight_map), f"{start['line']}@v{start['number']}"
+    if task_row["kind"] == "full":
+        tensors = open_base(reg, reg.catalog.get("bases", task_row["base"], "base")).tensors
+        return TensorSource(tensors.files, tensors.weight_map), "base"
+    return None, "zero"
+
+
+def _trained_from_version(reg: Registry, ref: str | None) -> dict | None:
+    """The version row a task records it was trained from (`LINE@vN`, N ≥ 1), if it still exists."""
+    if not ref or "@v" not in ref:
+        return None
+    line, _, number = ref.rpartition("@v")
+    if not number.isdigit() or int(number) < 1:
+        return None
+    rows = reg.catalog.rows("versions", "line = ? AND number = ?", [line, int(number)])
+    return rows[0] if rows else None
 
 
 def commit_version(reg: Registry, staged: StagedVersion) -> None:
