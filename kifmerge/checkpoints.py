@@ -10,8 +10,10 @@ streaming finite-value check.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -52,14 +54,25 @@ class TensorFiles:
 
 
 def read_text(path: str | Path, what: str) -> str:
-    """A user-supplied text file (data, plan): missing → exit 3, not UTF-8 → exit 4, one line each."""
+    """A user-supplied text file (data, plan): missing → exit 3, not UTF-8 → exit 4, one line each.
+    A `.gz` file is decompressed first (a corrupt or truncated one → exit 4, one line); the
+    byte offset of a UTF-8 error is then one in the decompressed text. Newlines are read as by
+    `open()`: CRLF and a lone CR become LF."""
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{what} not found: {path}")
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; EOFError: truncated
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise InvalidInputError(f"{path} is not a valid gzip file ({reason})") from None
     try:
-        return path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -32,7 +32,8 @@ DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"
 
 # ---- data -----------------------------------------------------------------------------------
 def load_records(path: str | Path, max_examples: int | None = None) -> list[dict[str, str]]:
-    """A JSON list or JSONL of {"input", "output"} records; a bad record is named by file and line."""
+    """A JSON list or JSONL of {"input", "output"} records, gzip-compressed when the name ends in
+    `.gz` (FILE.jsonl.gz, FILE.json.gz); a bad record is named by file and line."""
     from kifmerge.checkpoints import read_text
 
     path = Path(path)
@@ -64,7 +65,7 @@ def _json_values(path: Path, text: str):
                 position += 1
             elif position >= len(text) or text[position] != "]":
                 raise InvalidInputError(f"{path}:{text.count(chr(10), 0, position) + 1}: expected ',' or ']' between records")
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 etc. may sit in a string
         if line.strip():
             try:
                 yield json.loads(line), number
