@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "importance_overhead.json"
-DATA = HERE.parent.parent / "shared" / "benchmarks" / "long_sequence" / "train" / "agnews.json"
+DATA = HERE.parent / "examples" / "data" / "long_sequence" / "train" / "agnews.jsonl.gz"  # the vendored copy
 SMOLLM2 = Path(os.environ.get("KIFMERGE_MODELS") or "~/.cache/kifmerge/models").expanduser() / "smollm2-135m-instruct"
 # name → (model, mode, batch size, max length, steps factor)
 CASES = {
