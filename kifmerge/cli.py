@@ -446,7 +446,8 @@ def _labelled_files(items: list[str]) -> dict[str, Path]:
 @app.command("eval")
 @handled
 def eval_(
-    ref: Annotated[str, typer.Argument(help="LINE, LINE@vN, LINE@ALIAS, or LINE@v0 for the base model zero-shot.")],
+    ref: Annotated[str, typer.Argument(help="LINE, LINE@vN, LINE@ALIAS, LINE@v0 for the base model zero-shot, "
+                                            "or task:NAME for the weights of task NAME as trained, before any fuse.")],
     data: Annotated[list[str], typer.Option("--data", help="NAME=FILE, once per task (JSON/JSONL of {input, output}).")],
     max_examples: Annotated[int, typer.Option("--max-examples", help="Evaluate the first N records of each file.")] = 100,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer generated.")] = 8,
@@ -455,14 +456,15 @@ def eval_(
     force: Annotated[bool, typer.Option("--force", help="Evaluate again even when a stored result matches.")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """Generate answers greedily, score exact match and ROUGE-L, store them on the version."""
+    """Generate answers greedily, score exact match (case-folded and cased) and ROUGE-L, store them on the version (or task)."""
     from kifmerge import api
 
     with progress_bars() as progress:
         result = api.evaluate(ref, _labelled_files(data), max_examples=max_examples, max_new_tokens=max_new_tokens,
                               max_length=max_length, batch_size=batch_size, force=force, registry=registry, progress=progress)
     rows = [{"task": label, **metrics} for label, metrics in result["results"].items()]
-    emit(result, json_out, lambda r: render_table(rows, ["task", "exact_match", "rouge_l", "examples", "seconds", "reused"], ""))
+    emit(result, json_out, lambda r: render_table(rows, ["task", "exact_match", "exact_match_cased", "rouge_l", "examples",
+                                                         "seconds", "reused"], ""))
 
 
 @app.command()
@@ -470,14 +472,18 @@ def eval_(
 def report(
     line: Annotated[str, typer.Argument(help="A line with evaluated versions.")],
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated task labels, in learning order.")] = None,
-    metric: Annotated[str, typer.Option("--metric", help="exact_match | rouge_l")] = "exact_match",
+    metric: Annotated[str, typer.Option("--metric", help="exact_match | exact_match_cased | rouge_l")] = "exact_match",
     png: Annotated[Optional[Path], typer.Option("--png", help="Also draw the matrix and forgetting curves (needs matplotlib).")] = None,
+    examples: Annotated[bool, typer.Option("--examples", help="With --json: per-example scores of the final row, "
+                                                                "the diagonal and learned (for paired bootstrap).")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """The continual-learning matrix R[version][task] with AP, BWT and FWT."""
+    """The continual-learning matrix R[version][task] from stored evaluations; per task learned
+    (`eval task:NAME`), fused (diagonal) and final scores, the majority class and the predicted
+    answers; AP, BWT vs learned, BWT after fuse, fuse cost and FWT."""
     from kifmerge import api
 
-    result = api.report(line, tasks=tasks.split(",") if tasks else None, metric=metric, registry=registry)
+    result = api.report(line, tasks=tasks.split(",") if tasks else None, metric=metric, examples=examples, registry=registry)
     if png:
         from kifmerge.plots import draw_report
 
@@ -485,16 +491,35 @@ def report(
     emit(result, json_out, render_report)
 
 
+REPORT_SUMMARIES = (("AP", "AP (mean final row)"), ("BWT_vs_learned", "BWT vs learned (final − learned)"),
+                    ("BWT_after_fuse", "BWT after fuse (final − fused diagonal)"),
+                    ("fuse_cost", "fuse cost (learned − fused diagonal)"), ("FWT", "FWT"))
+
+
+def _points(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
 def render_report(result: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table("version", "fused", *result["tasks"], title=f"{result['line']}: {result['metric']}")
-    for version, fused, row in zip(result["versions"], result["fused"], result["matrix"], strict=True):
-        table.add_row(version, fused or "(base)", *["—" if v is None else f"{v:.3f}" for v in row])
     console = Console()
+    table = Table("version", "fused", *result["tasks"], title=f"{result['line']}: {result['metric']} (points)")
+    for version, fused, row in zip(result["versions"], result["fused"], result["matrix"], strict=True):
+        table.add_row(version, fused or "(base)", *map(_points, row))
     console.print(table)
-    console.print("  ".join(f"{k} {'—' if result[k] is None else f'{result[k]:.3f}'}" for k in ("AP", "BWT", "FWT")))
+    tasks = Table("task", "learned", "fused (diagonal)", "final", "majority class", "top predictions",
+                  title="per task (points; learned: `kifmerge eval task:NAME`)")
+    for t in result["per_task"]:
+        top = ", ".join(f"{escape(p['answer']) or '(empty)'} {_points(p['share'])}" for p in t["predictions"][:3])  # model text
+        majority = "—" if t["majority_class"] is None else f"{_points(t['majority_class'])} ({escape(t['majority_answer'])})"
+        tasks.add_row(t["task"], _points(t["learned"]), _points(t["diagonal"]), _points(t["final"]), majority, top)
+    console.print(tasks)
+    width = max(len(name) for _, name in REPORT_SUMMARIES)
+    for key, name in REPORT_SUMMARIES:
+        console.print(f"{name:<{width}}  {_points(result[key]):>6}", highlight=False)
     if result["order"] != "learning":
         console.print(f"column order {result['order']}", style="yellow")
 

@@ -1,27 +1,37 @@
 """Evaluation: greedy generation, answer scoring, and the continual-learning summaries.
 
-Scoring is exact match after normalisation (strip, case-fold, collapse whitespace) plus
+Scoring is exact match after normalisation (strip, case-fold, collapse whitespace), the
+same without case-folding (`exact_match_cased`: label sets such as P/p stay apart), plus
 ROUGE-L F1 over whitespace tokens for free-text answers. The continual-learning matrix
-R[i][j] is the score on task j after version i (row 0: the base, zero-shot):
-    AP  = mean_j R[T][j]
-    BWT = mean_{j<T} (R[T][j] − R[j][j])
-    FWT = mean_{j>1} (R[j−1][j] − R[0][j])
+R[i][j] is the score on task j after version i (row 0: the base, zero-shot); L[j] is the
+score on task j of task j's own trained weights, before any fuse ("learned"):
+    AP             = mean_j R[T][j]
+    BWT_vs_learned = mean_{j<T} (R[T][j] − L[j])    forgetting, including what the fuse gives up
+    BWT_after_fuse = mean_{j<T} (R[T][j] − R[j][j])  forgetting after each task's own fuse
+    fuse_cost      = mean_j (L[j] − R[j][j])         what fusing task j costs it at once
+    FWT            = mean_{j>1} (R[j−1][j] − R[0][j])
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Callable
 
 WHITESPACE = re.compile(r"\s+")
 
 
-def normalise_answer(text: str) -> str:
-    return WHITESPACE.sub(" ", text.strip()).casefold()
+def normalise_answer(text: str, *, cased: bool = False) -> str:
+    collapsed = WHITESPACE.sub(" ", text.strip())
+    return collapsed if cased else collapsed.casefold()
 
 
 def exact_match(prediction: str, reference: str) -> float:
     return float(normalise_answer(prediction) == normalise_answer(reference))
+
+
+def exact_match_cased(prediction: str, reference: str) -> float:
+    return float(normalise_answer(prediction, cased=True) == normalise_answer(reference, cased=True))
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -42,10 +52,36 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+PER_EXAMPLE = {"exact_match": exact_match, "exact_match_cased": exact_match_cased, "rouge_l": rouge_l}
+METRICS = tuple(PER_EXAMPLE)
+
+
 def score(predictions: list[str], references: list[str]) -> dict[str, float]:
     n = len(references)
-    return {"exact_match": round(sum(map(exact_match, predictions, references)) / n, 6),
-            "rouge_l": round(sum(map(rouge_l, predictions, references)) / n, 6), "examples": n}
+    return {**{name: round(sum(map(fn, predictions, references)) / n, 6) for name, fn in PER_EXAMPLE.items()},
+            "examples": n}
+
+
+def per_example(metric: str, predictions: list[str], references: list[str]) -> list[float]:
+    """One score per example (0/1 for exact match), in the data's order."""
+    return [PER_EXAMPLE[metric](p, r) for p, r in zip(predictions, references, strict=True)]
+
+
+def answer_distribution(predictions: list[str], references: list[str], *, cased: bool = False,
+                        top: int = 5) -> dict[str, object]:
+    """Label bias at a glance: the majority-class score (the share of references equal to the
+    most common reference: what answering that one label everywhere would score) and the most
+    common predicted answers with their shares (`top` of them, the rest as one "other" share).
+    Answers are compared normalised, case-folded unless `cased`."""
+    n = len(references)
+    if n == 0:
+        return {"majority_answer": None, "majority_class": None, "predictions": [], "predictions_other": 0.0}
+    refs = Counter(normalise_answer(r, cased=cased) for r in references)
+    majority, count = min(refs.items(), key=lambda kv: (-kv[1], kv[0]))
+    preds = sorted(Counter(normalise_answer(p, cased=cased) for p in predictions).items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = [{"answer": answer, "share": round(k / n, 6)} for answer, k in preds[:top]]
+    return {"majority_answer": majority, "majority_class": round(count / n, 6), "predictions": shown,
+            "predictions_other": round(sum(k for _, k in preds[top:]) / n, 6)}
 
 
 def first_line(text: str) -> str:
@@ -84,19 +120,28 @@ def generate_answers(model, tokenizer, prompts: list[str], *, seq2seq: bool, max
     return answers
 
 
-def summarise(matrix: list[list[float | None]]) -> dict[str, float | None]:
-    """AP, BWT, FWT from R: row 0 the base (zero-shot), row i the version that learned task
-    i−1 (columns in learning order; a single-version multi-task line has more columns than
-    versions). A summary whose inputs are missing is None."""
+def summarise(matrix: list[list[float | None]], learned: list[float | None] | None = None) -> dict[str, float | None]:
+    """AP, BWT_vs_learned, BWT_after_fuse, fuse_cost and FWT from R (row 0 the base, zero-shot;
+    row i the version that learned task i−1, columns in learning order; a single-version
+    multi-task line has more columns than versions) and L (`learned`, aligned with the
+    columns). A summary whose inputs are missing is None."""
     T = len(matrix) - 1
     final = matrix[T] if T >= 1 else []
-    learned = min(T, len(final))
+    done = min(T, len(final))  # columns that a version has learned
+    L = list(learned) if learned is not None else [None] * len(final)
+    diagonal = [matrix[j + 1][j] for j in range(done)]
     ap = _mean(final) if final and None not in final else None
-    backward = [(final[j], matrix[j + 1][j]) for j in range(learned - 1)]
-    forward = [(matrix[j][j], matrix[0][j]) for j in range(1, learned)]
-    bwt = _mean([a - b for a, b in backward]) if backward and all(None not in p for p in backward) else None
-    fwt = _mean([a - b for a, b in forward]) if forward and all(None not in p for p in forward) else None
-    return {"AP": ap, "BWT": bwt, "FWT": fwt}
+    return {"AP": ap,
+            "BWT_vs_learned": _mean_difference([(final[j], L[j]) for j in range(done - 1)]),
+            "BWT_after_fuse": _mean_difference([(final[j], diagonal[j]) for j in range(done - 1)]),
+            "fuse_cost": _mean_difference([(L[j], diagonal[j]) for j in range(done)]),
+            "FWT": _mean_difference([(matrix[j][j], matrix[0][j]) for j in range(1, done)])}
+
+
+def _mean_difference(pairs: list[tuple[float | None, float | None]]) -> float | None:
+    if not pairs or any(a is None or b is None for a, b in pairs):
+        return None
+    return _mean([a - b for a, b in pairs])
 
 
 def _mean(values: list[float]) -> float:

@@ -33,7 +33,8 @@ def draw_report(report: dict, out: Path) -> Path:
     curves.set_xticks(range(len(versions)), versions)
     curves.set_ylim(0, 1.02)
     curves.set_ylabel(report["metric"])
-    curves.set_title(f"AP {_fmt(report['AP'])}  BWT {_fmt(report['BWT'])}  FWT {_fmt(report['FWT'])}")
+    curves.set_title(f"AP {_fmt(report['AP'])}  BWT vs learned {_fmt(report.get('BWT_vs_learned'))}  "
+                     f"BWT after fuse {_fmt(report.get('BWT_after_fuse'))}", fontsize=9)
     curves.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

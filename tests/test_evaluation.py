@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import task_records, write_jsonl
-from kifmerge.evaluation import exact_match, rouge_l, score, summarise
+from kifmerge.evaluation import answer_distribution, exact_match, exact_match_cased, per_example, rouge_l, score, summarise
 
 
 def test_answer_metrics_on_known_predictions():
@@ -14,6 +14,7 @@ def test_answer_metrics_on_known_predictions():
     assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(2 * (5 / 6) * (5 / 6) / (10 / 6))
     assert rouge_l("", "") == 1.0 and rouge_l("x", "") == 0.0
     assert score(["yes", "No ", "maybe"], ["yes", "no", "no"]) == {"exact_match": pytest.approx(2 / 3, abs=1e-6),
+                                                                  "exact_match_cased": pytest.approx(1 / 3, abs=1e-6),
                                                                   "rouge_l": pytest.approx(2 / 3, abs=1e-6), "examples": 3}
 
 
@@ -22,11 +23,21 @@ def test_summaries_of_a_hand_made_matrix():
          [0.8, 0.3, 0.1],   # after task 0
          [0.6, 0.9, 0.2],   # after task 1
          [0.5, 0.7, 0.9]]   # after task 2
-    result = summarise(R)
+    L = [0.85, 0.95, 0.9]   # each task's own weights, before any fuse
+    result = summarise(R, L)
     assert result["AP"] == pytest.approx((0.5 + 0.7 + 0.9) / 3)
-    assert result["BWT"] == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)
+    assert result["BWT_vs_learned"] == pytest.approx(((0.5 - 0.85) + (0.7 - 0.95)) / 2)
+    assert result["BWT_after_fuse"] == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)
+    assert result["fuse_cost"] == pytest.approx(((0.85 - 0.8) + (0.95 - 0.9) + (0.9 - 0.9)) / 3, abs=1e-6)
     assert result["FWT"] == pytest.approx(((0.3 - 0.2) + (0.2 - 0.0)) / 2)
-    assert summarise([[None, None], [0.7, 0.4]]) == {"AP": pytest.approx(0.55), "BWT": None, "FWT": None}
+    assert "BWT" not in result
+    # SeqLoRA-like: the fused diagonal is the learned score, so the two BWTs agree and the fuse costs nothing
+    seq = summarise(R, [R[j + 1][j] for j in range(3)])
+    assert seq["BWT_vs_learned"] == seq["BWT_after_fuse"] and seq["fuse_cost"] == 0
+    assert summarise(R)["BWT_vs_learned"] is None and summarise(R)["fuse_cost"] is None  # no learned scores
+    assert summarise(R, [0.85, None, 0.9])["fuse_cost"] is None
+    assert summarise([[None, None], [0.7, 0.4]]) == {"AP": pytest.approx(0.55), "BWT_vs_learned": None,
+                                                     "BWT_after_fuse": None, "fuse_cost": None, "FWT": None}
     assert summarise([[0.1], [None]])["AP"] is None
 
 
@@ -45,7 +56,7 @@ def test_eval_stores_scores_and_reuses_them(cli, line_with_two_versions, monkeyp
     first = cli.json("eval", "main@v1", *sum((["--data", d] for d in data), []), "--max-examples", "6", "--max-new-tokens", "3")
     assert first["version"] == "main@v1" and first["settings"] == {"max_examples": 6, "max_new_tokens": 3, "max_length": 256}
     for metrics in first["results"].values():
-        assert set(metrics) == {"exact_match", "rouge_l", "examples", "seconds", "reused"}
+        assert set(metrics) == {"exact_match", "exact_match_cased", "rouge_l", "examples", "seconds", "reused"}
         assert metrics["examples"] == 6 and 0 <= metrics["exact_match"] <= 1 and not metrics["reused"]
 
     again = cli.json("eval", "main@v1", *sum((["--data", d] for d in data), []), "--max-examples", "6", "--max-new-tokens", "3")
@@ -84,7 +95,23 @@ def test_report_builds_the_matrix_from_stored_evaluations(cli, line_with_two_ver
     assert report["tasks"] == ["parity", "vowel"] and report["versions"] == ["v0", "v1", "v2"]
     assert report["fused"] == [None, "parity", "vowel"]
     assert report["matrix"] == [[share(parity, a), share(vowel, a)] for a in answers.values()]
-    assert {k: report[k] for k in ("AP", "BWT", "FWT")} == summarise(report["matrix"])
+    summaries = ("AP", "BWT_vs_learned", "BWT_after_fuse", "fuse_cost", "FWT")
+    assert {k: report[k] for k in summaries} == summarise(report["matrix"], report["learned"]) and "BWT" not in report
+    # v1 holds parity's own weights, so its evaluation is parity's learned score; vowel's is not evaluated
+    assert report["learned"] == [share(parity, "odd"), None] and report["diagonal"] == [share(parity, "odd"), share(vowel, "even")]
+    assert report["BWT_vs_learned"] == report["BWT_after_fuse"] and report["fuse_cost"] is None
+    # one label everywhere is visible as such: the final row answers "even" on both tasks
+    by_task = {t["task"]: t for t in report["per_task"]}
+    assert [t["task"] for t in report["per_task"]] == ["parity", "vowel"]
+    assert by_task["vowel"]["predictions"] == [{"answer": "even", "share": 1.0}] and by_task["vowel"]["predictions_other"] == 0
+    majority = max(("odd", "even"), key=lambda a: share(parity, a))
+    assert by_task["parity"]["majority_answer"] == majority and by_task["parity"]["majority_class"] == share(parity, majority)
+    assert by_task["parity"]["final"] == by_task["parity"]["final_exact_match"] == share(parity, "even")
+    assert by_task["parity"]["learned"] == share(parity, "odd") and by_task["parity"]["learned_from"] == "main@v1"
+    assert by_task["vowel"]["learned"] is None and by_task["parity"]["examples"] == 8
+    human = cli("report", "main").stdout
+    for words in ("BWT vs learned", "BWT after fuse", "fuse cost", "majority class", f"{100 * share(parity, 'even'):.1f}"):
+        assert words in human
 
     assert report["order"] == "learning"
 
@@ -110,8 +137,9 @@ def test_report_without_a_known_order_gives_no_bwt(cli, line_with_two_versions, 
             "--data", f"b={line_with_two_versions['parity']}", "--max-examples", "4")
     report = cli.json("report", "main")
     assert report["tasks"] == ["a", "b"] and report["order"].startswith("unknown")
-    assert report["AP"] is not None and report["BWT"] is None and report["FWT"] is None
-    assert cli.json("report", "main", "--tasks", "b,a")["BWT"] is not None
+    assert report["AP"] is not None and report["BWT_after_fuse"] is None and report["FWT"] is None
+    assert report["diagonal"] == [None, None] and report["learned"] == [None, None]
+    assert cli.json("report", "main", "--tasks", "b,a")["BWT_after_fuse"] is not None
 
 
 def test_eval_rejects_bad_arguments(cli, line_with_two_versions):

@@ -24,12 +24,17 @@ from kifmerge.services.common import (
 )
 
 
+TASK_PREFIX = "task:"  # `task:NAME`: a registered task's own weights, before any fuse
+
+
 def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None = 100, max_new_tokens: int = 8,
              max_length: int = 256, batch_size: int = 16, force: bool = False,
              registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
-    """Generate greedy answers of LINE@vN (`@v0`: the base, zero-shot) for each labelled data
-    file, score them, and store the scores. A result for the same weights, data and settings
-    is reused unless `force`."""
+    """Generate greedy answers of LINE@vN (`@v0`: the base, zero-shot), or of `task:NAME` (a
+    registered task's own weights: base + its adapter merged, or its full weights), for each
+    labelled data file, score them, and store the scores. A result for the same weights, data
+    and settings is reused unless `force` (so a version whose weights are its task's, such as
+    a line's first version, reuses the task's evaluation, and the other way round)."""
     from kifmerge.evaluation import generate_answers, score
     from kifmerge.training import load_records
 
@@ -41,25 +46,36 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
         raise UsageError("--max-new-tokens, --max-length, --batch-size and --max-examples must be positive")
     settings = {"max_examples": max_examples, "max_new_tokens": max_new_tokens, "max_length": max_length}
     with opened(registry) as reg:
-        line, number = parse_ref(ref)
-        line_row = reg.catalog.get("lines", line, "line")
-        base_row = reg.catalog.get("bases", line_row["base"], "base")
-        if number == 0:
-            version, subject = None, f"base:{base_row['fingerprint']}"
+        task = None
+        if ref.startswith(TASK_PREFIX):
+            task_row = reg.catalog.get("tasks", check_name(ref[len(TASK_PREFIX):], "task"), "task")
+            task = task_row["name"]
+            base_row = reg.catalog.get("bases", task_row["base"], "base")
+            # rows of a task's evaluation: line "task:NAME" (no line name has a ':'), number 0
+            line, number, subject, kind, weights = f"{TASK_PREFIX}{task}", 0, task_row["weights"], task_row["kind"], task_row["weights"]
+            name = line
         else:
-            line, version = resolve_version(reg, ref)
-            subject = version["weights"]
-        number = version["number"] if version else 0
+            line, number = parse_ref(ref)
+            line_row = reg.catalog.get("lines", line, "line")
+            base_row = reg.catalog.get("bases", line_row["base"], "base")
+            kind, weights = line_row["kind"], None
+            if number == 0:
+                subject = f"base:{base_row['fingerprint']}"
+            else:
+                line, version = resolve_version(reg, ref)
+                number, subject, weights = version["number"], version["weights"], version["weights"]
+            name = f"{line}@v{number}"
         inputs = {label: (load_records(path, max_examples), sha256_file(Path(path))) for label, path in data.items()}
         results, rows, model = {}, [], None
         for label, (records, fingerprint) in inputs.items():
             known = None if force else reg.catalog.find_evaluation(subject, fingerprint, settings)
             if known:
-                results[label] = {**known["metrics"], "reused": True}
-                rows.append({**{k: known[k] for k in ("metrics", "predictions")}, "label": label, "data_fingerprint": fingerprint})
+                metrics = _complete_metrics(reg, known)
+                results[label] = {**metrics, "reused": True}
+                rows.append({"metrics": metrics, "predictions": known["predictions"], "label": label, "data_fingerprint": fingerprint})
                 continue
             if model is None:
-                model, tokenizer, seq2seq = _model_for_evaluation(reg, base_row, line_row, version)
+                model, tokenizer, seq2seq = _model_for_evaluation(reg, base_row, kind, weights)
             t0 = time.perf_counter()
             answers = generate_answers(model, tokenizer, [r["input"] for r in records], seq2seq=seq2seq,
                                        max_new_tokens=max_new_tokens, max_length=max_length, batch_size=batch_size,
@@ -73,12 +89,39 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
             for row in rows:
                 reg.catalog.insert("evaluations", {**row, "line": line, "number": number, "subject": subject,
                                                    "settings": settings, "created": now()})
-            reg.catalog.event("eval", f"{line}@v{number}", {"labels": sorted(data), "settings": settings})
-        return {"version": f"{line}@v{number}", "settings": settings, "results": results}
+            reg.catalog.event("eval", name, {"labels": sorted(data), "settings": settings})
+        return {"version": name, "task": task, "settings": settings, "results": results}
 
 
-def _model_for_evaluation(reg: Registry, base_row: dict, line_row: dict, version: dict | None):
-    """The model of a version, ready to generate: base, base + merged adapter, or full weights."""
+def _predictions(reg: Registry, sha: str | None, cache: dict[str, list[dict]] | None = None) -> list[dict] | None:
+    """An evaluation's stored answers, [{output, prediction}] in the data's order (verified read)."""
+    if not sha:
+        return None
+    if cache is not None and sha in cache:
+        return cache[sha]
+    found = json.loads(reg.blobs.read_bytes(sha))
+    if cache is not None:
+        cache[sha] = found
+    return found
+
+
+def _complete_metrics(reg: Registry, row: dict, cache: dict | None = None) -> dict[str, Any]:
+    """The row's metrics, with the ones added since it was stored (`exact_match_cased`)
+    recomputed from its stored predictions."""
+    from kifmerge.evaluation import METRICS, score
+
+    metrics = dict(row["metrics"])
+    if any(m not in metrics for m in METRICS):
+        pairs = _predictions(reg, row.get("predictions"), cache)
+        if pairs:
+            fresh = score([p["prediction"] for p in pairs], [p["output"] for p in pairs])
+            metrics.update({m: fresh[m] for m in METRICS if m not in metrics})
+    return metrics
+
+
+def _model_for_evaluation(reg: Registry, base_row: dict, kind: str, weights: str | None):
+    """The model to generate with: the base (`weights` None), base + a merged adapter (`kind`
+    lora), or full weights — of a version or of a task."""
     import torch
 
     from kifmerge.export import model_class_for, quiet_transformers
@@ -90,17 +133,17 @@ def _model_for_evaluation(reg: Registry, base_row: dict, line_row: dict, version
     cls = model_class_for(base_row["config"])
     staging = reg.blobs.staging_dir()
     try:
-        if version is None:
+        if weights is None:
             model = cls.from_pretrained(folder, dtype=torch.float32)
-        elif line_row["kind"] == "lora":
+        elif kind == "lora":
             from peft import PeftModel
 
-            reg.copy_weights(version["weights"], staging)
+            reg.copy_weights(weights, staging)
             model = PeftModel.from_pretrained(cls.from_pretrained(folder, dtype=torch.float32), staging).merge_and_unload()
         else:
             from kifmerge.export import copy_model_side_files
 
-            reg.copy_weights(version["weights"], staging)
+            reg.copy_weights(weights, staging)
             copy_model_side_files(folder, staging, include_config=True)
             model = cls.from_pretrained(staging, dtype=torch.float32)
     finally:
@@ -108,34 +151,111 @@ def _model_for_evaluation(reg: Registry, base_row: dict, line_row: dict, version
     return model, tokenizer, is_seq2seq(base_row["config"])
 
 
-def report(line: str, *, tasks: list[str] | None = None, metric: str = "exact_match",
+def report(line: str, *, tasks: list[str] | None = None, metric: str = "exact_match", examples: bool = False,
            registry: str | os.PathLike | None = None) -> dict[str, Any]:
     """The continual-learning matrix R[i][j] (score on task j after version i; row 0 the base)
-    from stored evaluations, with AP, BWT and FWT."""
-    from kifmerge.evaluation import summarise
+    from stored evaluations; `learned` L[j] (task j's own weights, evaluated with `kifmerge eval
+    task:NAME`), the `diagonal` R[j][j]; the summaries AP, BWT_vs_learned, BWT_after_fuse,
+    fuse_cost and FWT; per task the majority-class score and the predicted-answer distribution
+    of the final row. `examples`: also the per-example scores of the final row, the diagonal
+    and learned, in each data file's order (for paired bootstrap intervals)."""
+    from kifmerge.evaluation import METRICS, summarise
 
-    if metric not in ("exact_match", "rouge_l"):
-        raise UsageError(f"unknown metric {metric!r}: choose exact_match or rouge_l")
+    if metric not in METRICS:
+        raise UsageError(f"unknown metric {metric!r}: choose {', '.join(METRICS)}")
     with opened(registry) as reg:
         reg.catalog.get("lines", line, "line")
         versions = reg.catalog.rows("versions", "line = ?", [line], order_by="number")
-        scores: dict[tuple[int, str], float] = {}
+        cells: dict[tuple[int, str], dict] = {}
         for row in reg.catalog.rows("evaluations", "line = ?", [line], order_by="id"):
-            scores[(row["number"], row["label"])] = row["metrics"][metric]  # the newest evaluation wins
-        labels = sorted({label for _, label in scores})
+            cells[(row["number"], row["label"])] = row  # the newest evaluation wins
+        labels = sorted({label for _, label in cells})
         ordered = tasks is not None
         if tasks is None:  # labels named like the fused tasks give the learning order
-            learned = [v["task"] for v in versions if v["task"] in labels]
-            ordered = len(learned) == len(versions)
-            tasks = learned + [label for label in labels if label not in learned]
+            learned_order = [v["task"] for v in versions if v["task"] in labels]
+            ordered = len(learned_order) == len(versions)
+            tasks = learned_order + [label for label in labels if label not in learned_order]
         missing = [t for t in tasks if t not in labels]
         if missing:
             raise NotFoundError(f"line {line!r} has no evaluation labelled {missing[0]!r}; run `kifmerge eval {line}@vN --data {missing[0]}=FILE`")
-        rows = [0] + [v["number"] for v in versions]
-        matrix = [[scores.get((n, t)) for t in tasks] for n in rows]
-        summary = summarise(matrix)
-        if not ordered:  # BWT and FWT need column j to be the task version j+1 learned
-            summary.update(BWT=None, FWT=None)
-        return {"line": line, "metric": metric, "tasks": tasks, "versions": [f"v{n}" for n in rows],
-                "fused": [None] + [v["task"] for v in versions], "matrix": matrix, **summary,
-                "order": "learning" if ordered else "unknown: name the labels like the tasks, or pass --tasks in learning order"}
+        cache: dict[str, list[dict]] = {}
+
+        def value(row: dict | None, name: str = metric) -> float | None:
+            return None if row is None else _complete_metrics(reg, row, cache).get(name)
+
+        numbers = [0] + [v["number"] for v in versions]
+        grid = [[cells.get((n, t)) for t in tasks] for n in numbers]
+        final_row = grid[-1]
+        done = min(len(versions), len(tasks)) if ordered else 0  # columns j whose task version j+1 fused
+        diagonal_rows = [grid[j + 1][j] if j < done else None for j in range(len(tasks))]
+        learned_tasks = [versions[j]["task"] if j < done else None for j in range(len(tasks))]
+        learned_rows = [_learned_evaluation(reg, name, label, final)
+                        for name, label, final in zip(learned_tasks, tasks, final_row, strict=True)]
+        matrix = [[value(cell) for cell in row] for row in grid]
+        learned = [value(row) for row in learned_rows]
+        summary = summarise(matrix, learned)
+        if not ordered:  # everything but AP needs column j to be the task version j+1 learned
+            summary.update({k: None for k in summary if k != "AP"})
+        em = "exact_match_cased" if metric == "exact_match_cased" else "exact_match"
+        per_task = [_task_summary(reg, cache, label, final, diagonal, learned_row, learned_task, metric, em, value)
+                    for label, final, diagonal, learned_row, learned_task
+                    in zip(tasks, final_row, diagonal_rows, learned_rows, learned_tasks, strict=True)]
+        result = {"line": line, "metric": metric, "tasks": tasks, "versions": [f"v{n}" for n in numbers],
+                  "fused": [None] + [v["task"] for v in versions], "matrix": matrix,
+                  "diagonal": [value(row) for row in diagonal_rows], "learned": learned, **summary,
+                  "per_task": per_task,
+                  "order": "learning" if ordered else "unknown: name the labels like the tasks, or pass --tasks in learning order"}
+        if examples:
+            result["examples"] = {name: [_example_scores(reg, cache, row, metric) for row in rows]
+                                  for name, rows in (("final", final_row), ("diagonal", diagonal_rows), ("learned", learned_rows))}
+        return result
+
+
+def _learned_evaluation(reg: Registry, task: str | None, label: str, final: dict | None) -> dict | None:
+    """The newest evaluation of `task`'s own weights on `label` (`kifmerge eval task:NAME`, or
+    a version with the very same weights); one on the same data and settings as the final row's
+    is preferred, so that L and R are scored on the same examples."""
+    task_row = reg.catalog.find("tasks", task) if task else None
+    if task_row is None:
+        return None
+    found = reg.catalog.rows("evaluations", "subject = ? and label = ?", [task_row["weights"], label], order_by="id desc")
+    if final is not None:
+        same = [row for row in found if row["data_fingerprint"] == final["data_fingerprint"] and row["settings"] == final["settings"]]
+        found = same or found
+    return found[0] if found else None
+
+
+def _task_summary(reg: Registry, cache: dict, label: str, final: dict | None, diagonal: dict | None,
+                  learned: dict | None, learned_task: str | None, metric: str, em: str, value) -> dict[str, Any]:
+    from kifmerge.evaluation import answer_distribution
+
+    out: dict[str, Any] = {
+        "task": label, "learned_task": learned_task,
+        "final": value(final), "diagonal": value(diagonal), "learned": value(learned),
+        "final_exact_match": value(final, em), "learned_exact_match": value(learned, em),
+        "examples": final["metrics"].get("examples") if final else None,
+        "data_fingerprint": final["data_fingerprint"] if final else None,
+        "learned_from": _evaluated(learned),
+        "learned_same_data": (learned["data_fingerprint"] == final["data_fingerprint"] and learned["settings"] == final["settings"])
+        if learned and final else None,
+    }
+    pairs = _predictions(reg, final.get("predictions"), cache) if final else None
+    distribution = answer_distribution([p["prediction"] for p in pairs], [p["output"] for p in pairs],
+                                       cased=em == "exact_match_cased") if pairs else \
+        {"majority_answer": None, "majority_class": None, "predictions": [], "predictions_other": None}
+    return {**out, **distribution}
+
+
+def _evaluated(row: dict | None) -> str | None:
+    if row is None:
+        return None
+    return row["line"] if row["line"].startswith(TASK_PREFIX) else f"{row['line']}@v{row['number']}"
+
+
+def _example_scores(reg: Registry, cache: dict, row: dict | None, metric: str) -> list[float] | None:
+    from kifmerge.evaluation import per_example
+
+    pairs = _predictions(reg, row.get("predictions"), cache) if row else None
+    if not pairs:
+        return None
+    return per_example(metric, [p["prediction"] for p in pairs], [p["output"] for p in pairs])
