@@ -243,6 +243,8 @@ with_train_options = option_group("train_options", [
     _train(None, "--beta2", help="EMA factor of the uncertainty (default: 0.85).", kind=Optional[float]),
     _train(None, "--orth-reg", help="LoRA orthogonality regulariser λ (default: 0, off).", kind=Optional[float]),
     _train(None, "--replay", help="Fraction of examples replayed from the line's earlier tasks (default: 0).", kind=Optional[float]),
+    _train(None, "--warmup-steps", help="Linear learning-rate warmup steps before the linear decay (default: 0).", kind=Optional[int]),
+    _train(False, "--bf16", help="bfloat16 autocast for the forward/backward (weights and importance stay float32).", kind=bool),
 ], _split_modules)
 
 with_fuse_options = option_group("fuse_options", [
@@ -452,7 +454,8 @@ def eval_(
     max_examples: Annotated[int, typer.Option("--max-examples", help="Evaluate the first N records of each file.")] = 100,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer generated.")] = 8,
     max_length: Annotated[int, typer.Option("--max-length", help="Max prompt tokens (middle truncated).")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together (batched by length).")] = 16,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Generate under bfloat16 autocast (stored as its own setting).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Evaluate again even when a stored result matches.")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
@@ -461,7 +464,8 @@ def eval_(
 
     with progress_bars() as progress:
         result = api.evaluate(ref, _labelled_files(data), max_examples=max_examples, max_new_tokens=max_new_tokens,
-                              max_length=max_length, batch_size=batch_size, force=force, registry=registry, progress=progress)
+                              max_length=max_length, batch_size=batch_size, bf16=bf16, force=force, registry=registry,
+                              progress=progress)
     rows = [{"task": label, **metrics} for label, metrics in result["results"].items()]
     emit(result, json_out, lambda r: render_table(rows, ["task", "exact_match", "exact_match_cased", "rouge_l", "examples",
                                                          "seconds", "reused"], ""))

@@ -90,31 +90,37 @@ def first_line(text: str) -> str:
 
 
 def generate_answers(model, tokenizer, prompts: list[str], *, seq2seq: bool, max_new_tokens: int, max_length: int,
-                     batch_size: int, advance: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy answers, batched; causal prompts are left-padded and truncated in the middle
-    exactly as in training (instruction and answer cue kept)."""
+                     batch_size: int, bf16: bool = False, advance: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers, in the prompts' order; causal prompts are left-padded and truncated in
+    the middle exactly as in training (instruction and answer cue kept). Prompts are batched by
+    length (sorted, so a batch carries little padding); `bf16` generates under bfloat16 autocast."""
     import torch
 
     from kifmerge.training import Encoder
 
     encoder = Encoder(tokenizer, seq2seq, max_length)
     model.eval()
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [encoder.prompt_ids(p, max_length - (0 if seq2seq else max_new_tokens)) for p in prompts[start:start + batch_size]]
+    encoded = [encoder.prompt_ids(p, max_length - (0 if seq2seq else max_new_tokens)) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str | None] = [None] * len(encoded)
+    pad = tokenizer.pad_token_id
+    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    for start in range(0, len(order), batch_size):
+        members = order[start:start + batch_size]
+        chunk = [encoded[i] for i in members]
         width = max(map(len, chunk))
-        pad = tokenizer.pad_token_id
         if seq2seq:
             ids = [c + [pad] * (width - len(c)) for c in chunk]
             mask = [[1] * len(c) + [0] * (width - len(c)) for c in chunk]
         else:
             ids = [[pad] * (width - len(c)) + c for c in chunk]
             mask = [[0] * (width - len(c)) + [1] * len(c) for c in chunk]
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         new = out if seq2seq else out[:, width:]
-        answers.extend(first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+        for i, text in zip(members, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+            answers[i] = first_line(text)
         if advance:
             advance(len(chunk))
     return answers

@@ -283,7 +283,7 @@ def training_arguments(options: TrainOptions, out_dir: Path) -> TrainingArgument
         per_device_eval_batch_size=options.batch_size, gradient_accumulation_steps=options.grad_accum,
         learning_rate=options.learning_rate, num_train_epochs=options.epochs,
         max_steps=options.max_steps or -1, seed=options.seed, data_seed=options.seed,
-        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        lr_scheduler_type="linear", warmup_steps=options.warmup_steps, bf16=options.bf16, weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), log_level="error",

@@ -336,3 +336,37 @@ def test_a_line_keeps_its_kind_and_rank(cli, tmp_path, llama_dir, parity):
     start_line_with_adapter(cli, tmp_path, llama_dir)
     assert "--mode lora" in cli("train", "t", "--data", parity, "--line", "line", "--mode", "full", code=2).stderr
     assert "r=4" in cli("train", "t", "--data", parity, "--line", "line", "--lora-r", "8", code=2).stderr
+
+
+def test_warmup_and_bf16_reach_the_trainer_and_bf16_eval_is_its_own_setting(cli, tmp_path, llama_dir, parity):
+    """--warmup-steps holds the first steps' learning rate below --lr; --bf16 trains under
+    autocast and is recorded; `eval --bf16` is stored apart from the float32 result."""
+    cli("base", "add", "llama", llama_dir)
+    cli("train", "warm", "--data", parity, "--line", "main", "--base", "llama", "--max-steps", "3", "--lr", "1e-3",
+        "--warmup-steps", "2", "--bf16")
+    config = cli.json("show", "warm")["training_config"]
+    assert config["warmup_steps"] == 2 and config["bf16"] is True
+    cli("fuse", "warm", "--into", "main")
+    fp32 = cli.json("eval", "main", "--data", f"parity={parity}", "--max-examples", "4")
+    bf16 = cli.json("eval", "main", "--data", f"parity={parity}", "--max-examples", "4", "--bf16")
+    assert bf16["settings"]["bf16"] is True and "bf16" not in fp32["settings"]
+    assert not bf16["results"]["parity"]["reused"]
+    assert cli.json("eval", "main", "--data", f"parity={parity}", "--max-examples", "4", "--bf16")["results"]["parity"]["reused"]
+
+
+def test_warmup_schedule_ramps_up_then_decays():
+    from kifmerge.options import TrainOptions
+    from kifmerge.training import training_arguments
+
+    args = training_arguments(TrainOptions(max_steps=10, lr=1e-3, warmup_steps=4), Path("/tmp/unused"))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0 and rates[1] < rates[2] < rates[3] < rates[4] == pytest.approx(1e-3) and rates[5] < rates[4]

@@ -28,7 +28,7 @@ TASK_PREFIX = "task:"  # `task:NAME`: a registered task's own weights, before an
 
 
 def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None = 100, max_new_tokens: int = 8,
-             max_length: int = 256, batch_size: int = 16, force: bool = False,
+             max_length: int = 256, batch_size: int = 16, bf16: bool = False, force: bool = False,
              registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
     """Generate greedy answers of LINE@vN (`@v0`: the base, zero-shot), or of `task:NAME` (a
     registered task's own weights: base + its adapter merged, or its full weights), for each
@@ -45,6 +45,8 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
     if max_new_tokens < 1 or max_length < 8 or batch_size < 1 or (max_examples is not None and max_examples < 1):
         raise UsageError("--max-new-tokens, --max-length, --batch-size and --max-examples must be positive")
     settings = {"max_examples": max_examples, "max_new_tokens": max_new_tokens, "max_length": max_length}
+    if bf16:  # only when asked: float32 results stored before this option keep matching
+        settings["bf16"] = True
     with opened(registry) as reg:
         task = None
         if ref.startswith(TASK_PREFIX):
@@ -78,7 +80,7 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
                 model, tokenizer, seq2seq = _model_for_evaluation(reg, base_row, kind, weights)
             t0 = time.perf_counter()
             answers = generate_answers(model, tokenizer, [r["input"] for r in records], seq2seq=seq2seq,
-                                       max_new_tokens=max_new_tokens, max_length=max_length, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, max_length=max_length, batch_size=batch_size, bf16=bf16,
                                        advance=start_progress(progress, f"evaluating {label}", len(records)))
             metrics = {**score(answers, [r["output"] for r in records]), "seconds": round(time.perf_counter() - t0, 3)}
             predictions = reg.blobs.put_bytes(json.dumps(
