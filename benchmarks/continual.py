@@ -389,12 +389,12 @@ def draw(p: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def write_summary(orders: list[int]) -> None:
+def write_summary(orders: list[int], results: Path = RESULTS) -> None:
     """Across orders: per method the mean AP and BWT vs learned with intervals (resamples
     shared per task across orders, seeds averaged first) and the AP difference from the default."""
     from kifmerge.stats import combine, interval, paired_difference
 
-    found = {o: json.loads((RESULTS / f"order{o}.json").read_text()) for o in orders if (RESULTS / f"order{o}.json").exists()}
+    found = {o: json.loads((results / f"order{o}.json").read_text()) for o in orders if (results / f"order{o}.json").exists()}
     if not found:
         sys.exit("no order results yet: run benchmarks/continual.py --order N first")
     methods = [m for m in next(iter(found.values()))["methods"] if all(m in r["methods"] for r in found.values())]
@@ -421,7 +421,7 @@ def write_summary(orders: list[int]) -> None:
                "methods": {m: METHODS[m].describe for m in methods}, "statistics": stats,
                "wall_s_per_order": {o: round(sum(p["wall_s"].values()), 1) for o, p in found.items()},
                "git_commit": git_commit(), "command": "python benchmarks/continual.py --summary"}
-    (RESULTS / "summary.json").write_text(json.dumps(payload, indent=1))
+    (results / "summary.json").write_text(json.dumps(payload, indent=1))
     lines = [f"# Continual learning across orders {', '.join(map(str, sorted(found)))}", "",
              f"Mean over orders (each order's seeds averaged first); points ×100 with 95 % paired-bootstrap intervals over "
              f"examples (resamples shared per task across methods, seeds and orders). Default method: **{DEFAULT_METHOD}** "
@@ -432,7 +432,7 @@ def write_summary(orders: list[int]) -> None:
         lines.append(f"| {m} | {ci(row['AP'])} | {ci(diff, True) + (' ' + diff['called'] if diff else '') if diff else '—'} | "
                      f"{ci(row.get('BWT_vs_learned'), True)} | {ci(row.get('fuse_cost'), True)} |")
     lines += ["", "Wall time per order: " + ", ".join(f"order {o}: {s / 60:.1f} min" for o, s in payload["wall_s_per_order"].items()), ""]
-    (RESULTS / "summary.md").write_text("\n".join(lines))
+    (results / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
@@ -458,10 +458,11 @@ def main() -> None:
     parser.add_argument("--bf16-eval", action="store_true", help="bf16 autocast for evaluation too")
     parser.add_argument("--full-matrix", action="store_true", help="evaluate every version on every task")
     parser.add_argument("--work", type=Path, default=None, help="state folder (default benchmarks/work/<name>)")
-    parser.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/results/<name>)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=None, help="results stem (default: <results>/<name>)")
     args = parser.parse_args()
     if args.summary:
-        write_summary(sorted(ORDERS))
+        write_summary(sorted(ORDERS), args.results)
         return
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -480,7 +481,7 @@ def main() -> None:
         experiment.run()
         per_seed.append(experiment.collect())
         walls[str(seed)] = round(sum(experiment.wall.values()), 1)
-    stem = args.out or RESULTS / name
+    stem = args.out or args.results / name
     write_order(stem, name, [t.name for t in tasks], args, per_seed, walls)
     print(stem.with_suffix(".md").read_text())
     log(f"wrote {stem}.json / .md / .png")
