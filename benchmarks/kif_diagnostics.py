@@ -2,7 +2,10 @@
 profiles: how concentrated each task's importance is, how the old and new important sets
 overlap, and how many units fall in each case of the static rule.
 
-    python benchmarks/kif_diagnostics.py [--work benchmarks/work/order4] [--line kif] [--top 0.2]
+    python benchmarks/kif_diagnostics.py [--work benchmarks/work/order4/seed42] [--line kif] [--top 0.2] [--name order4]
+
+Also measures, for every fuse of a LoRA line, how far fusing the factors lands from fusing
+their products (DESIGN's rank-unit fusion blends A rows and B columns separately).
 """
 
 from __future__ import annotations
@@ -42,6 +45,38 @@ def unit_norms(reg: Registry, weights_sha: str) -> torch.Tensor:
     return torch.cat([tensors[m + ".lora_A.weight"].norm(dim=1) * tensors[m + ".lora_B.weight"].norm(dim=0) for m in modules])
 
 
+def lora_factors(reg: Registry, weights_sha: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module → (A [r, in], B [out, r]) of a stored adapter."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name, path in reg.weights(weights_sha).tensor_files().items():
+        tensors.update(load_file(path))
+    modules = sorted(k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
+    return {m: (tensors[m + ".lora_A.weight"].double(), tensors[m + ".lora_B.weight"].double()) for m in modules}
+
+
+def factor_space_bias(old: dict, new: dict, fused: dict) -> dict[str, float]:
+    """How far fusing LoRA factors unit by unit lands from fusing their products. Each rank
+    unit's coefficient c is read back from the fused A row (A_f = c·A_new + (1 − c)·A_old); the
+    exact product-space blend is Σ_r c_r·b_new,r a_new,r + (1 − c_r)·b_old,r a_old,r, and
+    with new = old + Δ the factor blend misses it by Σ_r c_r(c_r − 1)·Δb_r Δa_r. Returns the
+    median and max over modules of ‖B_f A_f − exact‖ / ‖exact‖, and of ‖B_f A_f − exact‖ /
+    ‖B_new A_new − B_old A_old‖ (the error against the size of the task's change)."""
+    rel_exact, rel_change = [], []
+    for module, (a_f, b_f) in fused.items():
+        (a_o, b_o), (a_n, b_n) = old[module], new[module]
+        delta = a_n - a_o
+        c = ((a_f - a_o) * delta).sum(dim=1) / (delta * delta).sum(dim=1).clamp_min(1e-30)
+        exact = (b_n * c) @ a_n + (b_o * (1 - c)) @ a_o
+        error = torch.linalg.matrix_norm(b_f @ a_f - exact)
+        rel_exact.append(float(error / torch.linalg.matrix_norm(exact).clamp_min(1e-30)))
+        rel_change.append(float(error / torch.linalg.matrix_norm(b_n @ a_n - b_o @ a_o).clamp_min(1e-30)))
+    ordered = lambda values: sorted(values)
+    return {"median_vs_fused_product": round(ordered(rel_exact)[len(rel_exact) // 2], 4), "max_vs_fused_product": round(max(rel_exact), 4),
+            "median_vs_task_change": round(ordered(rel_change)[len(rel_change) // 2], 4), "max_vs_task_change": round(max(rel_change), 4)}
+
+
 def module_share(scores: torch.Tensor, rank: int) -> float:
     """Share of the profile's variance explained by which module a unit is in (units of one
     module are consecutive, `rank` of them): 1 means importance is a property of the module."""
@@ -59,9 +94,10 @@ def mass_in_top(scores: torch.Tensor, top: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=HERE / "work" / "order4")
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "order4" / "seed42")
     parser.add_argument("--line", default="kif")
     parser.add_argument("--top", type=float, default=0.2)
+    parser.add_argument("--name", default=None, help="results file name part (default: the work folder's name)")
     args = parser.parse_args()
     reg = Registry.open(args.work / "registry")
     rows = []
@@ -82,6 +118,9 @@ def main() -> None:
             "module_share_new": round(module_share(p_new, version["adapter_config"]["r"]), 3),
             "both": both, "old_only": int((old_hot & ~new_hot).sum()), "new_only": int((new_hot & ~old_hot).sum()),
             "neither": int((~old_hot & ~new_hot).sum()),
+            "factor_space_bias": factor_space_bias(lora_factors(reg, previous["weights"]),
+                                                   lora_factors(reg, reg.catalog.get("tasks", version["task"], "task")["weights"]),
+                                                   lora_factors(reg, version["weights"])),
         })
     reg.close()
     print(f"{'version':<10} {'units':>5} {'top-mass new/old':>17} {'median new':>10} {'rank corr':>9} "
@@ -89,7 +128,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['version']:<10} {r['units']:>5} {r['new_top_mass']:>8.3f}/{r['old_top_mass']:<8.3f} {r['new_median']:>10.3f} "
               f"{r['spearman_old_new']:>9.3f} {r['spearman_new_vs_start_norm']:>8.3f} {r['module_share_new']:>6.3f} {r['both']:>5} {r['old_only']:>5} {r['new_only']:>5} {r['neither']:>7}")
-    out = HERE / "results" / f"kif_diagnostics_{args.work.name}_{args.line}.json"
+    for r in rows:
+        print(f"{r['version']}: factor-space fusion vs product-space blend: {r['factor_space_bias']}")
+    out = HERE / "results" / f"kif_diagnostics_{args.name or args.work.name}_{args.line}.json"
     out.write_text(json.dumps({"command": "python benchmarks/kif_diagnostics.py", "top": args.top, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
