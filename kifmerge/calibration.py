@@ -18,6 +18,11 @@ from kifmerge.training import Collator, Encoder, answer_loss, build_model, is_se
 def calibrate_profile(checkpoint: Checkpoint, base_dir: Path, base_config: dict, data: Path, batches: int,
                       options: TrainOptions, out: Path, advance: Callable[[int], None] | None = None) -> Path:
     """Write the checkpoint's profile (kifmerge-profile format) to `out` and return it."""
+    if options.importance == "change":  # at the checkpoint's own weights θ − θ_start would be 0
+        from kifmerge.errors import UsageError
+
+        raise UsageError("--importance change needs a training run (it scores the task's own change); "
+                         "calibrate with first or mixed")
     records = load_records(data, max_examples=batches * options.batch_size)
     tokenizer = load_tokenizer(base_dir)
     seq2seq = is_seq2seq(base_config)

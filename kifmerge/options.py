@@ -22,6 +22,7 @@ class FuseParams(BaseModel):
     method: Literal["kif", "kif-adaptive", "linear", "task-arithmetic", "ties", "dare-linear", "dare-ties"] = "kif"
     top: float = Field(0.2, gt=0.0, le=1.0, description="fraction of units counted important")
     tau: float = Field(0.25, gt=0.0, description="softmax temperature of kif-adaptive")
+    scores: Literal["minmax", "rank"] = Field("minmax", description="kif-adaptive: compare min–max normalised scores or their ranks")
     weights: tuple[float, float, float] = (0.3, 0.7, 0.5)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the new task (linear and the baselines)")
     density: float = Field(0.5, gt=0.0, le=1.0, description="fraction of task-vector entries kept (ties, dare)")
@@ -71,7 +72,7 @@ class FuseParams(BaseModel):
             if self.method.startswith("dare"):
                 chosen["seed"] = self.seed
             return chosen
-        return {"tau": self.tau, "profile_weights": list(self.profile_weights)}
+        return {"tau": self.tau, "scores": self.scores, "profile_weights": list(self.profile_weights)}
 
 
 class TrainOptions(BaseModel):
@@ -92,7 +93,7 @@ class TrainOptions(BaseModel):
     seed: int = 42
     max_examples: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    importance: Literal["first", "mixed"] = "first"
+    importance: Literal["first", "mixed", "change"] = "first"
     beta1: float = Field(0.85, ge=0.0, lt=1.0)
     beta2: float = Field(0.85, ge=0.0, lt=1.0)
     orth_reg: float = Field(0.0, ge=0.0)

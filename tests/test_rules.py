@@ -320,3 +320,36 @@ def test_task_vectors_are_taken_against_the_adapter_the_task_started_from(cli, t
         kept = (tensor != start[name]).float().mean()
         assert 0.4 <= kept <= 0.6, f"{name}: TIES keeps about half of the task vector's entries"
         torch.testing.assert_close(tensor[tensor != start[name]], (start[name] + delta)[tensor != start[name]])
+
+
+def test_rank_scores_make_the_adaptive_rule_adapt_on_skewed_profiles(cli, tmp_path, llama_dir):
+    """Skewed min–max profiles (most units near 0) give softmax coefficients of ~0.5 everywhere;
+    `--scores rank` spreads them: a unit ranked top by the new task and bottom by the line goes
+    mostly to the new task. Recorded in params; ties share their rank."""
+    from conftest import LORA_TARGETS, make_lora, write_profile
+    from test_fuse_export import unit_groups
+
+    from kifmerge.fusion.rules import rank_normalise
+
+    torch.testing.assert_close(rank_normalise(torch.tensor([0.0, 5.0, 5.0, 1.0])), torch.tensor([0.0, 5 / 6, 5 / 6, 1 / 3]))
+    skewed_old = torch.tensor([1.0, 0.004, 0.003, 0.002, 0.001, 0.0])
+    skewed_new = torch.tensor([0.0, 0.001, 0.002, 0.003, 0.004, 1.0])
+    c_minmax, _ = kif_adaptive(skewed_old, skewed_new, tau=0.25)
+    c_rank, _ = kif_adaptive(rank_normalise(skewed_old), rank_normalise(skewed_new), tau=0.25)
+    assert (c_minmax[1:5] - 0.5).abs().max() < 0.01, "min–max: the middle units all land at 0.5"
+    assert c_rank[4] > 0.8 and c_rank[1] < 0.2 and c_rank.diff().gt(0).all(), "ranks: coefficients follow the ranking"
+
+    cli("base", "add", "llama", llama_dir)
+    for seed in (1, 2):
+        ckpt = make_lora(llama_dir, tmp_path / f"lora{seed}", seed, LORA_TARGETS)
+        groups = unit_groups(ckpt, "lora")
+        scores = {g: [float((i * (7 if seed == 1 else 3) + j) % 5) ** 4 for j in range(n)] for i, (g, n) in enumerate(groups)}
+        cli("add-task", f"t{seed}", ckpt, "--base", "llama", "--profile", write_profile(tmp_path / f"p{seed}.safetensors", scores, "lora-rank"))
+    cli("fuse", "t1", "--into", "ranked")
+    fused = cli.json("fuse", "t2", "--into", "ranked", "--method", "kif-adaptive", "--scores", "rank")
+    assert fused["params"]["scores"] == "rank"
+    cli("fuse", "t1", "--into", "plain")
+    plain = cli.json("fuse", "t2", "--into", "plain", "--method", "kif-adaptive")
+    assert plain["params"]["scores"] == "minmax"
+    assert cli.json("show", "ranked@v2")["weights"] != cli.json("show", "plain@v2")["weights"]
+    assert cli("fuse", "t2", "--into", "x", "--scores", "median", code=2).stderr.count("\n") == 1

@@ -370,3 +370,35 @@ def test_warmup_schedule_ramps_up_then_decays():
         optimizer.step()
         scheduler.step()
     assert rates[0] == 0 and rates[1] < rates[2] < rates[3] < rates[4] == pytest.approx(1e-3) and rates[5] < rates[4]
+
+
+def test_change_estimator_scores_what_the_task_moved_not_what_was_large(cli, tmp_path, llama_dir, parity, vowel):
+    """`--importance change` scores |(θ − θ_start)·g|: against a reference loop on the same
+    gradients; a unit the task never moved scores 0 however large it was; calibration refuses it."""
+    from kifmerge.importance import ImportanceAccumulator
+
+    weights = torch.nn.Parameter(torch.tensor([[3.0, 0.5], [2.0, 1.0]]))
+    accumulator = ImportanceAccumulator([("w", weights)], estimator="change", beta1=BETA, beta2=BETA)
+    start = weights.detach().clone()
+    ipt, unc = torch.zeros(2, 2), torch.zeros(2, 2)
+    for step in range(3):
+        with torch.no_grad():
+            weights[1] += 0.1 * (step + 1)  # only row 1 moves
+        weights.grad = torch.tensor([[1.0, -2.0], [0.5, 3.0]]) * (step + 1)
+        accumulator.update()
+        s = ((weights.detach() - start) * weights.grad).abs()
+        ipt = BETA * ipt + (1 - BETA) * s
+        unc = BETA * unc + (1 - BETA) * (s - ipt).abs()
+    torch.testing.assert_close(accumulator.element_scores()["w"], ipt * unc)
+    assert bool((accumulator.element_scores()["w"][0] == 0).all()), "row 0 is large but never moved"
+
+    cli("base", "add", "llama", llama_dir)
+    cli("learn", "parity", "--data", parity, "--into", "main", "--base", "llama", "--max-steps", "2")
+    cli("train", "vowel", "--data", vowel, "--line", "main", "--max-steps", "3", "--importance", "change", "--lr", "1e-2")
+    shown = cli.json("show", "vowel")
+    assert shown["profile"]["estimator"] == "change"
+    scores = task_profile(cli, "vowel")
+    assert all(torch.isfinite(v).all() for v in scores.values()) and any(bool((v > 0).any()) for v in scores.values())
+    adapter = make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS)
+    result = cli("add-task", "outside", adapter, "--base", "llama", "--calibrate", vowel, "--importance", "change", code=2)
+    assert "needs a training run" in result.stderr

@@ -47,6 +47,20 @@ def kif_adaptive(p_old: torch.Tensor, p_new: torch.Tensor, *, tau: float = 0.25)
     return weights[0], 1.0 - weights[0]
 
 
+def rank_normalise(profile: torch.Tensor) -> torch.Tensor:
+    """Each score's rank among its profile's scores, scaled to [0, 1] (ties share their mean
+    rank). Min–max normalised profiles are heavily skewed (median ≈ 0.002 here), so a softmax
+    over two of them sees gaps of ~0 almost everywhere and returns 0.5; ranks spread them evenly."""
+    n = profile.numel()
+    if n < 2:
+        return torch.zeros_like(profile, dtype=torch.float32)
+    values = profile.to(torch.float64)
+    ordered = values.sort().values
+    low = torch.searchsorted(ordered, values, side="left")
+    high = torch.searchsorted(ordered, values, side="right")
+    return ((low + high - 1).to(torch.float64) / (2 * (n - 1))).to(torch.float32)
+
+
 def linear(p_old: torch.Tensor, p_new: torch.Tensor, *, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance-blind weighted average `alpha·W_new + (1 − alpha)·W_old` (alpha = 1: sequential
     fine-tuning, the new task simply replaces the line)."""
