@@ -56,6 +56,7 @@ class Method:
     describe: str
     fuse: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    later: dict = field(default_factory=dict)  # training options from the second task on (the first is shared)
 
 
 SEQ = {"method": "linear", "alpha": 1.0}
@@ -71,7 +72,12 @@ METHODS = {
     "dare": Method("DARE-linear on task vectors new − start, density 0.5, weights 0.5/0.5, seed 0",
                    {"method": "dare-linear", "density": 0.5}),
     "replay": Method("SeqLoRA with 2 % of each training set drawn from the line's earlier tasks (--replay 0.02)",
-                     SEQ, {"replay": 0.02}),
+                     SEQ, later={"replay": 0.02}),
+    "kif-adaptive-rank": Method("KIF softmax rule over rank-normalised profiles (--scores rank), τ 0.25",
+                                {"method": "kif-adaptive", "scores": "rank"}),
+    "kif-change": Method("KIF static rule; tasks after the first scored by their own change |(θ − θ_start)·g| "
+                         "(--importance change; the first task is the shared one)", {"method": "kif"},
+                         later={"importance": "change"}),
     "orth": Method("SeqLoRA trained with --orth-reg 0.1 (‖AAᵀ−I‖ + ‖BᵀB−I‖ per module; not O-LoRA's cross-task term)",
                    SEQ, {"orth_reg": 0.1}),
     "mtl": Method("multi-task: one adapter on all tasks' data shuffled together, the same total steps (upper bound)"),
@@ -116,7 +122,9 @@ class Experiment:
     def __init__(self, args: argparse.Namespace, tasks: list[TaskFiles], seed: int, work: Path):
         from kifmerge import api
 
-        self.api, self.args, self.tasks, self.seed = api, args, tasks, seed
+        self.api, self.args, self.seed = api, args, seed
+        self.first = args.tasks if args.tasks and args.tasks < len(tasks) else None
+        self.tasks = tasks[: self.first] if self.first else tasks
         self.registry = work / "registry"
         self.train_options = {"max_steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup, "batch_size": args.batch_size,
                               "max_length": args.max_length, "lora_r": args.lora_r, "max_examples": args.train_examples,
@@ -125,7 +133,7 @@ class Experiment:
                              "max_length": args.max_length, "batch_size": args.eval_batch_size}
         if args.bf16_eval:
             self.eval_options["bf16"] = True
-        self.wall_file = work / "wall.json"  # step times survive a resumed run
+        self.wall_file = work / ("wall.json" if self.first is None else f"wall-first{self.first}.json")  # survive a resume
         self.wall: dict[str, float] = json.loads(self.wall_file.read_text()) if self.wall_file.exists() else {}
         self.api.init(self.registry)
         if not self.api.list_items("bases", registry=self.registry):
@@ -158,26 +166,31 @@ class Experiment:
         log(f"seed {self.seed}: train {name} from {line if self.versions(line) else 'the base'}")
         self.timed(f"train:{name}", lambda: self.api.train(name, data, line, base="smollm2", options=options, registry=self.registry))
 
-    def build(self, line: str) -> None:
-        """Teach LINE the sequence task by task. A training is named by a digest of its inputs
-        (start weights, options, data), so lines whose heads and options agree share it."""
+    def build(self, method: str) -> None:
+        """Teach the method's line the sequence task by task. A training is named by a digest of
+        its inputs (start weights, options, data), so lines whose heads and options agree share it."""
+        line = self.line(method)
         for step, task in enumerate(self.tasks, start=1):
             if len(self.versions(line)) >= step:
                 continue
-            options = self.options_for(line, step)
+            options = self.options_for(method, step)
             key = digest(self.head_weights(line), options, str(task.train), line if options.get("replay") else None)
             name = f"{task.name}-{key}"
             self.train(name, task.train, line, options)
-            log(f"seed {self.seed}: fuse {name} into {line} ({METHODS[line].fuse})")
-            self.timed(f"fuse:{line}@{step}", lambda: self.api.fuse(name, line, registry=self.registry, **METHODS[line].fuse))
+            log(f"seed {self.seed}: fuse {name} into {line} ({METHODS[method].fuse})")
+            self.timed(f"fuse:{line}@{step}", lambda: self.api.fuse(name, line, registry=self.registry, **METHODS[method].fuse))
 
-    def options_for(self, line: str, step: int) -> dict:
-        """The line's training options; replay needs earlier tasks, so the first task trains without it."""
-        extra = {k: v for k, v in METHODS[line].train.items() if not (k == "replay" and step == 1)}
-        return {**self.train_options, **extra}
+    def line(self, method: str) -> str:
+        """A method's line: its name, or `METHOD-firstN` when only the first N tasks are run
+        (a screen: its versions and evaluations are shared with the full lines where the weights agree)."""
+        return method if self.first is None else f"{method}-first{self.first}"
+
+    def options_for(self, method: str, step: int) -> dict:
+        """The method's training options; `later` ones (replay, which needs earlier tasks) from the second task on."""
+        return {**self.train_options, **METHODS[method].train, **(METHODS[method].later if step > 1 else {})}
 
     def multitask(self) -> None:
-        mixed = self.registry.parent / "mtl-train.jsonl"
+        mixed = self.registry.parent / ("mtl-train.jsonl" if self.first is None else f"mtl-first{self.first}-train.jsonl")
         if not mixed.exists():
             from kifmerge.training import load_records
 
@@ -185,9 +198,10 @@ class Experiment:
             random.Random(self.seed).shuffle(records)
             mixed.write_text("".join(json.dumps(r) + "\n" for r in records))
         options = {**self.train_options, "max_steps": self.args.steps * len(self.tasks), "max_examples": None}
-        self.train("mtl-all", mixed, "mtl", options)
-        if not self.versions("mtl"):
-            self.api.fuse("mtl-all", "mtl", registry=self.registry)
+        line, task = self.line("mtl"), "mtl-all" if self.first is None else f"mtl-first{self.first}"
+        self.train(task, mixed, line, options)
+        if not self.versions(line):
+            self.api.fuse(task, line, registry=self.registry)
 
     def evaluate(self, ref: str, tasks: list[TaskFiles]) -> None:
         data = {t.name: t.dev for t in tasks}
@@ -195,10 +209,11 @@ class Experiment:
         scores = "  ".join(f"{t} {r['exact_match']:.3f}{'*' if r['reused'] else ''}" for t, r in result["results"].items())
         log(f"seed {self.seed}: eval {ref}: {scores}")
 
-    def evaluate_line(self, line: str) -> None:
+    def evaluate_line(self, method: str) -> None:
         """What the metrics need: learned, diagonal and final row (every row with --full-matrix)."""
-        if line == "mtl":
-            self.evaluate("mtl@v1", self.tasks)
+        line = self.line(method)
+        if method == "mtl":
+            self.evaluate(f"{line}@v1", self.tasks)
             return
         history = self.versions(line)
         for j, version in enumerate(history):
@@ -223,7 +238,7 @@ class Experiment:
         labels = [t.name for t in self.tasks]
         rows = {}
         for method in self.args.methods:
-            report = self.api.report(method, tasks=labels, examples=True, registry=self.registry)
+            report = self.api.report(self.line(method), tasks=labels, examples=True, registry=self.registry)
             if method == "mtl":  # one version that learned everything: its final row is all there is
                 report["examples"]["learned"] = report["examples"]["diagonal"] = report["examples"]["final"]
             rows[method] = report
@@ -441,8 +456,9 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=4, choices=sorted(ORDERS))
     parser.add_argument("--sequence", type=Path, help="a JSON sequence file instead of a built-in order")
     parser.add_argument("--summary", action="store_true", help="only write summary.{json,md} from the order results")
-    parser.add_argument("--methods", default="seq,kif,linear-0.5,linear-0.7,linear-0.3,ties,mtl,dare,replay,orth",
+    parser.add_argument("--methods", default="seq,kif,linear-0.5,mtl,ties,linear-0.7,linear-0.3,dare,replay,orth",
                         type=lambda s: [m for m in s.split(",") if m])
+    parser.add_argument("--tasks", type=int, default=0, help="only the first N tasks (a cheap screen: lines METHOD-firstN)")
     parser.add_argument("--seeds", default="42", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per task")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -481,8 +497,8 @@ def main() -> None:
         experiment.run()
         per_seed.append(experiment.collect())
         walls[str(seed)] = round(sum(experiment.wall.values()), 1)
-    stem = args.out or args.results / name
-    write_order(stem, name, [t.name for t in tasks], args, per_seed, walls)
+    stem = args.out or args.results / (name if not args.tasks else f"{name}-first{args.tasks}")
+    write_order(stem, name, [t.name for t in tasks][: args.tasks or None], args, per_seed, walls)
     print(stem.with_suffix(".md").read_text())
     log(f"wrote {stem}.json / .md / .png")
 
