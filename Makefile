@@ -5,11 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: setup smollm2 demo test docs check-quickstart clean
 
-$(BIN)/kifmerge: pyproject.toml
+$(BIN)/kifmerge: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned: the CPU wheel; an unpinned resolve would fetch a CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,plot]'
+	# torch first, pinned by constraints.txt to the CPU wheel (an unpinned resolve would fetch a
+	# CUDA build); the same constraints keep the second install from replacing it
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,plot]'
 	touch $(BIN)/kifmerge
 
 setup: $(BIN)/kifmerge

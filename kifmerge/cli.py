@@ -359,19 +359,30 @@ def add_task(
     emit(result, json_out, render_mapping)
 
 
+TASK_VECTOR_METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
+
+
 @app.command()
 @handled
 @with_fuse_options
 def fuse(
     task: Annotated[str, typer.Argument(help="A registered task with a profile.")],
     into: Annotated[str, typer.Option("--into", help="The line to fuse into (created when new).")],
+    again: Annotated[bool, typer.Option("--again", help="Fuse TASK even when the line already holds it; without it "
+                                                        "that is refused (exit 6), so a retried step cannot fuse twice.")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, fuse_options: dict = None,
 ) -> None:
     """Fuse TASK into LINE unit by unit → a new immutable version."""
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.fuse(task, into, **fuse_options, registry=registry, progress=progress)
+        result = api.fuse(task, into, **fuse_options, again=again, registry=registry, progress=progress)
+    stale = result.get("stale_start")
+    if stale and not json_out:
+        how = (f"its task vectors taken relative to {stale['trained_from']}" if result["method"] in TASK_VECTOR_METHODS else
+               "blended unit by unit as usual; what the line learned since may be lost in the units it takes")
+        print(f"kifmerge: warning: task {task!r} was trained from {stale['trained_from']}, not from the head "
+              f"{stale['head']}; fused by {result['method']} ({how})", file=sys.stderr)
     emit(result, json_out, render_mapping)
 
 
@@ -429,6 +440,9 @@ def learn(
     with progress_bars() as progress:
         result = api.learn(task, data, into, base=base, options=train_options, **fuse_options, registry=registry,
                            progress=progress)
+    if result is not None and result.get("reused") and not json_out:
+        print(f"kifmerge: task {task!r} was already learned into {result['version']} from the same data and options; "
+              "nothing was trained (reused)", file=sys.stderr)
     if result is not None:
         emit(result, json_out, render_mapping)
 

@@ -26,11 +26,57 @@ def copy_model_side_files(base_dir: Path, out_dir: Path, *, include_config: bool
             shutil.copyfile(path, out_dir / path.name)
 
 
-def point_adapter_at_base(out_dir: Path, base_dir: Path) -> None:
+# the tokenizer's files as transformers saves them (and the hub serves them): what
+# `AutoTokenizer.from_pretrained(folder)` reads
+TOKENIZER_NAMES = {"special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json"}
+FILE_MODE = 0o644  # exported files: readable by everyone, as a published model's files are
+
+
+def is_tokenizer_file(path: Path) -> bool:
+    return path.name.startswith("tokenizer") or path.name in TOKENIZER_NAMES or path.suffix == ".tiktoken"
+
+
+def copy_tokenizer_files(base_dir: Path, out_dir: Path) -> list[str]:
+    """The base's tokenizer files, into an adapter folder (so that the adapter folder alone
+    gives `AutoTokenizer.from_pretrained(folder)`); returns their names."""
+    copied = []
+    for path in sorted(base_dir.iterdir()):
+        if path.is_file() and is_tokenizer_file(path) and not (out_dir / path.name).exists():
+            shutil.copyfile(path, out_dir / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def base_reference(base: dict, base_dir: Path) -> tuple[str, str | None]:
+    """(base_model_name_or_path, revision) an exported adapter names its base by: the hub id and
+    the commit of its snapshot when the base was registered from the hub (loads wherever that
+    repository is reachable or cached); else the base folder's absolute path. (Not a path
+    relative to the export: transformers resolves a relative path against the current folder,
+    not the adapter's, so it would load only from one folder.)"""
+    if base.get("hub_id"):
+        return base["hub_id"], base.get("revision")
+    return str(Path(base_dir).resolve()), None
+
+
+def point_adapter_at_base(out_dir: Path, base: dict, base_dir: Path) -> str:
+    """Write the base reference into the adapter's config (peft's `base_model_name_or_path`,
+    and `revision` for a hub id); returns the reference."""
     config_path = out_dir / ADAPTER_CONFIG
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = str(base_dir)
+    reference, revision = base_reference(base, base_dir)
+    config["base_model_name_or_path"] = reference
+    if revision:
+        config["revision"] = revision
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return reference
+
+
+def make_readable(folder: Path) -> None:
+    """Every file of an export gets mode 0644 (some writers create theirs 0600)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(FILE_MODE)
 
 
 def quiet_transformers() -> None:

@@ -163,7 +163,7 @@ def test_rollback_then_fuse_continues_from_the_rolled_back_weights(wcli, world, 
     w4, expected = adapter_weights(wcli, "main@v4", tmp_path / "v4"), adapter_weights(wcli, "ref@v2", tmp_path / "ref")
     assert all(torch.equal(w4[k], expected[k]) for k in expected)
     # and not what fusing t3 onto v2 gives
-    wcli("fuse", "t3", "--into", "main", "--top", world["top"])  # v5 = t3 onto v4; then roll back to v2 and fuse again
+    wcli("fuse", "t3", "--into", "main", "--top", world["top"], "--again")  # v5 = t3 onto v4; then roll back to v2, fuse again
     wcli("rollback", "main", "--to", "v2")
     wcli("fuse", "t3", "--into", "main", "--top", world["top"])
     onto_v2 = adapter_weights(wcli, "main@v7", tmp_path / "v7")
@@ -197,7 +197,7 @@ def test_concurrent_rollbacks_and_fuses_keep_versions_gapless(wcli, world):
             if kind == "rollback":
                 results.append(api.rollback("main", target, registry=wcli.registry))
             else:
-                results.append(api.fuse("t3", "main", top=float(world["top"]), registry=wcli.registry))
+                results.append(api.fuse("t3", "main", top=float(world["top"]), again=True, registry=wcli.registry))
         except UsageError as exc:  # rolling back to what the head already holds: refused, nothing written
             errors.append(str(exc))
         except Exception as exc:  # noqa: BLE001 — reported below

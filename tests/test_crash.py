@@ -225,9 +225,12 @@ def crash_and_recover(world: dict, case: Case, tmp_path: Path) -> None:
 
     if state == before or case.command in ("export", "export-merged", "gc"):
         cli(*args)  # re-running the command succeeds
-    elif case.command in ("add-task", "learn"):
+    elif case.command == "add-task":
         assert "already exists" in cli(*args, code=6).stderr
-    # a fuse that was committed is not re-run: it would fuse the task a second time
+    elif case.command == "learn":  # the same inputs: the version it made, not a second training
+        assert cli.json(*args)["reused"] is True
+    else:  # a committed fuse re-run is refused: it would fuse the task a second time
+        assert "already in line" in cli(*args, code=6).stderr
     assert rows(registry, blobs) == after
     check_consistent(cli)
     if case.command.startswith("export"):

@@ -35,16 +35,19 @@ def export(ref: str, out: str | Path, *, merged: bool = False, registry: str | o
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         advance = start_progress(progress, f"exporting {line}@v{version['number']}", 2)
+        base_model = None  # what an adapter export's config names its base by
         try:
             if line_row["kind"] == "lora":
                 adapter_dir = staging / "adapter" if merged else staging
                 adapter_dir.mkdir(exist_ok=True)
                 reg.copy_weights(version["weights"], adapter_dir)
                 fault_point("export.weights-copied")
-                exporter.point_adapter_at_base(adapter_dir, folder)
+                base_model = exporter.point_adapter_at_base(adapter_dir, base_row, folder)
                 if advance:
                     advance(1)
-                if merged:
+                if not merged:
+                    exporter.copy_tokenizer_files(folder, adapter_dir)
+                else:
                     exporter.merge_adapter_into_base(adapter_dir, folder, base_row["config"], staging)
                     fault_point("export.merged")
                     shutil.rmtree(adapter_dir)
@@ -62,6 +65,7 @@ def export(ref: str, out: str | Path, *, merged: bool = False, registry: str | o
                 "evaluations", "line = ? and number = ?", [line, version["number"]], order_by="id")}
             hashes = exporter.write_model_card(staging, line=line, version={**version, "kind": line_row["kind"]},
                                                base=base_row, lineage=lineage, merged=merged, evaluations=evaluations)
+            exporter.make_readable(staging)
             if advance:
                 advance(1)
             fault_point("export.card-written")
@@ -81,7 +85,8 @@ def export(ref: str, out: str | Path, *, merged: bool = False, registry: str | o
             reg.catalog.event("export", f"{line}@v{version['number']}", {"out": str(out.resolve()), "merged": merged})
         kind = "adapter" if line_row["kind"] == "lora" and not merged else "model"
         return {"version": f"{line}@v{version['number']}", "out": str(out.resolve()), "kind": kind,
-                "files": sorted(p.name for p in out.iterdir()), "sha256": hashes}
+                "files": sorted(p.name for p in out.iterdir()), "sha256": hashes,
+                "base_model_name_or_path": base_model if kind == "adapter" else None}
 
 
 def _remove_dead_staging(out: Path) -> None:

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kifmerge.errors import ConflictError, InvalidInputError
@@ -31,9 +31,14 @@ REBASE_ATTEMPTS = 16
 def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None, tau: float | None = None,
          weights: tuple[float, float, float] | None = None, alpha: float | None = None,
          density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
-         shard_size: str | None = None, dtype: str | None = None,
+         shard_size: str | None = None, dtype: str | None = None, again: bool = False,
          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
-    """Fuse TASK into LINE → a new version. The first task of a line becomes v1 as it is."""
+    """Fuse TASK into LINE → a new version. The first task of a line becomes v1 as it is.
+
+    A task the line's head already holds (fused into it, and not rolled back since) is refused
+    with a ConflictError (exit 6) unless `again`: a retried pipeline step must not fuse twice.
+    A task trained from an older version of LINE than its head is fused all the same and the
+    result says so in `stale_start` (`{"trained_from": "LINE@vN", "head": "LINE@vM"}`, else None)."""
     params = fuse_params(method=method, top=top, tau=tau, weights=weights, alpha=alpha, density=density, lam=lam,
                          seed=merge_seed, shard_size=shard_size, dtype=dtype)
     check_name(into, "line")
@@ -45,10 +50,14 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
                 f"task {task!r} has no importance profile; re-register it with `kifmerge add-task … --profile FILE` "
                 "or `--calibrate DATA` (or train it with `kifmerge train`, which records one)")
         for attempt in range(1, REBASE_ATTEMPTS + 1):  # the line moved meanwhile: fuse again onto its new head
+            holder = refuse_fused_again(reg, task_row, into, again)
             staged = stage_version(reg, task_row, profile_row["scores"], into, params, progress)
+            if holder is not None:
+                staged.notes["again"] = f"{into}@v{holder['number']}"
             fault_point("fuse.staged")
             try:
                 with reg.catalog.transaction():
+                    refuse_fused_again(reg, task_row, into, again)  # a concurrent fuse of the same task landed first
                     commit_version(reg, staged)
                 return staged.public()
             except ConflictError:
@@ -62,9 +71,59 @@ class StagedVersion:
     row: dict[str, Any]
     base: str
     kind: str
+    # what the fuse reports beside the version row (stale_start; again: the version that
+    # already held the task); also recorded in the `fuse` event
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
-        return public_version(self.row, self.kind)
+        return {**public_version(self.row, self.kind), **{k: v for k, v in self.notes.items() if k != "again"}}
+
+
+def version_holding(reg: Registry, line: str, task: str) -> dict[str, Any] | None:
+    """The version whose fuse brought TASK into what LINE's head holds now, or None: walk back
+    from the head through parents, a rollback to vN holding what vN held."""
+    versions = {v["number"]: v for v in reg.catalog.rows("versions", "line = ?", [line])}
+    number, seen = max(versions, default=None), set()
+    while number is not None and number in versions and number not in seen:
+        seen.add(number)
+        version = versions[number]
+        if version["method"] == "rollback":
+            number = (version["params"] or {}).get("to")
+            continue
+        if version["task"] == task:
+            return version
+        number = version["parent"]
+    return None
+
+
+def refuse_fused_again(reg: Registry, task_row: dict, into: str, again: bool) -> dict[str, Any] | None:
+    """ConflictError when LINE's head already holds TASK (unless `again`); returns the version
+    that holds it (None when it does not)."""
+    holder = version_holding(reg, into, task_row["name"])
+    if holder is not None and not again:
+        where = f"{into}@v{holder['number']}"
+        raise ConflictError(f"task {task_row['name']!r} is already in line {into!r} (fused as {where}); nothing was done. "
+                            "Pass --again to fuse it a second time",
+                            details={"error": "conflict", "reason": "already-fused", "task": task_row["name"],
+                                     "line": into, "version": where})
+    return holder
+
+
+def stale_start(reg: Registry, task_row: dict, line: str, head: dict | None) -> dict[str, str] | None:
+    """`{"trained_from": "LINE@vN", "head": "LINE@vM"}` when the task was trained from an older
+    version N of the line it is fused into than its head M (and the head does not simply hold
+    vN's weights, as after a rollback to vN); else None. A task trained from another line, or of
+    unknown start (add-task without --line), is not reported."""
+    ref = task_row.get("trained_from")
+    if head is None or not ref or "@v" not in ref:
+        return None
+    start_line, _, number = ref.rpartition("@v")
+    if start_line != line or not number.isdigit() or int(number) >= head["number"]:
+        return None
+    start = _trained_from_version(reg, ref)
+    if start is not None and start["weights"] == head["weights"]:
+        return None
+    return {"trained_from": ref, "head": f"{line}@v{head['number']}"}
 
 
 def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, params: FuseParams,
@@ -162,7 +221,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
            "method": method, "params": recorded, "weights": weights_sha, "profile": profile_sha,
            "adapter_config": task_row["adapter_config"] if head is None else head["adapter_config"],
            "metrics": None, "timings": timings, "created": now()}
-    return StagedVersion(row, task_row["base"], kind)
+    return StagedVersion(row, task_row["base"], kind, {"stale_start": stale_start(reg, task_row, into, head)})
 
 
 def unit_coefficients(params: FuseParams, p_old, p_new) -> tuple:
@@ -221,7 +280,9 @@ def commit_version(reg: Registry, staged: StagedVersion) -> None:
         raise ConflictError(f"line {into!r} moved to v{current['number']} while fusing; run the command again")
     reg.catalog.insert("versions", row)
     action = "rollback" if row["method"] == "rollback" else "fuse"
-    reg.catalog.event(action, f"{into}@v{row['number']}", {"task": row["task"], "method": row["method"], "params": row["params"]})
+    notes = {k: v for k, v in staged.notes.items() if v is not None}
+    reg.catalog.event(action, f"{into}@v{row['number']}", {"task": row["task"], "method": row["method"], "params": row["params"],
+                                                           **notes})
 
 
 def check_lora_compatible(line_config: dict, task_config: dict, task: str, line: str) -> None:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from kifmerge.errors import InvalidInputError, UsageError
+from kifmerge.errors import ConflictError, InvalidInputError, NotFoundError, UsageError
 from kifmerge.faults import fault_point
-from kifmerge.options import TrainOptions, validated
+from kifmerge.options import FuseParams, TrainOptions, validated
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_file
-from kifmerge.services.common import Progress, base_dir, check_name, fuse_params, opened
-from kifmerge.services.fusion import as_list, commit_version, stage_version
+from kifmerge.services.common import Progress, base_dir, check_name, fuse_params, opened, public_task, public_version
+from kifmerge.services.fusion import as_list, commit_version, stage_version, version_holding
 from kifmerge.services.tasks import StagedTask, commit_task, refuse_existing_task, stage_task
 
 
@@ -42,7 +43,13 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
           density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
           shard_size: str | None = None, dtype: str | None = None, registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
     """The pipeline step: train TASK from INTO's newest version, then fuse it into INTO.
-    Task and version are committed in one transaction: both, or nothing."""
+    Task and version are committed in one transaction: both, or nothing.
+
+    Run again with the same inputs, it finds the previous result instead of training again:
+    when task TASK exists, was trained in INTO on data with the same sha256 and the same
+    training options, and its fuse (with the same fuse options) is in INTO's head, that
+    version is returned with `reused: true`. The same name with other inputs is refused
+    (ConflictError, exit 6) with what differs."""
     from kifmerge.training import wait_for_main_process
 
     opts = validated(TrainOptions, "train", options or {})
@@ -52,6 +59,9 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
     check_name(into, "line")
     result = None
     with opened(registry) as reg:
+        previous = _previous_learn(reg, task, Path(data), into, base, opts, params)
+        if previous is not None:
+            return previous if int(os.environ.get("RANK", "0")) == 0 else None
         with _trained_task(reg, task, Path(data), into, base, opts, progress) as staged:
             if staged is not None:
                 fault_point("learn.task-staged")
@@ -61,9 +71,78 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
                     commit_task(reg, staged)
                     fault_point("learn.task-row")
                     commit_version(reg, version)
-                result = {**version.public(), "trained": staged.public()}
+                result = {**version.public(), "trained": staged.public(), "reused": False}
     wait_for_main_process()
     return result
+
+
+# Training options skipped when matching a previous learn: `lr` is compared as the effective
+# learning_rate instead; the others (where TrainOptions has them) change how a run is watched or
+# resumed, not what it trains.
+NOT_IDENTITY_OPTIONS = frozenset({"lr", "report_to", "resume", "threads", "gradient_checkpointing"})
+
+
+def _previous_learn(reg: Registry, task: str, data: Path, line: str, base: str | None, opts: TrainOptions,
+                    params: FuseParams) -> dict[str, Any] | None:
+    """The result of an earlier `learn` of TASK into LINE with the same inputs (None when TASK
+    does not exist yet); ConflictError, saying what differs, when TASK exists otherwise."""
+    row = reg.catalog.find("tasks", task)
+    if row is None:
+        return None
+    line_row = reg.catalog.find("lines", line)
+    if line_row is not None and base is not None and base != line_row["base"]:
+        raise UsageError(f"line {line!r} is built on base {line_row['base']!r}, not {base!r}")
+    config = row.get("training_config") or {}
+    choose = "choose another task name"
+    if not (config.get("data") or {}).get("sha256"):
+        raise ConflictError(f"task {task!r} already exists (registered with add-task, not learned); {choose}")
+    if not data.is_file():
+        raise NotFoundError(f"data file not found: {data}")
+    sha = sha256_file(data)
+    if sha != config["data"]["sha256"]:
+        raise ConflictError(f"task {task!r} already exists, trained on other data ({config['data'].get('path')}, "
+                            f"sha256 {config['data']['sha256'][:12]}…; {data} has {sha[:12]}…); {choose}")
+    differ = _option_differences(config, opts)
+    if differ:
+        raise ConflictError(f"task {task!r} already exists, trained with other options ({'; '.join(differ)}); {choose}")
+    started = (row.get("trained_from") or "").rpartition("@v")[0]
+    version = version_holding(reg, line, task) if line_row is not None and started == line else None
+    if version is None:
+        where = f"trained from {row['trained_from']}" if row.get("trained_from") else "trained"
+        raise ConflictError(f"task {task!r} already exists ({where}) but line {line!r} does not hold it; fuse it with "
+                            f"`kifmerge fuse {task} --into {line}`, or {choose}")
+    asked = (params.method, json.loads(json.dumps(params.recorded())))
+    if version["method"] != "initial" and (version["method"], _comparable(version["params"] or {})) != asked:
+        raise ConflictError(f"task {task!r} was already learned into {line}@v{version['number']} with other fuse options "
+                            f"(method {version['method']}, {json.dumps(_comparable(version['params'] or {}), sort_keys=True)}); "
+                            f"{choose}")
+    profile = reg.catalog.find("profiles", task)
+    metrics = {k: v for k, v in (row.get("metrics") or {}).items() if k != "curve"} or None
+    trained = {**public_task(row), "metrics": metrics,
+               "profile": {"estimator": profile["estimator"], **(profile["layout"] or {})} if profile else None}
+    return {**public_version(version, line_row["kind"]), "stale_start": None, "trained": trained, "reused": True}
+
+
+def _comparable(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A version's recorded fuse parameters less what the fuse computed (units, reference)."""
+    return {k: v for k, v in recorded.items() if k not in ("units", "reference")}
+
+
+def _option_differences(config: dict[str, Any], opts: TrainOptions) -> list[str]:
+    """`option: recorded ≠ given` for each training option that differs from a task's recorded
+    training config (an option recorded before it existed counts as its default)."""
+    defaults = json.loads(TrainOptions().model_dump_json())
+    given = json.loads(opts.model_dump_json())
+    out = []
+    for key, value in given.items():
+        recorded = config.get(key, defaults[key])
+        if key == "replay":  # recorded as replay_fraction (the `replay` entry lists what was replayed)
+            recorded = config.get("replay_fraction", 0.0 if config.get("replay") is None else "unrecorded")
+        if key not in NOT_IDENTITY_OPTIONS and recorded != value:
+            out.append(f"--{key.replace('_', '-')}: {recorded} ≠ {value}")
+    if config.get("learning_rate") is not None and config["learning_rate"] != opts.learning_rate:
+        out.append(f"--lr: {config['learning_rate']} ≠ {opts.learning_rate}")
+    return out
 
 
 @contextmanager
@@ -103,7 +182,8 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
         fault_point("train.done")
         training_config = {**opts.model_dump(), "learning_rate": opts.learning_rate,
                            "data": {"path": str(data.resolve()), "sha256": sha256_file(data)},
-                           "replay": replayed["sources"], "started_from": f"{line}@v{head['number']}" if head else "base"}
+                           "replay": replayed["sources"], "replay_fraction": opts.replay,  # "replay": what was replayed
+                           "started_from": f"{line}@v{head['number']}" if head else "base"}
         yield stage_task(reg, task, result.checkpoint, base_row, result.profile, f"{line}@v{head['number'] if head else 0}",
                           progress, source=f"train:{data.resolve()}", estimator=opts.importance,
                           training_config=training_config, data_fingerprint=training_config["data"]["sha256"],
