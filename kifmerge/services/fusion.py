@@ -29,6 +29,7 @@ REBASE_ATTEMPTS = 16
 
 
 def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None, tau: float | None = None,
+         scores: str | None = None,
          weights: tuple[float, float, float] | None = None, alpha: float | None = None,
          density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
          shard_size: str | None = None, dtype: str | None = None, again: bool = False,
@@ -39,8 +40,8 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
     with a ConflictError (exit 6) unless `again`: a retried pipeline step must not fuse twice.
     A task trained from an older version of LINE than its head is fused all the same and the
     result says so in `stale_start` (`{"trained_from": "LINE@vN", "head": "LINE@vM"}`, else None)."""
-    params = fuse_params(method=method, top=top, tau=tau, weights=weights, alpha=alpha, density=density, lam=lam,
-                         seed=merge_seed, shard_size=shard_size, dtype=dtype)
+    params = fuse_params(method=method, top=top, tau=tau, scores=scores, weights=weights, alpha=alpha, density=density,
+                         lam=lam, seed=merge_seed, shard_size=shard_size, dtype=dtype)
     check_name(into, "line")
     with opened(registry) as reg:
         task_row = reg.catalog.get("tasks", task, "task")
@@ -234,6 +235,8 @@ def unit_coefficients(params: FuseParams, p_old, p_new) -> tuple:
     if params.method == "kif":
         return rules.kif_static(p_old, normalise(p_new), top=params.top, both=params.weights[:2], neither=params.weights[2])
     if params.method == "kif-adaptive":
+        if params.scores == "rank":
+            return rules.kif_adaptive(rules.rank_normalise(p_old), rules.rank_normalise(p_new), tau=params.tau)
         return rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
     return rules.linear(p_old, p_new, alpha=params.alpha)
 

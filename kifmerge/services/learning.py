@@ -38,7 +38,7 @@ def train(task: str, data: str | Path, line: str, *, base: str | None = None, op
 
 
 def learn(task: str, data: str | Path, into: str, *, base: str | None = None, options: dict[str, Any] | None = None,
-          method: str = "kif", top: float | None = None, tau: float | None = None,
+          method: str = "kif", top: float | None = None, tau: float | None = None, scores: str | None = None,
           weights: tuple[float, float, float] | None = None, alpha: float | None = None,
           density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
           shard_size: str | None = None, dtype: str | None = None, registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
@@ -53,7 +53,7 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
     from kifmerge.training import wait_for_main_process
 
     opts = validated(TrainOptions, "train", options or {})
-    params = fuse_params(method=method, top=top, tau=tau, weights=weights, alpha=alpha, density=density, lam=lam,
+    params = fuse_params(method=method, top=top, tau=tau, scores=scores, weights=weights, alpha=alpha, density=density, lam=lam,
                          seed=merge_seed, shard_size=shard_size, dtype=dtype)
     check_name(task, "task")
     check_name(into, "line")
