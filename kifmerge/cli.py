@@ -7,10 +7,12 @@ Errors print one line on stderr and exit with the error class's code (see `error
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import json
 import os
+import re
 import sqlite3
 import sys
 import typing
@@ -35,11 +37,51 @@ profile_app = typer.Typer(help="Inspect importance profiles.", no_args_is_help=T
 app.add_typer(profile_app, name="profile")
 
 RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", envvar="KIFMERGE_REGISTRY",
-                                                     help="Registry folder (default: ./registry).", show_default=False)]
+                                                     help="Registry folder (default: the nearest registry/ in this folder or its "
+                                                          "parents, else ./registry).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", envvar="KIFMERGE_DEBUG")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress on stderr (neither bars nor log records).")]
+QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("kifmerge_quiet", default=False)  # --quiet, while a command runs
+LOG_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("kifmerge_log_progress", default=False)  # see model_command
 ALLOW_PICKLE_HELP = ("Accept pickle *.bin weights: loaded with torch.load(weights_only=True), which runs no code, "
                      "and stored as safetensors")
+
+
+@app.callback(help="Continual learning of language models by importance-guided merging (KIF).\n\n"
+                   "--registry, --json, --debug and --quiet may come before the command or after it. Progress goes to "
+                   "stderr: bars on a terminal; else, for train, learn, eval, fuse and run, a one-line record every ~10 s "
+                   "(step, loss, elapsed, ETA).")
+def global_options(
+    registry: Annotated[Optional[Path], typer.Option("--registry", show_default=False,
+                                                     help="Registry folder (default: $KIFMERGE_REGISTRY, else the nearest "
+                                                          "registry/ in this folder or its parents, else ./registry).")] = None,
+    json_out: JsonOpt = False, debug: DebugOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """The options every command takes, accepted before the command too (see `handled`)."""
+
+
+def _apply_global_options(ctx: typer.Context | None, kwargs: dict[str, Any], quiet: bool) -> bool:
+    """Options given before the subcommand (`kifmerge --json list`) count as given after it; a
+    `--registry` after the subcommand wins over one before it, which wins over the environment.
+    Returns whether --quiet was given (before or after)."""
+    top = ctx.find_root().params if ctx is not None and ctx.parent is not None else {}
+    given_after = ctx is not None and getattr(ctx.get_parameter_source("registry"), "name", None) == "COMMANDLINE"
+    if top.get("registry") is not None and "registry" in kwargs and not given_after:
+        kwargs["registry"] = top["registry"]
+    for name in ("json_out", "debug"):
+        if name in kwargs:
+            kwargs[name] = bool(kwargs[name] or top.get(name))
+    return bool(quiet or top.get("quiet"))
+
+
+def _signature_with(fn: Callable, extra: list[inspect.Parameter]) -> inspect.Signature:
+    """`fn`'s signature, string annotations resolved (Typer reads them), plus `extra`."""
+    signature = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    kept = [p.replace(annotation=hints[p.name]) if isinstance(p.annotation, str) else p
+            for p in signature.parameters.values()]
+    return signature.replace(parameters=kept + extra)
 
 
 def _stderr():
@@ -49,10 +91,12 @@ def _stderr():
 
 
 def handled(fn: Callable) -> Callable:
-    """Turn KifError (and anything unexpected) into one line on stderr plus its exit code."""
+    """Turn KifError (and anything unexpected) into one line on stderr plus its exit code; adds
+    `--quiet` to the command and merges the options given before the subcommand."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, kifmerge_context: typer.Context | None = None, quiet: bool = False, **kwargs: Any) -> Any:
+        token = QUIET.set(_apply_global_options(kifmerge_context, kwargs, quiet))
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -80,7 +124,13 @@ def handled(fn: Callable) -> Callable:
             print(f"kifmerge: unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
                   file=sys.stderr)
             raise typer.Exit(1) from None
+        finally:
+            QUIET.reset(token)
 
+    wrapper.__signature__ = _signature_with(fn, [
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=QuietOpt),
+        inspect.Parameter("kifmerge_context", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=typer.Context)])
+    del wrapper.__wrapped__
     return wrapper
 
 
@@ -109,21 +159,74 @@ def storage_error(exc: OSError | sqlite3.OperationalError):
 
 
 @contextmanager
-def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]] | None]:
-    """A rich progress display on stderr (when it is a terminal; stdout stays clean for --json),
-    handed to services as `progress(description, total)`."""
-    if not sys.stderr.isatty():
+def progress_bars() -> Iterator[Callable[[str, int], Callable[..., None]] | None]:
+    """Progress on stderr (stdout stays clean for --json), handed to services as
+    `progress(description, total)` → `advance(n=1, *, loss=None)`: rich bars on a terminal,
+    else one-line log records (`kifmerge.progress`); nothing with --quiet."""
+    if QUIET.get():
         yield None
+        return
+    if not sys.stderr.isatty():
+        if not LOG_PROGRESS.get():  # a quick command: its stderr stays for errors
+            yield None
+            return
+        from kifmerge.progress import ProgressLog
+
+        log = ProgressLog(sys.stderr)
+        yield log
+        log.finish()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=_stderr(), transient=True) as bars:
-        def start(description: str, total: int) -> Callable[[int], None]:
-            task_id = bars.add_task(description, total=total)
-            return lambda n=1: bars.advance(task_id, n)
+                  TextColumn("{task.fields[loss]}"), console=_stderr(), transient=True) as bars:
+        def start(description: str, total: int) -> Callable[..., None]:
+            task_id = bars.add_task(description, total=total, loss="")
+
+            def advance(n: int = 1, *, loss: float | None = None) -> None:
+                bars.update(task_id, advance=n, **({"loss": f"loss {loss:.4g}"} if loss is not None else {}))
+
+            return advance
 
         yield start
+
+
+def use_threads(threads: int | None) -> int:
+    """torch's CPU threads: `threads`, else $OMP_NUM_THREADS, else the cores this process may
+    run on. (On a busy machine, threads beyond the free cores wait at OpenMP barriers.)"""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if env.isdigit() and int(env) > 0:
+            threads = int(env)
+        else:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def model_command(fn: Callable) -> Callable:
+    """A command that runs a model for minutes (train, learn, eval, fuse, run): `--threads N`,
+    and off a terminal its progress is logged on stderr (the quick commands show bars only)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
+        use_threads(threads)
+        token = LOG_PROGRESS.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            LOG_PROGRESS.reset(token)
+
+    option = typer.Option("--threads", min=1, show_default=False, rich_help_panel="Resources",
+                          help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores available). "
+                               "On a busy machine use fewer: threads beyond the free cores stall at OpenMP barriers.")
+    wrapper.__signature__ = _signature_with(fn, [inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                                                   annotation=Annotated[Optional[int], option])])
+    del wrapper.__wrapped__
+    return wrapper
 
 
 def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
@@ -133,38 +236,221 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
         render(result)
 
 
-def render_mapping(result: dict) -> None:
+# ---- human rendering: short summaries and tables, numbers rounded, never raw JSON ------------
+HEX_ID = re.compile(r"^[0-9a-f]{40,64}$")
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?([+-]\d\d:\d\d|Z)?$")
+
+
+def _brief(value: Any, sep: str = ", ") -> str:
+    """One value for people: floats to 4 significant digits, hashes to 12 characters, times to
+    the local minute, yes/no, lists joined, dicts as `k=v` (nested keys dotted, empty ones left out)."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str):
+        if HEX_ID.match(value):
+            return value[:12]
+        if TIMESTAMP.match(value):
+            from datetime import datetime
+
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone().strftime("%Y-%m-%d %H:%M")
+        return value
+    if isinstance(value, dict):
+        return " ".join(f"{key}={_brief(item, ',')}" for key, item in _flat(value)) or "—"
+    if isinstance(value, (list, tuple)):
+        if all(not isinstance(item, (dict, list, tuple)) for item in value):
+            return sep.join(_brief(item) for item in value) or "—"
+        return f"{len(value)} entries"
+    return str(value)
+
+
+def _flat(mapping: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in mapping.items():
+        if value is None or (isinstance(value, (dict, list, tuple)) and not value):
+            continue
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value < 60:
+        return f"{value:.2f} s" if value < 1 else f"{value:.1f} s"
+    from kifmerge.progress import clock
+
+    return clock(value)
+
+
+def _print_summary(head: str, rows: list[tuple[str, Any]], result: dict, known: set[str]) -> None:
+    """A headline, then `label  value` lines (empty ones left out), then any other key of the
+    result (what a newer service adds still shows, briefly)."""
+    import textwrap
+
     from rich.console import Console
+    from rich.text import Text
 
-    from rich.markup import escape
-
+    rows = [(label, value) for label, value in rows if value not in (None, "", "—")]
+    rows += [(key, _brief(value)) for key, value in result.items()
+             if key not in known and value is not None and value is not False and value != {} and value != []]
     console = Console()
-    for key, value in result.items():
-        if isinstance(value, (dict, list)):
-            value = json.dumps(value, sort_keys=True, default=str)
-        console.print(f"[bold]{key}[/bold]: {escape(str(value))}", highlight=False, soft_wrap=True)
+    console.print(Text(head, style="bold"))
+    indent = 2 + max((len(label) for label, _ in rows), default=0) + 2
+    for label, value in rows:
+        lines = textwrap.wrap(str(value), max(console.width - indent, 20), break_on_hyphens=False) or [""]
+        console.print(Text(f"  {label:<{indent - 4}}  " + ("\n" + " " * indent).join(lines)), soft_wrap=True)
 
 
-def render_table(rows: list[dict], columns: list[str], empty: str) -> None:
+VERSION_KEYS = {"type", "version", "line", "number", "parent", "task", "kind", "method", "params", "timings", "created",
+                "aliases", "trained", "reused", "stale_start", "weights", "profile_blob", "evaluations"}
+
+
+def render_version(result: dict) -> None:
+    """fuse, learn, show LINE@vN."""
+    method, params = result["method"], result.get("params") or {}
+    if method == "initial":
+        what = f"{result['task']}, the first version of {result['line']}"
+    elif method == "rollback":
+        what = f"rollback of {result['line']} to v{params.get('to')} (from {result['parent']})"
+    else:
+        what = f"{result['task']} fused into {result['line']} by {method} (from {result['parent']})"
+    if result.get("reused"):
+        what += "; already learned, nothing trained"
+    timings = result.get("timings") or {}
+    trained = result.get("trained")
+    evaluations = result.get("evaluations") or {}
+    _print_summary(f"{result['version']}: {what}", [
+        ("params", _brief({k: v for k, v in params.items() if k != "to"}) if method not in ("initial", "rollback") else None),
+        ("time", ", ".join(f"{k.removesuffix('_s')} {_seconds(v)}" for k, v in timings.items()) or None),
+        ("trained", _training(trained.get("metrics"), trained.get("trained_from")) if trained else None),
+        ("profile", _profile(trained.get("profile")) if trained else None),
+        ("aliases", ", ".join(result.get("aliases") or []) or None),
+        ("scores", "; ".join(f"{label} {_score_line(m)}" for label, m in evaluations.items()) or None),
+        ("weights", _brief(result.get("weights"))),
+        ("created", _brief(result.get("created"))),
+    ], result, VERSION_KEYS)
+
+
+def _training(metrics: dict | None, trained_from: str | None = None) -> str | None:
+    if not metrics:
+        return None
+    examples = metrics.get("examples") or {}
+    parts = [f"{metrics.get('steps')} steps", f"loss {_brief(metrics.get('train_loss'))}",
+             f"{examples.get('train')} examples" + (f" (+{examples['val']} held out, loss {_brief(metrics.get('eval_loss'))})"
+                                                     if examples.get("val") else ""),
+             _seconds(metrics.get("runtime_s"))]
+    return ", ".join(parts) + (f"; from {trained_from}" if trained_from else "")
+
+
+def _profile(profile: dict | None) -> str | None:
+    if not profile:
+        return None
+    layout = profile.get("layout") or profile
+    return f"{layout.get('units')} {layout.get('unit') or profile.get('unit')} units in {layout.get('groups')} groups ({profile.get('estimator')})"
+
+
+def _score_line(metrics: dict) -> str:
+    def score(key: str) -> str:
+        return "—" if metrics.get(key) is None else f"{metrics[key]:.3f}"
+
+    return f"exact match {score('exact_match')}, ROUGE-L {score('rouge_l')} ({metrics.get('examples')} examples)"
+
+
+TASK_KEYS = {"type", "name", "base", "kind", "trained_from", "data_fingerprint", "source", "created", "metrics", "profile",
+             "weights", "adapter_config", "training_config", "fused_into"}
+ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "task_type")
+
+
+def render_task(result: dict) -> None:
+    """train, add-task, show TASK."""
+    origin = f", trained from {result['trained_from']}" if result.get("trained_from") else ""
+    adapter = result.get("adapter_config") or {}
+    training = {k: v for k, v in (result.get("training_config") or {}).items() if k not in ("data", "lr")}
+    _print_summary(f"task {result['name']}: {result['kind']} on base {result['base']}{origin}", [
+        ("training", _training(result.get("metrics"))),
+        ("profile", _profile(result.get("profile"))),
+        ("source", result.get("source")),
+        ("data", f"sha256 {_brief(result.get('data_fingerprint'))}" if result.get("data_fingerprint") else None),
+        ("adapter", _brief({k: adapter[k] for k in ADAPTER_KEYS if adapter.get(k) not in (None, False)}) if adapter else None),
+        ("options", _brief(training) if training else None),
+        ("fused into", ", ".join(result.get("fused_into") or []) or None),
+        ("weights", _brief(result.get("weights"))),
+        ("created", _brief(result.get("created"))),
+    ], result, TASK_KEYS)
+
+
+def render_line(result: dict) -> None:
+    """show LINE."""
+    _print_summary(f"line {result['name']}: {result['kind']} on base {result['base']}, head {result.get('head') or '(no versions)'}", [
+        ("tasks", ", ".join(task for task in result.get("tasks") or [] if task) or None),  # a rollback fuses none
+        ("aliases", _brief(result.get("aliases") or None)),
+        ("created", _brief(result.get("created"))),
+    ], result, {"type", "name", "base", "kind", "head", "tasks", "aliases", "created"})
+
+
+def render_base(result: dict) -> None:
+    """base add."""
+    hub = f"{result['hub_id']}" + (f" @ {result['revision']}" if result.get("revision") else "") if result.get("hub_id") else None
+    _print_summary(f"base {result['name']}: {result['architecture']} ({result.get('model_type')}) at {result['path']}", [
+        ("hub", hub), ("copied", "yes: its files are kept in the registry" if result.get("copied") else "no"),
+        ("fingerprint", _brief(result.get("fingerprint"))), ("created", _brief(result.get("created"))),
+    ], result, {"name", "architecture", "model_type", "path", "hub_id", "revision", "copied", "fingerprint", "created"})
+
+
+def render_export(result: dict) -> None:
+    """export."""
+    files = result.get("files") or []
+    _print_summary(f"exported {result['version']} to {result['out']} ({result.get('kind')}, {len(files)} files)", [
+        ("files", ", ".join(files) or None),
+    ], result, {"version", "out", "kind", "files", "sha256"})
+
+
+def render_mapping(result: dict) -> None:
+    """A command's result for people, by its shape: a version (fuse, learn), a task (train,
+    add-task), a line, a base, an export, or else `key  value` lines; values summarised by
+    `_brief`, never raw JSON."""
+    kind = result.get("type")
+    if kind == "version" or (kind is None and {"version", "line", "method"} <= result.keys()):
+        render_version(result)
+    elif kind == "task" or (kind is None and {"name", "base", "trained_from"} <= result.keys()):
+        render_task(result)
+    elif kind == "line":
+        render_line(result)
+    elif {"architecture", "fingerprint", "path"} <= result.keys():
+        render_base(result)
+    elif {"version", "out", "files"} <= result.keys():
+        render_export(result)
+    else:
+        _print_summary(str(kind or "result"), [], result, {"type"})
+
+
+def render_table(rows: list[dict], columns: list[str], empty: str, title: str | None = None,
+                 cell: Callable[[str, Any], str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     if not rows:
-        console.print(empty)
+        console.print(Text(empty))
         return
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*[_cell(row.get(c)) for c in columns])
+    cells = [[cell(c, row.get(c)) if cell else _cell(row.get(c)) for c in columns] for row in rows]
+    table = Table(title=title)
+    for i, column in enumerate(columns):  # short columns kept whole, long ones wrapped
+        short = all(len(line) <= 16 for values in cells for line in values[i].splitlines())
+        table.add_column(column, no_wrap=short, overflow="fold")
+    for values in cells:
+        table.add_row(*map(Text, values))
     console.print(table)
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
+    return _brief(value)
 
 
 def _float_list(text: str | None, count: int, option: str) -> tuple[float, ...] | None:
@@ -364,6 +650,7 @@ TASK_VECTOR_METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
 
 @app.command()
 @handled
+@model_command
 @with_fuse_options
 def fuse(
     task: Annotated[str, typer.Argument(help="A registered task with a profile.")],
@@ -405,6 +692,7 @@ def export(
 
 @app.command()
 @handled
+@model_command
 @with_train_options
 def train(
     task: Annotated[str, typer.Argument(help="Name for the new task.")],
@@ -424,6 +712,7 @@ def train(
 
 @app.command()
 @handled
+@model_command
 @with_fuse_options
 @with_train_options
 def learn(
@@ -461,6 +750,7 @@ def _labelled_files(items: list[str]) -> dict[str, Path]:
 
 @app.command("eval")
 @handled
+@model_command
 def eval_(
     ref: Annotated[str, typer.Argument(help="LINE, LINE@vN, LINE@ALIAS, LINE@v0 for the base model zero-shot, "
                                             "or task:NAME for the weights of task NAME as trained, before any fuse.")],
@@ -480,9 +770,16 @@ def eval_(
         result = api.evaluate(ref, _labelled_files(data), max_examples=max_examples, max_new_tokens=max_new_tokens,
                               max_length=max_length, batch_size=batch_size, bf16=bf16, force=force, registry=registry,
                               progress=progress)
-    rows = [{"task": label, **metrics} for label, metrics in result["results"].items()]
-    emit(result, json_out, lambda r: render_table(rows, ["task", "exact_match", "exact_match_cased", "rouge_l", "examples",
-                                                         "seconds", "reused"], ""))
+    emit(result, json_out, render_eval)
+
+
+def render_eval(result: dict) -> None:
+    rows = [{"task": label, "exact match": f"{m['exact_match']:.3f}", "cased": f"{m['exact_match_cased']:.3f}",
+             "ROUGE-L": f"{m['rouge_l']:.3f}", "examples": m["examples"], "time": _seconds(m.get("seconds")),
+             "stored": "reused" if m.get("reused") else "new"} for label, m in result["results"].items()]
+    subject = result.get("version") or f"task {result.get('task')}"
+    render_table(rows, ["task", "exact match", "cased", "ROUGE-L", "examples", "time", "stored"], "no data",
+                 title=f"{subject}: {_brief(result.get('settings') or {})}")
 
 
 @app.command()
@@ -584,17 +881,31 @@ LIST_COLUMNS = {
 }
 
 
+LIST_SECTIONS = ("bases", "lines", "tasks")
+
+
 @app.command("list")
 @handled
 def list_(
-    what: Annotated[str, typer.Argument(help="tasks | lines | versions | bases")] = "tasks",
+    what: Annotated[Optional[str], typer.Argument(help="tasks | lines | versions | bases (default: bases, lines and tasks; "
+                                                       "with --json an object with those three lists).",
+                                                  show_default=False)] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """List tasks, lines, versions or bases."""
+    """List tasks, lines, versions or bases; without an argument, bases, lines and tasks."""
     from kifmerge import api
 
+    if what is None:
+        sections = {section: api.list_items(section, registry=registry) for section in LIST_SECTIONS}
+        emit(sections, json_out, render_sections)
+        return
     rows = api.list_items(what, registry=registry)
     emit(rows, json_out, lambda r: render_table(r, LIST_COLUMNS[what], f"no {what} yet"))
+
+
+def render_sections(sections: dict[str, list[dict]]) -> None:
+    for section, rows in sections.items():
+        render_table(rows, LIST_COLUMNS[section], f"{section}: none yet", title=section)
 
 
 @app.command()
@@ -624,7 +935,19 @@ def history(
         emit(rows, json_out, lambda r: render_table(r, ["ts", "action", "subject", "details"], "no events"))
         return
     rows = api.history(line, registry=registry)
-    emit(rows, json_out, lambda r: render_table(r, ["version", "task", "method", "params", "aliases", "created"], "no versions yet"))
+    emit(rows, json_out, render_history)
+
+
+def render_history(rows: list[dict]) -> None:
+    """One row per version, its aliases under it; params as `k=v`, one a line (what the fuse
+    computed, `units`, left to --json)."""
+    def cell(column: str, value: Any) -> str:
+        if column == "params" and isinstance(value, dict):
+            return "\n".join(f"{k}={_brief(v, ',')}" for k, v in _flat({k: v for k, v in value.items() if k != "units"})) or "—"
+        return _brief(value)
+
+    rows = [{**row, "version": row["version"] + "".join(f"\n@{alias}" for alias in row.get("aliases") or [])} for row in rows]
+    render_table(rows, ["version", "task", "method", "params", "created"], "no versions yet", cell=cell)
 
 
 # ---- operating versions: aliases, rollback, diff ------------------------------------------------
@@ -734,6 +1057,7 @@ def render_diff(result: dict) -> None:
 
 @app.command("run")
 @handled
+@model_command
 def run_plan(
     plan: Annotated[Path, typer.Argument(help="A plan file (.yaml, .toml or .json): a line and its steps.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the plan and print it with estimates; run nothing.")] = False,
@@ -747,7 +1071,8 @@ def run_plan(
         sys.stderr.write(f"step {step.index}: {step.kind} {step.subject} — {state}\n")
 
     with progress_bars() as progress:
-        result = run(plan, dry_run=dry_run, registry=registry, progress=progress, on_step=None if dry_run else announce)
+        result = run(plan, dry_run=dry_run, registry=registry, progress=progress,
+                     on_step=None if dry_run or QUIET.get() else announce)
     emit(result, json_out, render_plan)
 
 

@@ -212,19 +212,47 @@ class KifTrainer(Trainer):
 
 
 class ProgressBridge(TrainerCallback):
-    """Drives kifmerge's `progress(description, total)` from the Trainer's steps."""
+    """Drives kifmerge's `progress(description, total)` from the Trainer's steps. Each step is
+    reported when its loss is logged (right after the step), as `advance(n, loss=…)` when the
+    advance function takes a `loss` keyword, else as `advance(n)`."""
 
     def __init__(self, progress: Callable[[str, int], Callable[[int], None]] | None, description: str):
         self.progress, self.description, self.advance = progress, description, None
+        self.pending, self.takes_loss = 0, False
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.progress and state.is_world_process_zero:
             self.advance = self.progress(self.description, state.max_steps)
+            self.takes_loss = takes_keyword(self.advance, "loss")
 
     def on_step_end(self, args, state, control, **kwargs):
         fault_point("train.step")
         if self.advance:
-            self.advance(1)
+            self.pending += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.pending and logs and "loss" in logs:
+            self._report(float(logs["loss"]))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.pending:
+            self._report(None)
+
+    def _report(self, loss: float | None) -> None:
+        steps, self.pending = self.pending, 0
+        if self.takes_loss and loss is not None:
+            self.advance(steps, loss=loss)
+        else:
+            self.advance(steps)
+
+
+def takes_keyword(fn: Callable, name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.kind == p.VAR_KEYWORD
+               for p in parameters)
 
 
 # ---- models -----------------------------------------------------------------------------------

@@ -22,9 +22,35 @@ DEFAULT_LOCATION = "registry"
 MANIFEST_FORMAT = "kifmerge-weights"
 
 
-def resolve_root(explicit: str | os.PathLike | None) -> Path:
-    """`--registry PATH` > `$KIFMERGE_REGISTRY` > `./registry`."""
-    return Path(explicit or os.environ.get(ENV_VAR) or DEFAULT_LOCATION)
+def resolve_root(explicit: str | os.PathLike | None, *, discover: bool = True) -> Path:
+    """`--registry PATH` > `$KIFMERGE_REGISTRY` > the nearest `registry/` holding a catalog in
+    the current folder or its parents (like git; only with `discover`) > `./registry`."""
+    if explicit or os.environ.get(ENV_VAR):
+        return Path(explicit or os.environ[ENV_VAR])
+    if discover:
+        found = discover_root(Path.cwd())
+        if found is not None:
+            return found
+    return Path(DEFAULT_LOCATION)
+
+
+def discover_root(start: Path) -> Path | None:
+    """The nearest `registry/` with a catalog in `start` or one of its parents."""
+    for folder in (start, *start.parents):
+        candidate = folder / DEFAULT_LOCATION
+        if (candidate / DB_NAME).is_file():
+            return candidate if folder != start else Path(DEFAULT_LOCATION)
+    return None
+
+
+def not_found_message(root: Path, explicit: bool) -> str:
+    """Where `Registry.open` looked, and how to create one there."""
+    if explicit:
+        return f"no registry at {root}; create one with `kifmerge init --registry {root}`"
+    if os.environ.get(ENV_VAR):
+        return f"no registry at {root} (from $KIFMERGE_REGISTRY); create one with `kifmerge init`"
+    return (f"no registry found: no --registry, $KIFMERGE_REGISTRY not set, and no {DEFAULT_LOCATION}/ in {Path.cwd()} "
+            f"or its parents; create one here with `kifmerge init`, or name one with --registry PATH")
 
 
 @dataclass(frozen=True)
@@ -49,7 +75,7 @@ class Registry:
     @classmethod
     def init(cls, root: str | os.PathLike | None = None) -> tuple["Registry", bool]:
         """Create (or upgrade) the registry; returns it and whether it was new."""
-        root = resolve_root(root)
+        root = resolve_root(root, discover=False)  # like `git init`: here, not in a parent
         root.mkdir(parents=True, exist_ok=True)
         created = not (root / DB_NAME).exists()
         registry = cls(root, Catalog.create(root))
@@ -61,9 +87,10 @@ class Registry:
 
     @classmethod
     def open(cls, root: str | os.PathLike | None = None) -> "Registry":
+        explicit = root
         root = resolve_root(root)
         if not (root / DB_NAME).is_file():
-            raise NotFoundError(f"no registry at {root}; create one with `kifmerge init --registry {root}`")
+            raise NotFoundError(not_found_message(root, bool(explicit)))
         catalog = Catalog(root)
         if not catalog.is_initialised():
             raise IntegrityError(f"registry at {root} has an older or incomplete schema; run `kifmerge init` to upgrade it")

@@ -13,7 +13,8 @@ from kifmerge.errors import IntegrityError, InvalidInputError, NotFoundError, Us
 from kifmerge.options import FuseParams, validated
 from kifmerge.registry import Registry
 
-# progress(description, total) → advance(n); None means silent
+# progress(description, total) → advance(n=1, *, loss=None) (loss: training steps; an advance
+# without the keyword gets advance(n)); None means silent
 Progress = Callable[[str, int], Callable[[int], None]] | None
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 REF_PATTERN = re.compile(r"^(?P<line>[^@]+)(@(?P<selector>[^@]+))?$")

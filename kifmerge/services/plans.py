@@ -22,7 +22,7 @@ from typing import Any, Callable
 from kifmerge.errors import ConflictError, InvalidInputError, NotFoundError
 from kifmerge.faults import fault_point
 from kifmerge.plans import AddTaskStep, EvalStep, FuseStep, LearnStep, Plan, load_plan
-from kifmerge.registry import Registry
+from kifmerge.registry import Registry, resolve_root
 from kifmerge.registry.blobs import sha256_file
 from kifmerge.services.common import Progress, check_name, parse_ref
 
@@ -49,7 +49,7 @@ def run_plan(path: str | Path, *, dry_run: bool = False, registry: str | os.Path
              progress: Progress = None, on_step: Callable[[PlannedStep], None] | None = None) -> dict[str, Any]:
     """Validate PLAN and every reference in it, then (unless `dry_run`) run its pending steps."""
     plan, _ = load_plan(path)
-    root = registry or plan.registry
+    root = registry or plan.registry or resolve_root(None)  # found once: checked and run against the same one
     check_name(plan.line, "line")
     reg = _open_or_none(root)
     try:

@@ -1,0 +1,149 @@
+"""What a person (or a CI log) sees: progress records off a terminal, concise human results,
+global options before or after the command, registry discovery from a subfolder, `list`'s
+sections, and `--threads`."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import task_records, write_jsonl
+from kifmerge.cli import app
+
+RECORD = re.compile(r"^kifmerge: (?P<what>.+?): (?P<step>step )?(?P<done>\d+)/(?P<total>\d+) \(\d+%\)"
+                    r"(, loss (?P<loss>[\d.e+-]+))?, elapsed \d+:\d\d(, ETA \d+:\d\d|, done)$")
+
+
+def invoke(*args, env: dict | None = None, code: int = 0):
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}\n{result.exception!r}"
+    return result
+
+
+def records(stderr: str, what: str) -> list[dict]:
+    found = [RECORD.match(line) for line in stderr.splitlines()]
+    return [m.groupdict() for m in found if m and m["what"] == what]
+
+
+@pytest.fixture
+def line(cli, tmp_path, llama_dir):
+    """A line `main` with v1 (parity, learned in 4 steps); the data files."""
+    data = {"parity": write_jsonl(tmp_path / "parity.jsonl", task_records("parity", 16)),
+            "vowel": write_jsonl(tmp_path / "vowel.jsonl", task_records("vowel", 16, seed=1))}
+    cli("base", "add", "llama", llama_dir)
+    cli("learn", "parity", "--data", data["parity"], "--into", "main", "--base", "llama", "--max-steps", "2")
+    return data
+
+
+def test_learn_off_a_terminal_logs_progress_on_stderr_only(cli, line):
+    """Under CI or nohup (stderr not a terminal) learn writes one-line records: the first step,
+    the last, at most one every ~10 s between; each with step/total, loss, elapsed and ETA.
+    stdout holds only the JSON result."""
+    started = time.monotonic()
+    result = cli("learn", "vowel", "--data", line["vowel"], "--into", "main", "--max-steps", "6", "--json")
+    took = time.monotonic() - started
+    assert json.loads(result.stdout)["version"] == "main@v2"  # stdout: the result and nothing else
+    training = records(result.stderr, "training vowel")
+    assert training, result.stderr
+    assert training[0]["step"] and training[0]["done"] == "1" and training[0]["loss"] is not None
+    assert training[-1]["done"] == training[-1]["total"] == "6" and result.stderr.count("done") >= 1
+    assert all(float(r["loss"]) > 0 for r in training)
+    assert len(training) <= 2 + took / 10 + 1, "at most one record every ~10 s besides the first and the last"
+    fusing = records(result.stderr, "fusing vowel into main")
+    assert fusing and fusing[-1]["done"] == fusing[-1]["total"] and fusing[-1]["loss"] is None
+
+    evaluated = cli("eval", "main", "--data", f"parity={line['parity']}", "--max-examples", "4", "--max-new-tokens", "2")
+    assert records(evaluated.stderr, "evaluating parity")[-1]["done"] == "4"
+
+    quiet = cli("train", "t3", "--data", line["vowel"], "--line", "main", "--max-steps", "2", "--json", "--quiet")
+    assert json.loads(quiet.stdout)["name"] == "t3" and "kifmerge:" not in quiet.stderr
+
+
+def test_human_results_are_short_summaries(cli, line):
+    """No raw JSON, no Python `False`, numbers rounded; --json unchanged."""
+    learned = cli("learn", "vowel", "--data", line["vowel"], "--into", "main", "--max-steps", "2").stdout
+    assert learned.splitlines()[0] == "main@v2: vowel fused into main by kif (from v1)"
+    assert "{" not in learned and len(learned) < 600 and "top=0.2" in learned and "2 steps, loss " in learned
+    trained = cli("train", "t3", "--data", line["vowel"], "--line", "main", "--max-steps", "2").stdout
+    assert trained.startswith("task t3: lora on base llama, trained from main@v2") and "{" not in trained
+    fused = cli("fuse", "t3", "--into", "main").stdout
+    assert fused.startswith("main@v3: t3 fused into main by kif (from v2)") and "{" not in fused
+
+    history = cli("history", "main").stdout
+    assert "weights=0.3,0.7,0.5" in history and "{" not in history
+    assert len(history.splitlines()) <= 16, "three versions, a few lines each"
+    evaluated = cli("eval", "main", "--data", f"parity={line['parity']}", "--max-examples", "4", "--max-new-tokens", "2").stdout
+    assert "False" not in evaluated and "True" not in evaluated
+    row = next(r for r in evaluated.splitlines() if "parity" in r)
+    assert re.search(r"\d\.\d{3}", row) and re.search(r"\d+\.\d{1,2} s", row) and "new" in row
+    assert "reused" in cli("eval", "main", "--data", f"parity={line['parity']}", "--max-examples", "4",
+                           "--max-new-tokens", "2").stdout
+    cli("rollback", "main", "--to", "v1")
+    assert cli("show", "main@v4").stdout.startswith("main@v4: rollback of main to v1 (from v3)")
+    for ref in ("main", "main@v2", "vowel"):
+        shown = cli("show", ref).stdout
+        assert "{" not in shown and "null" not in shown, shown
+    assert cli.json("show", "main@v2")["params"]["weights"] == [0.3, 0.7, 0.5]  # --json as before
+
+
+def test_list_without_argument_shows_bases_lines_and_tasks(cli, line):
+    shown = cli("list").stdout
+    for section, name in (("bases", "llama"), ("lines", "main"), ("tasks", "parity")):
+        assert re.search(rf"^\s*{section}\s*$", shown, re.M) and name in shown
+    assert shown.index("bases") < shown.index("lines") < shown.index("tasks")
+    listed = cli.json("list")
+    assert [b["name"] for b in listed["bases"]] == ["llama"] and [t["name"] for t in listed["tasks"]] == ["parity"]
+    assert [row["name"] for row in listed["lines"]] == ["main"]
+    assert cli.json("list", "tasks") == listed["tasks"]
+
+
+def test_global_options_before_or_after_the_command(cli, line, tmp_path):
+    registry = str(cli.registry)
+    lines = json.loads(invoke("--registry", registry, "--json", "list", "lines").stdout)
+    assert [row["name"] for row in lines] == ["main"]
+    assert json.loads(invoke("--json", "diff", "main@v1", "main@v1", "--registry", registry).stdout)["from"] == "main@v1"
+    # after the command wins over before it; before it wins over the environment
+    assert invoke("--registry", tmp_path / "elsewhere", "list", "lines", "--registry", registry).stdout.count("main") == 1
+    assert "main" in invoke("--registry", registry, "list", "lines", env={"KIFMERGE_REGISTRY": str(tmp_path / "no")}).stdout
+    failed = invoke("--debug", "show", "nothing", "--registry", registry, code=1)
+    assert type(failed.exception).__name__ == "NotFoundError", "--debug before the command: the traceback"
+    quiet = invoke("--quiet", "--registry", registry, "learn", "vowel", "--data", line["vowel"], "--into", "main",
+                   "--max-steps", "2")
+    assert quiet.stdout.startswith("main@v2") and "kifmerge:" not in quiet.stderr
+
+
+def test_registry_found_from_a_subfolder(tmp_path, monkeypatch):
+    """Without --registry or $KIFMERGE_REGISTRY: the nearest registry/ here or above (like git);
+    `init` creates ./registry here; with none, the error says where it looked."""
+    monkeypatch.delenv("KIFMERGE_REGISTRY", raising=False)
+    project, nowhere = tmp_path / "project", tmp_path / "nowhere"
+    deep = project / "data" / "deeper"
+    deep.mkdir(parents=True)
+    nowhere.mkdir()
+    monkeypatch.chdir(project)
+    invoke("init")
+    assert (project / "registry" / "kifmerge.db").is_file()
+    monkeypatch.chdir(deep)
+    assert json.loads(invoke("list", "--json").stdout) == {"bases": [], "lines": [], "tasks": []}
+    assert json.loads(invoke("init", "--json").stdout)["registry"] == str(deep / "registry")  # init: here, not above
+    monkeypatch.chdir(nowhere)
+    missing = invoke("list", code=3)
+    assert "no registry found" in missing.stderr and str(nowhere) in missing.stderr and "kifmerge init" in missing.stderr
+
+
+def test_threads(cli, line):
+    """--threads sets torch's CPU threads for the run; 0 is refused as a usage error."""
+    before = torch.get_num_threads()
+    try:
+        cli("eval", "main", "--data", f"parity={line['parity']}", "--max-examples", "2", "--max-new-tokens", "1",
+            "--threads", "1")
+        assert torch.get_num_threads() == 1
+        refused = cli("learn", "vowel", "--data", line["vowel"], "--into", "main", "--threads", "0", code=2)
+        assert "--threads" in refused.stderr
+    finally:
+        torch.set_num_threads(before)
