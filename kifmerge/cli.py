@@ -531,6 +531,14 @@ with_train_options = option_group("train_options", [
     _train(None, "--replay", help="Fraction of examples replayed from the line's earlier tasks (default: 0).", kind=Optional[float]),
     _train(None, "--warmup-steps", help="Linear learning-rate warmup steps before the linear decay (default: 0).", kind=Optional[int]),
     _train(False, "--bf16", help="bfloat16 autocast for the forward/backward (weights and importance stay float32).", kind=bool),
+    _train(False, "--fp16", help="float16 autocast with loss scaling (CUDA GPUs only; excludes --bf16).", kind=bool),
+    _train(False, "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, slower steps.", kind=bool),
+    _train(None, "--report-to", help="Experiment tracker fed by the Trainer: tensorboard | mlflow | wandb | none (default: none; "
+                                     "tensorboard writes to $TENSORBOARD_LOGGING_DIR, else runs/TASK).", kind=Optional[str]),
+    _train(None, "--save-steps", help="Save a resumable checkpoint in the registry's staging area every N steps "
+                                      "(default: 50; 0: never); removed once the task is committed.", kind=Optional[int]),
+    _train(False, "--resume", help="Continue an interrupted run with the same task, start, data and options from its "
+                                   "last saved step (none saved: train from the start, with a note).", kind=bool),
 ], _split_modules)
 
 with_fuse_options = option_group("fuse_options", [
@@ -697,7 +705,7 @@ def export(
 @with_train_options
 def train(
     task: Annotated[str, typer.Argument(help="Name for the new task.")],
-    data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} records.")],
+    data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} or {messages} (chat template) records.")],
     line: Annotated[str, typer.Option("--line", help="Train from this line's newest version.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, train_options: dict = None,
@@ -718,7 +726,7 @@ def train(
 @with_train_options
 def learn(
     task: Annotated[str, typer.Argument(help="Name for the new task.")],
-    data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} records.")],
+    data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} or {messages} (chat template) records.")],
     into: Annotated[str, typer.Option("--into", help="The line to train from and fuse into.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,

@@ -93,7 +93,9 @@ def generate_answers(model, tokenizer, prompts: list[str], *, seq2seq: bool, max
                      batch_size: int, bf16: bool = False, advance: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers, in the prompts' order; causal prompts are left-padded and truncated in
     the middle exactly as in training (instruction and answer cue kept). Prompts are batched by
-    length (sorted, so a batch carries little padding); `bf16` generates under bfloat16 autocast."""
+    length (sorted, so a batch carries little padding); `bf16` generates under bfloat16 autocast.
+    Prompts of chat records (kifmerge/chat.py `Conversation`) are rendered by the tokenizer's chat
+    template with the generation prompt, as in training."""
     import torch
 
     from kifmerge.training import Encoder

@@ -100,11 +100,18 @@ class TrainOptions(BaseModel):
     replay: float = Field(0.0, ge=0.0, lt=1.0)
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup before the linear decay")
     bf16: bool = Field(False, description="bfloat16 autocast (CPUs with avx512_bf16, recent GPUs); weights stay float32")
+    fp16: bool = Field(False, description="float16 autocast with loss scaling (CUDA GPUs only); weights stay float32")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, ~30% slower")
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field("none", description="experiment tracker fed by the Trainer")
+    save_steps: int = Field(50, ge=0, description="save a resumable checkpoint every N optimizer steps (0: never)")
+    resume: bool = Field(False, description="continue from the newest checkpoint an interrupted run with the same inputs saved")
 
     @model_validator(mode="after")
     def _lora_only_options(self) -> "TrainOptions":
         if self.mode == "full" and (self.orth_reg or self.lora_r or self.lora_alpha or self.target_modules):
             raise ValueError("--orth-reg, --lora-r, --lora-alpha and --target-modules apply to --mode lora only")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 exclude each other; choose one")
         return self
 
     @property

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from kifmerge.chat import Conversation, chat_record, render_prompt
 from kifmerge.errors import InvalidInputError
 from kifmerge.faults import fault_point
 from kifmerge.options import TrainOptions
@@ -32,8 +33,9 @@ DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"
 
 # ---- data -----------------------------------------------------------------------------------
 def load_records(path: str | Path, max_examples: int | None = None) -> list[dict[str, str]]:
-    """A JSON list or JSONL of {"input", "output"} records, gzip-compressed when the name ends in
-    `.gz` (FILE.jsonl.gz, FILE.json.gz); a bad record is named by file and line."""
+    """A JSON list or JSONL of {"input", "output"} records, or of {"messages": […]} chat records
+    (kifmerge/chat.py), gzip-compressed when the name ends in `.gz` (FILE.jsonl.gz, FILE.json.gz);
+    a bad record is named by file and line."""
     from kifmerge.checkpoints import read_text
 
     path = Path(path)
@@ -81,7 +83,9 @@ def _skip_space(text: str, position: int) -> int:
 
 def _check_record(path: Path, line: int, obj: Any) -> dict[str, str]:
     if not isinstance(obj, dict):
-        raise InvalidInputError(f"{path}:{line}: a record must be an object with \"input\" and \"output\"")
+        raise InvalidInputError(f"{path}:{line}: a record must be an object with \"input\" and \"output\" (or \"messages\")")
+    if "messages" in obj:
+        return chat_record(path, line, obj)
     for key in ("input", "output"):
         if not isinstance(obj.get(key), str) or (key == "output" and not obj[key].strip()):
             raise InvalidInputError(f"{path}:{line}: record lacks a non-empty string {key!r}")
@@ -102,8 +106,9 @@ def split_records(records: list[dict], val_fraction: float, seed: int) -> tuple[
 
 # ---- tokenisation and batches -----------------------------------------------------------------
 def answer_text(prompt: str, answer: str) -> str:
-    """The answer as it continues the prompt: a space is added unless the prompt ends in whitespace."""
-    return answer if not prompt or prompt[-1].isspace() else " " + answer
+    """The answer as it continues the prompt: a space is added unless the prompt ends in whitespace
+    (or is a chat prompt: the template's generation prompt is where the answer starts)."""
+    return answer if not prompt or prompt[-1].isspace() or isinstance(prompt, Conversation) else " " + answer
 
 
 @dataclass
@@ -113,8 +118,12 @@ class Encoder:
     max_length: int
 
     def prompt_ids(self, prompt: str, budget: int | None = None) -> list[int]:
-        """Prompt tokens; when too long, the middle is cut so the instruction and the cue stay."""
-        ids = self.tokenizer(prompt)["input_ids"]
+        """Prompt tokens; when too long, the middle is cut so the instruction and the cue stay. A chat
+        prompt is rendered by the chat template, which writes its own special tokens (causal LMs)."""
+        if isinstance(prompt, Conversation):
+            ids = self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=self.seq2seq)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
         budget = self.max_length if budget is None else budget
         if len(ids) > budget:
             tail = min(CUE_TOKENS, budget // 4)
@@ -305,14 +314,20 @@ def build_model(base_dir: Path, config: dict, options: TrainOptions, init_dir: P
         raise InvalidInputError(f"cannot apply LoRA to {config.get('model_type')}: {str(exc).splitlines()[0]}") from None
 
 
-def training_arguments(options: TrainOptions, out_dir: Path) -> TrainingArguments:
+def training_arguments(options: TrainOptions, out_dir: Path, run_name: str | None = None,
+                       save_steps: int = 0) -> TrainingArguments:
+    """The Trainer's arguments. Checkpoints only when `save_steps` > 0 (every `save_steps`, the last
+    two kept): `out_dir` is then a resumable folder (kifmerge/resume.py)."""
     return TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=options.batch_size,
         per_device_eval_batch_size=options.batch_size, gradient_accumulation_steps=options.grad_accum,
         learning_rate=options.learning_rate, num_train_epochs=options.epochs,
         max_steps=options.max_steps or -1, seed=options.seed, data_seed=options.seed,
-        lr_scheduler_type="linear", warmup_steps=options.warmup_steps, bf16=options.bf16, weight_decay=0.0, max_grad_norm=1.0,
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+        lr_scheduler_type="linear", warmup_steps=options.warmup_steps, bf16=options.bf16, fp16=options.fp16,
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, eval_strategy="no",
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=2,
+        report_to=[] if options.report_to == "none" else [options.report_to], run_name=run_name,
+        gradient_checkpointing=options.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), log_level="error",
     )
@@ -327,39 +342,54 @@ class TrainResult:
 
 def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: Path | None,
                  train: list[dict], val: list[dict], out_dir: Path,
-                 progress: Callable[[str, int], Callable[[int], None]] | None = None, description: str = "training") -> TrainResult | None:
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None, description: str = "training",
+                 checkpoints: Path | None = None, run_name: str | None = None) -> TrainResult | None:
     """Fine-tune with the Trainer while the importance callback scores every unit; save the
     checkpoint and its profile under `out_dir`. Under torchrun / accelerate only the main
-    process saves (the others return None after the run)."""
+    process saves (the others return None after the run). `checkpoints`: the resumable folder
+    (kifmerge/resume.py) that the Trainer saves to every `save_steps` and, with `resume`,
+    continues from."""
     from transformers import set_seed
 
     from kifmerge.checkpoints import open_checkpoint
     from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
     from kifmerge.profiles import from_unit_scores, write_profile
+    from kifmerge.resume import STATE_FILE, ImportanceCheckpoint, load_importance, prepare
 
     set_seed(options.seed)
     tokenizer = load_tokenizer(base_dir)
     seq2seq = is_seq2seq(config)
     model = build_model(base_dir, config, options, init_dir)
     encode = Encoder(tokenizer, seq2seq, options.max_length)
+    if options.gradient_checkpointing and options.mode == "lora":
+        model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks' inputs must carry grad
     accumulator = ImportanceAccumulator(model.named_parameters(), estimator=options.importance,
                                         beta1=options.beta1, beta2=options.beta2)
+    train_set, val_set = [encode(r) for r in train], [encode(r) for r in val] or None
+    checkpoints = checkpoints if options.save_steps else None
+    start = prepare(checkpoints, options.resume) if checkpoints is not None else None
+    if start is not None:
+        load_importance(accumulator, start / STATE_FILE)
     trainer = KifTrainer(
-        model=model, args=training_arguments(options, out_dir / "trainer"),
-        train_dataset=[encode(r) for r in train], eval_dataset=[encode(r) for r in val] or None,
+        model=model, args=training_arguments(options, checkpoints or out_dir / "trainer", run_name,
+                                                     options.save_steps if checkpoints is not None else 0),
+        train_dataset=train_set, eval_dataset=val_set,
         data_collator=Collator(tokenizer.pad_token_id, seq2seq, supports_logits_window(model)),
-        callbacks=[ImportanceCallback(accumulator), ProgressBridge(progress, description)], orth_reg=options.orth_reg,
+        callbacks=[ImportanceCallback(accumulator), ProgressBridge(progress, description)]
+        + ([ImportanceCheckpoint(accumulator)] if checkpoints is not None else []), orth_reg=options.orth_reg,
     )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # stdout belongs to the command's result (--json)
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
     metrics = {"train_loss": round(output.training_loss, 6), "steps": output.global_step,
                "runtime_s": round(output.metrics.get("train_runtime", 0.0), 3),
                "examples": {"train": len(train), "val": len(val)}, "world_size": trainer.args.world_size,
                "curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
                "importance": accumulator.report(),
                "trainable_parameters": sum(p.numel() for p in accumulator.params.values())}
+    if start is not None:
+        metrics["resumed_from_step"] = int(start.name.rpartition("-")[2])
     if val:
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 6)
     result = None

@@ -79,7 +79,7 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
 # Training options skipped when matching a previous learn: `lr` is compared as the effective
 # learning_rate instead; the others (where TrainOptions has them) change how a run is watched or
 # resumed, not what it trains.
-NOT_IDENTITY_OPTIONS = frozenset({"lr", "report_to", "resume", "threads", "gradient_checkpointing"})
+NOT_IDENTITY_OPTIONS = frozenset({"lr", "report_to", "resume", "save_steps", "threads", "gradient_checkpointing"})
 
 
 def _previous_learn(reg: Registry, task: str, data: Path, line: str, base: str | None, opts: TrainOptions,
@@ -148,7 +148,11 @@ def _option_differences(config: dict[str, Any], opts: TrainOptions) -> list[str]
 @contextmanager
 def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | None, opts: TrainOptions,
                   progress: Progress) -> Iterator[StagedTask | None]:
-    """Run the training for TASK and stage its blobs; the staging folder lives for the block."""
+    """Run the training for TASK and stage its blobs; the staging folder lives for the block.
+    The run's resumable checkpoints (kifmerge/resume.py) outlive an interruption and are removed
+    once the block has committed."""
+    from kifmerge.preflight import check_training_environment, tracker_environment
+    from kifmerge.resume import discard_if_empty, resume_folder, resume_key
     from kifmerge.training import load_records, run_training, split_records
 
     refuse_existing_task(reg, task)
@@ -160,11 +164,15 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
     base_row = reg.catalog.get("bases", line_row["base"] if line_row else base, "base")
     if line_row is not None and line_row["kind"] != opts.mode:
         raise UsageError(f"line {line!r} holds {line_row['kind']} versions; train it with --mode {line_row['kind']}")
+    check_training_environment(opts)
     head = reg.catalog.head(line)
     records = load_records(data, opts.max_examples)
     train_set, val_set = split_records(records, opts.val_fraction, opts.seed)
     replayed = _replay_examples(reg, line, opts, len(train_set))
     folder = base_dir(reg, base_row)
+    data_sha = sha256_file(data)
+    start = f"{line}@v{head['number']}" if head else f"base:{base_row['name']}:{base_row['fingerprint']}"
+    checkpoints = resume_folder(reg.blobs.staging, resume_key(task, start, data_sha, opts)) if opts.save_steps else None
     staging = reg.blobs.staging_dir()
     try:
         init_dir = None
@@ -174,22 +182,26 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
             init_dir = staging / "init"
             init_dir.mkdir()
             reg.copy_weights(head["weights"], init_dir)
-        result = run_training(folder, base_row["config"], opts, init_dir, train_set + replayed["examples"], val_set,
-                              staging, progress, f"training {task}")
+        with tracker_environment(opts, task):
+            result = run_training(folder, base_row["config"], opts, init_dir, train_set + replayed["examples"], val_set,
+                                  staging, progress, f"training {task}", checkpoints, run_name=task)
         if result is None:
             yield None
             return
         fault_point("train.done")
         training_config = {**opts.model_dump(), "learning_rate": opts.learning_rate,
-                           "data": {"path": str(data.resolve()), "sha256": sha256_file(data)},
+                           "data": {"path": str(data.resolve()), "sha256": data_sha},
                            "replay": replayed["sources"], "replay_fraction": opts.replay,  # "replay": what was replayed
                            "started_from": f"{line}@v{head['number']}" if head else "base"}
         yield stage_task(reg, task, result.checkpoint, base_row, result.profile, f"{line}@v{head['number'] if head else 0}",
                           progress, source=f"train:{data.resolve()}", estimator=opts.importance,
                           training_config=training_config, data_fingerprint=training_config["data"]["sha256"],
                           metrics=result.metrics)
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # committed: nothing left to resume
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        discard_if_empty(checkpoints)
 
 
 def _check_rank_options(line_config: dict, opts: TrainOptions, line: str) -> None:

@@ -1,0 +1,135 @@
+"""Resuming an interrupted training (`train/learn --resume`).
+
+While it trains, a run saves a Trainer checkpoint every `--save-steps` optimizer steps into a
+folder of the registry's staging area, `tmp/resume-KEY/checkpoint-STEP/`. KEY fingerprints what
+the run trains — task name, the version it starts from, the data's sha256 and the training
+options that change the result — so a re-run with the same inputs finds it and a run with other
+inputs never does. Beside the Trainer's files (weights, optimizer, scheduler and RNG state,
+written by the Trainer in its own format) each checkpoint holds the importance accumulator's
+EMAs as safetensors (`kifmerge-importance.safetensors`, written last: a checkpoint without it
+is incomplete and ignored). `--resume` continues from the newest complete checkpoint; the
+folder is removed once the task is committed. Trainer checkpoints are only ever loaded from
+kifmerge's own staging folder.
+
+`kifmerge gc` treats the folders like any staging leftover: kept while younger than its grace
+period (the age of the newest file inside), reported and removed after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+
+from kifmerge.errors import InvalidInputError
+from kifmerge.options import TrainOptions
+
+PREFIX = "resume-"
+STATE_FILE = "kifmerge-importance.safetensors"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# options that change how a run is watched, saved or resumed, not what it trains
+NOT_IDENTITY = frozenset({"report_to", "resume", "save_steps", "gradient_checkpointing"})
+
+
+def resume_key(task: str, start: str, data_sha256: str, opts: TrainOptions) -> str:
+    """Fingerprint of a training run's inputs: task, starting point (LINE@vN, or base:NAME for a
+    new line), data and the options that change the result."""
+    options = {k: v for k, v in json.loads(opts.model_dump_json()).items() if k not in NOT_IDENTITY}
+    payload = json.dumps({"task": task, "start": start, "data": data_sha256, "options": options}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def resume_folder(staging_root: Path, key: str) -> Path:
+    return Path(staging_root) / f"{PREFIX}{key}"
+
+
+def newest_checkpoint(folder: Path | None) -> Path | None:
+    """The complete checkpoint with the highest step (None when there is none)."""
+    if folder is None or not folder.is_dir():
+        return None
+    complete = [(int(m[1]), p) for p in folder.iterdir()
+                if (m := CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file() and (p / "trainer_state.json").is_file()]
+    return max(complete)[1] if complete else None
+
+
+def prepare(folder: Path, resume: bool) -> Path | None:
+    """The checkpoint to continue from (with `resume`), else None; a run that does not resume
+    starts the folder afresh. Notes on stderr say which."""
+    found = newest_checkpoint(folder)
+    if resume and found is not None:
+        note(f"resuming from step {found.name.split('-')[1]} of an interrupted run ({found.parent.name})")
+        return found
+    if resume:
+        note("--resume: no saved checkpoint of a run with these inputs; training from the start")
+    elif found is not None:
+        note(f"discarding the checkpoint (step {found.name.split('-')[1]}) of an interrupted run with these inputs; "
+             "pass --resume to continue such a run")
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def discard_if_empty(folder: Path | None) -> None:
+    """Remove a checkpoint folder that holds nothing to resume from (interrupted before its first save)."""
+    if folder is not None and folder.is_dir() and newest_checkpoint(folder) is None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def note(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"kifmerge: note: {message}", file=sys.stderr, flush=True)
+
+
+# ---- the importance accumulator's state ------------------------------------------------------
+def save_importance(accumulator, path: Path) -> None:
+    """The accumulator's EMAs (Ī, Ū) and counters as safetensors, written under a temporary name
+    and renamed (the file marks its checkpoint complete)."""
+    tensors = {f"ipt.{n}": t.detach().cpu().contiguous() for n, t in accumulator.ipt.items()}
+    tensors |= {f"unc.{n}": t.detach().cpu().contiguous() for n, t in accumulator.unc.items()}
+    metadata = {"format": "kifmerge-importance-state", "estimator": accumulator.estimator,
+                "steps": str(accumulator.steps), "skipped": str(accumulator.skipped)}
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    save_file(tensors, str(temp), metadata=metadata)
+    os.replace(temp, path)
+
+
+@torch.no_grad()
+def load_importance(accumulator, path: Path) -> None:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        names = set(handle.keys())
+        expected = {f"{kind}.{n}" for kind in ("ipt", "unc") for n in accumulator.params}
+        if metadata.get("estimator") != accumulator.estimator or names != expected:
+            raise InvalidInputError(f"the saved importance state in {path.parent} does not match this run's trainable "
+                                    "parameters; run without --resume to start afresh")
+        for name in accumulator.params:
+            accumulator.ipt[name].copy_(handle.get_tensor(f"ipt.{name}"))
+            accumulator.unc[name].copy_(handle.get_tensor(f"unc.{name}"))
+    accumulator.steps, accumulator.skipped = int(metadata["steps"]), int(metadata["skipped"])
+
+
+class ImportanceCheckpoint(TrainerCallback):
+    """Writes the accumulator's state into each checkpoint right after the Trainer saved it.
+    The Trainer's extra save at the last step is skipped: the run is about to save its result
+    anyway, and optimizer state for nothing left to train is only I/O."""
+
+    def __init__(self, accumulator):
+        self.accumulator = accumulator
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                save_importance(self.accumulator, folder / STATE_FILE)
