@@ -183,6 +183,10 @@ def test_chat_data_without_a_chat_template_is_one_line_error(cli, tmp_path, llam
     result = cli("train", "t", "--data", data, "--line", "a", "--base", "llama", "--max-steps", "1", code=4)
     assert "has no chat template" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert cli.json("list", "tasks") == [] and not any((cli.registry / "tmp").iterdir())
+    plain = write_jsonl(tmp_path / "plain.jsonl", task_records("parity", 4))
+    cli("learn", "p", "--data", plain, "--into", "a", "--base", "llama", "--max-steps", "1")
+    result = cli("eval", "a", "--data", f"chat={data}", code=4)
+    assert "has no chat template" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("record,message", [
