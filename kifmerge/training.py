@@ -388,8 +388,9 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
                "curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
                "importance": accumulator.report(),
                "trainable_parameters": sum(p.numel() for p in accumulator.params.values())}
-    if start is not None:
+    if start is not None:  # the Trainer's training_loss counts only the steps run since the resume
         metrics["resumed_from_step"] = int(start.name.rpartition("-")[2])
+        metrics["train_loss"] = round(sum(p["loss"] for p in metrics["curve"]) / max(1, len(metrics["curve"])), 6)
     if val:
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 6)
     result = None

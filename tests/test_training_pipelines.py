@@ -72,6 +72,7 @@ def test_resume_after_a_kill_continues_from_the_saved_step_and_equals_an_uninter
     result = json.loads(resumed.stdout)
     assert result["metrics"]["resumed_from_step"] == 4 and result["metrics"]["steps"] == 6
     assert [point["step"] for point in cli.json("show", "job")["metrics"]["curve"]] == [1, 2, 3, 4, 5, 6]
+    assert result["metrics"]["train_loss"] == pytest.approx(cli.json("show", "ref")["metrics"]["train_loss"], abs=1e-3)
     assert result["metrics"]["importance"]["steps"] == 6, "the importance EMAs continued from the checkpoint"
     assert not resume_folders(cli), "the checkpoint folder is removed once the task is committed"
 
