@@ -67,3 +67,34 @@ def test_readme_quickstart_runs_verbatim(tmp_path):
     assert [v["task"] for v in history] == ["parity", "vowel"]
     assert (tmp_path / "out" / "demo" / "README.md").is_file() and (tmp_path / "demo-profile.png").is_file()
     assert (tmp_path / "registry" / "kifmerge.db").is_file()  # the registry went where KIFMERGE_REGISTRY says
+
+
+def test_quickstart_runs_after_the_demo_on_the_same_registry(tmp_path, llama_dir):
+    """`make demo` then the quick start, on one registry: the demo leaves its base `smollm2`, its
+    line and its tasks behind (made here from a tiny model under the demo's names, since the
+    demo's real model is too slow for CI); the quick start must run verbatim on top of them and
+    leave the demo's line untouched."""
+    import importlib.util
+
+    from conftest import LORA_TARGETS, make_lora
+
+    spec = importlib.util.spec_from_file_location("kifmerge_demo_names", REPO / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)  # main() only runs under __main__
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "KIFMERGE_REGISTRY": str(tmp_path / "registry"), "HOME": os.environ.get("HOME", str(tmp_path))}
+
+    def kifmerge(*args: str) -> str:
+        return subprocess.run(["kifmerge", *map(str, args)], env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    kifmerge("init")
+    kifmerge("base", "add", "smollm2", llama_dir)
+    for seed, task in enumerate(demo.TASKS, start=1):
+        name = f"{demo.LINE}-{task}"
+        kifmerge("add-task", name, make_lora(llama_dir, tmp_path / "ckpt" / name, seed, LORA_TARGETS), "--base", "smollm2",
+                 "--calibrate", demo.dev_file(task), "--calibrate-batches", "1", "--max-length", "32")
+        kifmerge("fuse", name, "--into", demo.LINE)
+    before = kifmerge("history", demo.LINE, "--json")
+    run(tmp_path, env)
+    assert kifmerge("history", demo.LINE, "--json") == before
+    assert [v["task"] for v in json.loads(kifmerge("history", "demo", "--json"))] == ["parity", "vowel"]
