@@ -12,8 +12,11 @@ order), gzip level 9 with mtime 0 and no file name in the header, so the same so
 same bytes (with the same zlib). Prints each file's records, size and sha256 for
 examples/data/README.md.
 
-    python scripts/vendor_data.py [--source DIR]    # write the files
-    python scripts/vendor_data.py --check           # the vendored files hold exactly the source
+    python scripts/vendor_data.py --source DIR            # write the files
+    python scripts/vendor_data.py --source DIR --check    # the vendored files hold exactly the source
+
+DIR is a checkout of the benchmark (folders train/ and dev/ of NAME.json); it lies outside this
+repository, so it has no default.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCE = REPO.parent / "shared" / "benchmarks" / "long_sequence"
 TARGET = REPO / "examples" / "data" / "long_sequence"
 TASKS = ["agnews", "amazon", "dbpedia", "yahoo"]
 SPLITS = {"train": 1000, "dev": 500}
@@ -52,7 +54,7 @@ def files(source: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=SOURCE, help=f"the benchmark folder (default {SOURCE})")
+    parser.add_argument("--source", type=Path, required=True, help="the benchmark folder (train/ and dev/ of NAME.json)")
     parser.add_argument("--check", action="store_true", help="compare the vendored files with the source; write nothing")
     args = parser.parse_args()
     total, mismatched = 0, []
