@@ -159,3 +159,14 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def t5_dir(tmp_path_factory) -> Path:
     return build_t5(tmp_path_factory.mktemp("t5") / "base")
+
+
+@pytest.fixture
+def parity_line(cli, tmp_path, llama_dir) -> dict[str, Path]:
+    """Base `llama` and a line `main` whose v1 is the parity task learned in 2 steps; returns the
+    data files of two tasks, {"parity", "vowel"} (16 records each)."""
+    data = {"parity": write_jsonl(tmp_path / "parity.jsonl", task_records("parity", 16)),
+            "vowel": write_jsonl(tmp_path / "vowel.jsonl", task_records("vowel", 16, seed=1))}
+    cli("base", "add", "llama", llama_dir)
+    cli("learn", "parity", "--data", data["parity"], "--into", "main", "--base", "llama", "--max-steps", "2")
+    return data

@@ -12,7 +12,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import task_records, write_jsonl
 from kifmerge.cli import app
 
 RECORD = re.compile(r"^kifmerge: (?P<what>.+?): (?P<step>step )?(?P<done>\d+)/(?P<total>\d+) \(\d+%\)"
@@ -31,13 +30,9 @@ def records(stderr: str, what: str) -> list[dict]:
 
 
 @pytest.fixture
-def line(cli, tmp_path, llama_dir):
-    """A line `main` with v1 (parity, learned in 4 steps); the data files."""
-    data = {"parity": write_jsonl(tmp_path / "parity.jsonl", task_records("parity", 16)),
-            "vowel": write_jsonl(tmp_path / "vowel.jsonl", task_records("vowel", 16, seed=1))}
-    cli("base", "add", "llama", llama_dir)
-    cli("learn", "parity", "--data", data["parity"], "--into", "main", "--base", "llama", "--max-steps", "2")
-    return data
+def line(parity_line):
+    """A line `main` with v1 (parity, learned in 2 steps); the data files."""
+    return parity_line
 
 
 def test_learn_off_a_terminal_logs_progress_on_stderr_only(cli, line):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import task_records, write_jsonl
+from conftest import task_records
 from kifmerge.evaluation import answer_distribution, exact_match, exact_match_cased, per_example, rouge_l, score, summarise
 
 
@@ -42,13 +42,9 @@ def test_summaries_of_a_hand_made_matrix():
 
 
 @pytest.fixture
-def line_with_two_versions(cli, tmp_path, llama_dir):
-    data = {"parity": write_jsonl(tmp_path / "parity.jsonl", task_records("parity", 16)),
-            "vowel": write_jsonl(tmp_path / "vowel.jsonl", task_records("vowel", 16, seed=1))}
-    cli("base", "add", "llama", llama_dir)
-    cli("learn", "parity", "--data", data["parity"], "--into", "main", "--base", "llama", "--max-steps", "2")
-    cli("learn", "vowel", "--data", data["vowel"], "--into", "main", "--max-steps", "2")
-    return data
+def line_with_two_versions(cli, parity_line):
+    cli("learn", "vowel", "--data", parity_line["vowel"], "--into", "main", "--max-steps", "2")
+    return parity_line
 
 
 def test_eval_stores_scores_and_reuses_them(cli, line_with_two_versions, monkeypatch):
