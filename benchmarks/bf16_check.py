@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from continual import ORDERS, RESULTS, SMOLLM2, builtin_sequence, digest, git_commit  # noqa: E402
+from continual import ORDERS, RESULTS, SMOLLM2, builtin_sequence, digest, git_commit, train_options  # noqa: E402
 
 
 def main() -> None:
@@ -45,8 +45,7 @@ def main() -> None:
     api.init(registry)
     if not api.list_items("bases", registry=registry):
         api.add_base("smollm2", SMOLLM2, registry=registry)
-    base_options = {"max_steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup, "batch_size": args.batch_size,
-                    "max_length": args.max_length, "lora_r": 8, "max_examples": 1000, "seed": args.seed}
+    base_options = train_options(argparse.Namespace(**vars(args), lora_r=8, train_examples=1000, bf16=True), args.seed)
     existing = {row["name"] for row in api.list_items("tasks", registry=registry)}
     trained, train_s = {}, {}
     for precision in ("bf16", "fp32"):

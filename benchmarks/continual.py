@@ -116,6 +116,13 @@ def digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def train_options(args: argparse.Namespace, seed: int) -> dict:
+    """The training options of every task (also the inputs of its name's digest)."""
+    return {"max_steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup, "batch_size": args.batch_size,
+            "max_length": args.max_length, "lora_r": args.lora_r, "max_examples": args.train_examples,
+            "seed": seed, "bf16": args.bf16}
+
+
 class Experiment:
     """One sequence, one seed: every method's line in one registry under `work`."""
 
@@ -126,9 +133,7 @@ class Experiment:
         self.first = args.tasks if args.tasks and args.tasks < len(tasks) else None
         self.tasks = tasks[: self.first] if self.first else tasks
         self.registry = work / "registry"
-        self.train_options = {"max_steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup, "batch_size": args.batch_size,
-                              "max_length": args.max_length, "lora_r": args.lora_r, "max_examples": args.train_examples,
-                              "seed": seed, "bf16": args.bf16}
+        self.train_options = train_options(args, seed)
         self.eval_options = {"max_examples": args.eval_examples, "max_new_tokens": args.max_new_tokens,
                              "max_length": args.max_length, "batch_size": args.eval_batch_size}
         if args.bf16_eval:
