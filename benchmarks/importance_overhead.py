@@ -83,15 +83,15 @@ def worker(case: str, steps: int, callback: bool, model_dir: Path) -> dict:
         accumulator = ImportanceAccumulator(model.named_parameters())
         update = accumulator.update
 
-        def timed_update() -> bool:
+        def timed_update(finite: bool | None = None) -> bool:
             start = time.perf_counter()
             try:
-                return update()
+                return update(finite)
             finally:
                 update_times.append(time.perf_counter() - start)
 
         accumulator.update = timed_update
-        callbacks.insert(0, ImportanceCallback(accumulator))
+        callbacks.insert(0, ImportanceCallback(accumulator, grad_norm=lambda: trainer.take_grad_norm()))  # as run_training
     with tempfile.TemporaryDirectory() as out:
         trainer = KifTrainer(model=model, args=training_arguments(options, Path(out)),
                              train_dataset=[encode(r) for r in records],

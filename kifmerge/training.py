@@ -208,6 +208,19 @@ class KifTrainer(Trainer):
     def __init__(self, *args: Any, orth_reg: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.orth_reg = orth_reg
+        self._step_grad_norm = None
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's per-step total gradient norm (computed for clipping or logging anyway),
+        kept for the importance callback. A transformers without this hook leaves it None and
+        the callback checks the gradients itself."""
+        self._step_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self._step_grad_norm
+
+    def take_grad_norm(self):
+        """This step's total gradient norm, once (None if the Trainer did not report one)."""
+        norm, self._step_grad_norm = self._step_grad_norm, None
+        return norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = answer_loss(model, inputs)
@@ -375,7 +388,8 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
                                                      options.save_steps if checkpoints is not None else 0),
         train_dataset=train_set, eval_dataset=val_set,
         data_collator=Collator(tokenizer.pad_token_id, seq2seq, supports_logits_window(model)),
-        callbacks=[ImportanceCallback(accumulator), ProgressBridge(progress, description)]
+        callbacks=[ImportanceCallback(accumulator, grad_norm=lambda: trainer.take_grad_norm()),
+                   ProgressBridge(progress, description)]
         + ([ImportanceCheckpoint(accumulator)] if checkpoints is not None else []), orth_reg=options.orth_reg,
     )
     from transformers.trainer_callback import PrinterCallback

@@ -236,11 +236,11 @@ def test_interrupted_training_registers_nothing(cli, tmp_path, llama_dir, parity
     calls = []
     original = ImportanceAccumulator.update
 
-    def interrupt_on_second_step(self):
+    def interrupt_on_second_step(self, finite=None):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self)
+        return original(self, finite)
 
     monkeypatch.setattr(ImportanceAccumulator, "update", interrupt_on_second_step)
     result = cli("learn", "x", "--data", parity, "--into", "l", "--base", "llama", "--max-steps", "5", code=130)
@@ -402,3 +402,37 @@ def test_change_estimator_scores_what_the_task_moved_not_what_was_large(cli, tmp
     adapter = make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS)
     result = cli("add-task", "outside", adapter, "--base", "llama", "--calibrate", vowel, "--importance", "change", code=2)
     assert "needs a training run" in result.stderr
+
+
+def test_training_reuses_the_trainers_gradient_norm_to_skip_non_finite_steps(cli, llama_dir, parity, monkeypatch):
+    """The callback takes the step's finiteness from the Trainer's own total gradient norm
+    (no second pass over every gradient): a step whose norm is not finite is skipped and
+    counted, the others are folded in, and `learn` records the count."""
+    from kifmerge.importance import ImportanceAccumulator
+    from kifmerge.training import KifTrainer
+
+    seen = []
+    original_update = ImportanceAccumulator.update
+
+    def spy(self, finite=None):
+        seen.append(finite)
+        return original_update(self, finite)
+
+    original_norm = KifTrainer._get_grad_norm
+    calls = []
+
+    def poisoned(self, model, grad_norm=None):
+        norm = original_norm(self, model, grad_norm=grad_norm)
+        calls.append(norm)
+        if len(calls) == 2:  # the second step reports a non-finite norm, as an overflow would
+            self._step_grad_norm = float("nan")
+            return float("nan")
+        return norm
+
+    monkeypatch.setattr(ImportanceAccumulator, "update", spy)
+    monkeypatch.setattr(KifTrainer, "_get_grad_norm", poisoned)
+    cli("base", "add", "llama", llama_dir)
+    cli.json("learn", "parity", "--data", parity, "--into", "main", "--base", "llama", "--max-steps", "3")
+    assert seen == [True, False, True], "finiteness came from the Trainer's norm, not a pass of our own"
+    importance = cli.json("show", "parity")["metrics"]["importance"]
+    assert importance["skipped_non_finite"] == 1 and importance["steps"] == 2, importance

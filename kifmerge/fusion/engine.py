@@ -289,8 +289,14 @@ class TaskVectorFusion:
         found: list[torch.Tensor | None] = [None] * (len(self.sources) - self.has_base)
         if len(blocks) > 1:
             sample_rows = torch.linspace(0, info.rows - 1, min(info.rows, max(64, -(-SAMPLE_ELEMENTS // info.row)))).long()
-            samples = list(zip(*(magnitudes((r, r + 1)) for r in sample_rows.unique().tolist())))
-            brackets = [sample_bracket(torch.cat(sample), k / count) for sample in samples]
+            rows = sample_rows.unique().tolist()
+            chunks = [rows[i:i + 16] for i in range(0, len(rows), 16)]  # sampled on the pool, not this thread
+
+            def sample(chunk: list[int]) -> list[torch.Tensor]:  # per task vector, the chunk's rows
+                return [torch.cat(parts) for parts in zip(*(magnitudes((r, r + 1)) for r in chunk))]
+
+            samples = [torch.cat(parts) for parts in zip(*mapper(sample, chunks))]
+            brackets = list(mapper(lambda values: sample_bracket(values, k / count), samples))
             above, candidates = [0] * len(found), [[] for _ in found]
             for results in mapper(lambda rows: [bracket_pass(m, *b) for m, b in zip(magnitudes(rows), brackets)], blocks):
                 for i, (n_above, inside) in enumerate(results):

@@ -120,13 +120,17 @@ def radix_pick(counts: torch.Tensor, k: int, bucket: int | None = None) -> tuple
 def sample_bracket(sample: torch.Tensor, fraction: float) -> tuple[float, float]:
     """From a sample of values, a range [lo, hi] that very likely (±4σ) holds the value with
     `fraction` of all values at or above it: `bracket_pass` then needs one pass, not two."""
-    ordered = sample.reshape(-1).sort(descending=True).values
-    n = ordered.numel()
+    values = sample.reshape(-1)
+    n = values.numel()
     at = fraction * n
     margin = 4 * math.sqrt(max(n * fraction * (1 - fraction), 1.0)) + 8
-    top, bottom = int(at - margin), int(math.ceil(at + margin))
-    hi = float(ordered[top]) if top >= 0 else math.inf
-    lo = float(ordered[bottom]) if bottom < n else 0.0
+    top, bottom = int(at - margin), int(math.ceil(at + margin))  # ranks from the top, 0-based
+
+    def ranked(j: int) -> float:  # the value of rank j from the top: a selection, not a sort (7× less)
+        return float(torch.kthvalue(values, n - j).values)
+
+    hi = ranked(top) if top >= 0 else math.inf
+    lo = ranked(bottom) if bottom < n else 0.0
     return lo, hi
 
 
