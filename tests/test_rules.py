@@ -353,3 +353,30 @@ def test_rank_scores_make_the_adaptive_rule_adapt_on_skewed_profiles(cli, tmp_pa
     assert plain["params"]["scores"] == "minmax"
     assert cli.json("show", "ranked@v2")["weights"] != cli.json("show", "plain@v2")["weights"]
     assert cli("fuse", "t2", "--into", "x", "--scores", "median", code=2).stderr.count("\n") == 1
+
+
+def test_two_task_ties_path_equals_the_general_rule_bit_for_bit():
+    """The two-input TIES path (every fuse of a task into a line) gives exactly the bits of the
+    general running-sum rule, including entries trimmed to zero in both, signed zeros in the
+    base, equal-and-opposite deltas (a sign tie) and unequal weights."""
+    from kifmerge.fusion import rules
+
+    generator = torch.Generator().manual_seed(0)
+    n = 1 << 14
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        base = torch.randn(n, generator=generator).to(dtype)
+        a = (base.float() + 0.01 * torch.randn(n, generator=generator)).to(dtype)
+        b = (base.float() + 0.01 * torch.randn(n, generator=generator)).to(dtype)
+        a[:100] = base[:100]
+        b[50:150] = base[50:150]
+        base[200:300], a[200:250], b[200:300] = -0.0, -0.0, 0.0
+        b[400:500] = (2 * base[400:500].float() - a[400:500].float()).to(dtype)  # b − base = −(a − base)
+        for weights, density, lam, thresholds in (([0.5, 0.5], 0.5, 1.0, None), ([0.3, 0.7], 0.2, 0.9, None),
+                                                  ([0.7, 0.3], 1.0, 1.0, None),
+                                                  ([0.5, 0.5], 0.5, 1.0, [torch.tensor(0.004), torch.tensor(0.009)])):
+            options = dict(sparsify="magnitude", density=density, lam=lam, generator=None, thresholds=thresholds, out_dtype=None)
+            fast = rules.consensus_pair(base, [a, b], weights, **options)
+            general = rules._merge_each(base, [a, b], weights, consensus=True, normalize=True, **options)
+            assert fast.dtype == general.dtype == dtype
+            assert torch.equal(fast.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               general.view(torch.int16 if dtype != torch.float32 else torch.int32)), (dtype, weights, density)

@@ -182,17 +182,52 @@ def task_vector_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: 
     kept. Works input by input, in place: a handful of tensor-sized buffers, whatever the count.
     `thresholds`: per input, TIES' magnitude cut found over the whole tensor (when the tensors
     are blocks of it). Returned in `out_dtype` (default: the last input's dtype)."""
+    if consensus and normalize and len(tensors) == 2 and min(weights) > 0:  # TIES of a line and a task
+        return consensus_pair(base, tensors, weights, sparsify=sparsify, density=density, lam=lam,
+                              generator=generator, thresholds=thresholds, out_dtype=out_dtype)
+    return _merge_each(base, tensors, weights, sparsify=sparsify, density=density, consensus=consensus,
+                       normalize=normalize, lam=lam, generator=generator, thresholds=thresholds, out_dtype=out_dtype)
+
+
+def _sparsified(tensor: torch.Tensor, reference: torch.Tensor, sparsify: str | None, density: float,
+                threshold: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    delta = tensor.to(torch.float32, copy=True).sub_(reference)  # never the caller's tensor
+    if sparsify == "magnitude":
+        magnitude_trim(delta, density, threshold)
+    elif sparsify == "random":
+        random_drop(delta, density, generator)
+    return delta
+
+
+def consensus_pair(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, sparsify: str | None,
+                   density: float, lam: float, generator: torch.Generator | None,
+                   thresholds: list[torch.Tensor | None] | None, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """TIES (consensus + normalize) of exactly two task vectors with positive weights — every
+    fuse of a task into a line — bit for bit what `_merge_each` computes, in 20 element-wise
+    passes instead of 36: with two inputs an entry is kept where it is non-zero with the
+    elected sign, so two 0/1 factors replace the running positive/negative sums."""
+    reference = base.to(torch.float32)
+    a, b = (_sparsified(t, reference, sparsify, density, thresholds[i] if thresholds else None, generator).mul_(w)
+            for i, (t, w) in enumerate(zip(tensors, weights, strict=True)))
+    elected = torch.add(a, b).sign_().add_(0.5).sign_()          # +1 where a + b ≥ 0 (a tie counts as +), else −1
+    keep_a = torch.mul(a, elected).sign_().clamp_min_(0)          # 1 where a is non-zero with the elected sign
+    keep_b = elected.mul_(b).sign_().clamp_min_(0)
+    mixed = a.mul_(keep_a).add_(b.mul_(keep_b)).add_(0.0)        # + 0.0: a sum of zeros is +0, as in the general rule
+    divisor = keep_b.mul_(weights[1]).add_(keep_a, alpha=weights[0]).clamp_min_(min(weights))
+    return mixed.div_(divisor).mul_(lam).add_(reference).to(out_dtype or tensors[-1].dtype)
+
+
+def _merge_each(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, sparsify: str | None,
+                density: float, consensus: bool, normalize: bool, lam: float, generator: torch.Generator | None,
+                thresholds: list[torch.Tensor | None] | None, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """The general rule, input by input with running sums (any number of inputs, any weights)."""
     reference = base.to(torch.float32)
     mixed = torch.zeros_like(reference)
     if consensus:  # running sums of the positive and negative parts, and of the weights behind them
         total, negative = torch.zeros_like(reference), torch.zeros_like(reference)
         weight_pos, weight_neg = torch.zeros_like(reference), torch.zeros_like(reference)
     for i, (tensor, weight) in enumerate(zip(tensors, weights, strict=True)):
-        delta = tensor.to(torch.float32, copy=True).sub_(reference)  # never the caller's tensor
-        if sparsify == "magnitude":
-            magnitude_trim(delta, density, thresholds[i] if thresholds else None)
-        elif sparsify == "random":
-            random_drop(delta, density, generator)
+        delta = _sparsified(tensor, reference, sparsify, density, thresholds[i] if thresholds else None, generator)
         delta.mul_(weight)
         if not consensus:
             mixed.add_(delta)
