@@ -10,7 +10,7 @@ $(BIN)/kifmerge: pyproject.toml constraints.txt
 	# torch first, pinned by constraints.txt to the CPU wheel (an unpinned resolve would fetch a
 	# CUDA build); the same constraints keep the second install from replacing it
 	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,plot]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,plot,mlflow]'
 	touch $(BIN)/kifmerge
 
 setup: $(BIN)/kifmerge

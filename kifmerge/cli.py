@@ -1005,6 +1005,81 @@ def alias_list(
     emit(rows, json_out, lambda r: render_table(r, ["alias", "version", "updated"], "no aliases yet"))
 
 
+mlflow_app = typer.Typer(help="Versions, lineage and metrics in an MLflow tracking server and model registry "
+                              "(needs the mlflow extra of kifmerge).", no_args_is_help=True)
+app.add_typer(mlflow_app, name="mlflow")
+MlflowModelOpt = Annotated[str, typer.Option("--model", help="MLflow registered model: one per line, created on the first "
+                                                             "push and tagged kifmerge.line; a model of anything else is refused.")]
+TrackingUriOpt = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_default=False,
+    help="MLflow tracking server, e.g. http://mlflow:5000 (default: $MLFLOW_TRACKING_URI). Credentials: "
+         "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD, or $MLFLOW_TRACKING_TOKEN.")]
+ExperimentOpt = Annotated[Optional[str], typer.Option(
+    "--experiment", envvar="MLFLOW_EXPERIMENT_NAME", show_default=False,
+    help="MLflow experiment of the runs (default: $MLFLOW_EXPERIMENT_NAME, else kifmerge; created when missing).")]
+MergedPushOpt = Annotated[bool, typer.Option("--merged", help="Push full models merged into the base instead of LoRA "
+                                                              "adapters (a registered model holds one or the other).")]
+
+
+@mlflow_app.command("push")
+@handled
+def mlflow_push(
+    ref: Annotated[str, typer.Argument(help="LINE (newest version), LINE@vN or LINE@ALIAS.")],
+    model: MlflowModelOpt, tracking_uri: TrackingUriOpt = None, experiment: ExperimentOpt = None,
+    merged: MergedPushOpt = False, registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Log one version as an MLflow run (exported folder and model card as artifacts, fuse and learn
+    parameters, lineage tags, eval scores and AP/BWT as metrics), register it as a version of
+    --model and mirror the line's aliases. A version already there is not pushed again; an
+    interrupted push is completed. kifmerge's registry is only read."""
+    from kifmerge.services.mlflow_sync import mlflow_push as push
+
+    with progress_bars() as progress:
+        result = push(ref, model=model, tracking_uri=tracking_uri, experiment=experiment, merged=merged,
+                      registry=registry, progress=progress)
+    emit(result, json_out, render_mlflow)
+
+
+@mlflow_app.command("sync")
+@handled
+def mlflow_sync(
+    line: Annotated[str, typer.Argument(help="The line whose versions to push.")],
+    model: MlflowModelOpt, tracking_uri: TrackingUriOpt = None, experiment: ExperimentOpt = None,
+    merged: MergedPushOpt = False, registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Push every version of LINE that --model does not hold yet (oldest first), bring the others'
+    metrics up to date, then move the MLflow aliases to match the line's; --json lists what changed."""
+    from kifmerge.services.mlflow_sync import mlflow_sync as sync
+
+    with progress_bars() as progress:
+        result = sync(line, model=model, tracking_uri=tracking_uri, experiment=experiment, merged=merged,
+                      registry=registry, progress=progress)
+    emit(result, json_out, render_mlflow)
+
+
+def render_mlflow(result: dict) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    versions = result.get("versions") or [result]
+    render_table([{**v, "MLflow version": v["model_version"], "run": v["run_id"]} for v in versions],
+                 ["version", "status", "MLflow version", "run"], "no versions",
+                 title=f"MLflow model {result['model']} at {result['tracking_uri']} (experiment {result['experiment']})")
+    console = Console()
+    aliases = result["aliases"]
+    for name, moved in aliases["set"].items():
+        console.print(escape(f"alias {name} → model version {moved['model_version']} ({moved['version']})"
+                             + (f", was {moved['from']}" if moved["from"] else "")))
+    for name, was in aliases["removed"].items():
+        console.print(escape(f"alias {name} removed (was model version {was})"))
+    for name, ref in aliases["pending"].items():
+        console.print(escape(f"alias {name}: {ref} is not in MLflow yet (`kifmerge mlflow sync` pushes it)"))
+    for name, why in aliases["skipped"].items():
+        console.print(escape(f"alias {name} not mirrored: {why}"))
+    if not result["changed"]:
+        console.print("nothing changed: MLflow already holds these versions and aliases")
+
+
 @app.command()
 @handled
 def rollback(

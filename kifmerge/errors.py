@@ -58,5 +58,13 @@ class StorageError(KifError):
     kind = "storage"
 
 
+class RemoteError(KifError):
+    """A remote service (an MLflow tracking server) cannot be reached, refused the credentials or
+    the request (exit 8). kifmerge's own registry is unchanged; running the command again resumes."""
+
+    exit_code = 8
+    kind = "remote"
+
+
 EXIT_CODES = {cls.kind: cls.exit_code for cls in (KifError, UsageError, NotFoundError, InvalidInputError, IntegrityError,
-                                                  ConflictError, StorageError)}
+                                                  ConflictError, StorageError, RemoteError)}

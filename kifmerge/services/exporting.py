@@ -14,10 +14,12 @@ from kifmerge.services.common import PROFILE_EXPORT_NAME, Progress, base_dir, op
 
 
 def export(ref: str, out: str | Path, *, merged: bool = False, registry: str | os.PathLike | None = None,
-           progress: Progress = None) -> dict[str, Any]:
+           progress: Progress = None, record: bool = True) -> dict[str, Any]:
     """Write LINE[@vN] as an adapter folder, or with `merged` as a full model folder. The folder
     appears whole (built beside it, then renamed); re-running into a folder that already holds
-    exactly this export succeeds without changing it (a pipeline killed after the rename)."""
+    exactly this export succeeds without changing it (a pipeline killed after the rename).
+    `record=False` leaves the catalog untouched (no `export` event): `mlflow push` reads the
+    registry only."""
     from kifmerge import export as exporter
 
     out = Path(out)
@@ -81,8 +83,9 @@ def export(ref: str, out: str | Path, *, merged: bool = False, registry: str | o
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        with reg.catalog.transaction():
-            reg.catalog.event("export", f"{line}@v{version['number']}", {"out": str(out.resolve()), "merged": merged})
+        if record:
+            with reg.catalog.transaction():
+                reg.catalog.event("export", f"{line}@v{version['number']}", {"out": str(out.resolve()), "merged": merged})
         kind = "adapter" if line_row["kind"] == "lora" and not merged else "model"
         return {"version": f"{line}@v{version['number']}", "out": str(out.resolve()), "kind": kind,
                 "files": sorted(p.name for p in out.iterdir()), "sha256": hashes,

@@ -182,7 +182,7 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
             init_dir = staging / "init"
             init_dir.mkdir()
             reg.copy_weights(head["weights"], init_dir)
-        with tracker_environment(opts, task):
+        with tracker_environment(opts, task, line):
             result = run_training(folder, base_row["config"], opts, init_dir, train_set + replayed["examples"], val_set,
                                   staging, progress, f"training {task}", checkpoints, run_name=task)
         if result is None:
