@@ -13,8 +13,9 @@ How the registry is built (once; cached in benchmarks/work/registry_scale/, giti
   blob hashes, so `verify` checks real blobs) with new names, numbers and timestamps — tasks
   with profiles and `task.add` events up to --tasks, versions up to --versions across --lines
   lines (`fuse` events, two evaluations and an `eval` event per version, aliases champion /
-  staging / prod with their `alias.set` moves). Registering 10 000 tasks one by one through
-  `add-task` would take hours on 2 cores; the bulk rows are shaped exactly like the API's.
+  staging / prod with their `alias.set` moves). The bulk rows are shaped exactly like the API's;
+  making them one by one would take ~10 h as `kifmerge add-task` commands (3.7 s each on 2
+  shared cores, mostly importing torch) or ~10 min in-process, for no different catalog.
 
 Each run copies the built registry (so `alias set` and `add-task` never change the cache),
 brings its schema up to date (`kifmerge.api.init`), then measures:
@@ -22,8 +23,9 @@ brings its schema up to date (`kifmerge.api.init`), then measures:
 - in-process: one fresh process imports kifmerge.api and calls each command's service function
   (one warm-up call, then the median of --repeats); afterwards it records which of torch,
   transformers, peft and safetensors.torch are in `sys.modules` (before add-task, which needs them);
-- as a command: `python -m kifmerge …` under GNU time (median wall of --repeats; peak RSS), and
-  once under `python -X importtime` to list the heavy modules the command imported;
+- as a command: `python -m kifmerge …` under GNU time (median wall of --repeats after one warm-up
+  run; peak RSS; bytecode cached as for an installed package), and once under
+  `python -X importtime` to list the heavy modules the command imported;
 - `verify` (non-deep) on the scaled registry, once.
 
 Writes benchmarks/results/registry_scale.{json,md}. `--label baseline` files a run as the
@@ -317,7 +319,9 @@ def measure(root: Path, repeats: int, tag: str) -> dict:
     line = "line-05"
     task = api.history(line, registry=registry)[49]["task"]  # a task fused into line-05 (v50)
     adapter = str(root / "inputs" / "adapter-5")
-    env = {**os.environ, "KIFMERGE_REGISTRY": registry, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # bytecode cached as for an installed package (kept out of the checkout), even where the environment says not to
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, "KIFMERGE_REGISTRY": registry,
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPYCACHEPREFIX": str(WORK / "pycache")}
     print("in-process …", flush=True)
     done = subprocess.run([sys.executable, __file__, "--inprocess", registry, "--repeats", str(repeats), "--line", line,
                            "--task", task, "--adapter", adapter, "--tag", tag], env=env, capture_output=True, text=True)
@@ -327,18 +331,18 @@ def measure(root: Path, repeats: int, tag: str) -> dict:
     commands = {}
     kif = [sys.executable, "-m", "kifmerge"]
     floor = [timed([sys.executable, "-c", "pass"], env) for _ in range(repeats)]
-    startup = [timed([*kif, "--help"], env) for _ in range(repeats)]
+    startup = [timed([*kif, "--help"], env) for _ in range(repeats + 1)][1:]
     print("as commands …", flush=True)
     for label, args in read_ops(line, task) + [("alias set", None), ("add-task", None)]:
-        runs = []
-        for i in range(repeats):
+        def argv(i: int) -> list[str]:
             if label == "alias set":
-                argv = alias_args(i, line)
-            elif label == "add-task":
-                argv = ["add-task", f"bench-{tag}-cmd-{i}", adapter, "--base", "tiny", "--profile", f"{adapter}/profile.safetensors"]
-            else:
-                argv = args
-            runs.append(timed([*kif, *argv], env))
+                return alias_args(i, line)
+            if label == "add-task":
+                return ["add-task", f"bench-{tag}-cmd-{i}", adapter, "--base", "tiny", "--profile", f"{adapter}/profile.safetensors"]
+            return args
+
+        timed([*kif, *argv(repeats + 1)], env)  # a warm-up run, not counted (bytecode, page cache)
+        runs = [timed([*kif, *argv(i)], env) for i in range(repeats)]
         heavy, import_s = imported_heavy(args or alias_args(repeats, line), env) if label != "add-task" else (None, None)
         commands[label] = {"wall_s": statistics.median(w for w, _ in runs), "peak_rss_mb": round(statistics.median(r for _, r in runs), 1),
                            "heavy_modules": heavy, "import_s": import_s}

@@ -891,6 +891,7 @@ LIST_COLUMNS = {
 
 
 LIST_SECTIONS = ("bases", "lines", "tasks")
+LIST_LIMIT = 100  # rows per list in the table by default: a table of 10 000 tasks takes seconds to draw and no one reads it
 
 
 @app.command("list")
@@ -899,17 +900,31 @@ def list_(
     what: Annotated[Optional[str], typer.Argument(help="tasks | lines | versions | bases (default: bases, lines and tasks; "
                                                        "with --json an object with those three lists).",
                                                   show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=0, show_default=False,
+                                                 help=f"At most N rows per list, the last ones (tasks: the newest); 0: all "
+                                                      f"(default: {LIST_LIMIT} in the table, all with --json). A note on "
+                                                      "stderr says how many were left out.")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """List tasks, lines, versions or bases; without an argument, bases, lines and tasks."""
     from kifmerge import api
 
+    if limit is None:
+        limit = 0 if json_out else LIST_LIMIT
     if what is None:
-        sections = {section: api.list_items(section, registry=registry) for section in LIST_SECTIONS}
+        sections = {section: _last(api.list_items(section, registry=registry), limit, section) for section in LIST_SECTIONS}
         emit(sections, json_out, render_sections)
         return
-    rows = api.list_items(what, registry=registry)
+    rows = _last(api.list_items(what, registry=registry), limit, what)
     emit(rows, json_out, lambda r: render_table(r, LIST_COLUMNS[what], f"no {what} yet"))
+
+
+def _last(rows: list[dict], limit: int, what: str) -> list[dict]:
+    """The last `limit` rows (all when 0), with a note on stderr when some are left out."""
+    if not limit or len(rows) <= limit:
+        return rows
+    print(f"kifmerge: {what}: the last {limit} of {len(rows)} shown; --limit 0 shows all", file=sys.stderr)
+    return rows[-limit:]
 
 
 def render_sections(sections: dict[str, list[dict]]) -> None:

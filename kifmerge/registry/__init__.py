@@ -93,7 +93,9 @@ class Registry:
             raise NotFoundError(not_found_message(root, bool(explicit)))
         catalog = Catalog(root)
         if not catalog.is_initialised():
+            catalog.close()
             raise IntegrityError(f"registry at {root} has an older or incomplete schema; run `kifmerge init` to upgrade it")
+        catalog.add_missing_indexes()  # only indexes missing: added in place (once; best effort)
         return cls(root, catalog)
 
     def close(self) -> None:

@@ -1,8 +1,13 @@
-"""The catalog: SQLite through sqlite-utils. The only module that talks SQL.
+"""The catalog: SQLite. The only module that talks SQL.
 
 Rows reference blobs by sha256. Every change that writes several rows runs in one
 transaction (`Catalog.transaction`), and appends its own row to `events`, so a crash
 leaves either the whole change or none of it.
+
+The schema is created and upgraded by sqlite-utils migrations; rows are read and written
+with plain `sqlite3`. sqlite-utils is imported only to apply migrations (`init`, or an
+index upgrade): importing it imports pandas and numpy when they are installed, a third of a
+second that `kifmerge list` should not pay.
 """
 
 from __future__ import annotations
@@ -16,9 +21,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import sqlite_utils
-from sqlite_utils.migrations import Migrations
-
 from kifmerge.errors import ConflictError, NotFoundError
 from kifmerge.faults import fault_point
 
@@ -27,11 +29,44 @@ BUSY_TIMEOUT_MS = 30_000
 LOCK_ATTEMPTS = 12  # on top of the busy timeout: for the SQLITE_BUSY cases that skip it
 JSON_COLUMNS = {"config", "params", "metrics", "timings", "training_config", "adapter_config", "payload", "layout", "settings"}
 
-migrations = Migrations("kifmerge")
+# every table's primary key (Catalog.get / find / insert); a migration adding a table adds it here
+PRIMARY_KEYS = {"bases": ("name",), "tasks": ("name",), "profiles": ("task",), "lines": ("name",), "versions": ("id",),
+                "events": ("id",), "evaluations": ("id",), "aliases": ("line", "name")}
+MIGRATION_SET = "kifmerge"
+MIGRATIONS: list = []  # the schema's migrations, in order: functions of a sqlite_utils.Database
+# migrations that only add indexes: a registry without them is complete, only slower, so opening
+# it applies them (best effort) instead of asking for `kifmerge init`
+INDEX_MIGRATIONS = {"m005_indexes"}
 
 
-@migrations()
-def m001_initial(db: sqlite_utils.Database) -> None:
+def migration(fn):
+    MIGRATIONS.append(fn)
+    return fn
+
+
+_migration_set = None
+
+
+def migration_set():
+    """The migrations as a sqlite-utils `Migrations` set (imports sqlite-utils)."""
+    global _migration_set
+    if _migration_set is None:
+        from sqlite_utils.migrations import Migrations
+
+        _migration_set = Migrations(MIGRATION_SET)
+        for fn in MIGRATIONS:
+            _migration_set()(fn)
+    return _migration_set
+
+
+def __getattr__(name: str):
+    if name == "migrations":  # the set under its former module-level name
+        return migration_set()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@migration
+def m001_initial(db) -> None:
     db["bases"].create(
         {"name": str, "path": str, "architecture": str, "model_type": str, "fingerprint": str,
          "config": str, "weights": str, "created": str},
@@ -66,8 +101,8 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
-@migrations()
-def m002_evaluations(db: sqlite_utils.Database) -> None:
+@migration
+def m002_evaluations(db) -> None:
     """Scores of a version (number 0: the line's base) on one labelled data file. `subject` is
     what was evaluated (a weights manifest sha, or `base:<fingerprint>`), so identical weights
     reuse each other's results."""
@@ -80,8 +115,8 @@ def m002_evaluations(db: sqlite_utils.Database) -> None:
     db["evaluations"].create_index(["line", "number"])
 
 
-@migrations()
-def m003_aliases(db: sqlite_utils.Database) -> None:
+@migration
+def m003_aliases(db) -> None:
     """Named pointers to versions of a line (`support@champion`); moved in place, every move
     logged in `events` (`alias.set` / `alias.rm`)."""
     db["aliases"].create(
@@ -91,11 +126,22 @@ def m003_aliases(db: sqlite_utils.Database) -> None:
 
 
 
-@migrations()
-def m004_base_hub(db: sqlite_utils.Database) -> None:
+@migration
+def m004_base_hub(db) -> None:
     """A base registered from a Hugging Face Hub id: the id and the commit its snapshot is."""
     db["bases"].add_column("hub_id", str)
     db["bases"].add_column("revision", str)
+
+
+@migration
+def m005_indexes(db) -> None:
+    """Indexes for the registry commands at scale (issue 14): `show TASK` finds the versions a
+    task was fused into (versions.task), `history --events` and plan re-runs find a line's events
+    (events.subject, searched by prefix), `list tasks` reads tasks in creation order."""
+    db["versions"].create_index(["task"], if_not_exists=True)
+    db["events"].create_index(["subject"], if_not_exists=True)
+    db["tasks"].create_index(["created"], if_not_exists=True)
+
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
     message = str(exc).lower()
@@ -129,47 +175,101 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _encode(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (json.dumps(v, sort_keys=True) if k in JSON_COLUMNS and v is not None else v) for k, v in row.items()}
+    return {k: (json.dumps(v, sort_keys=True) if k in JSON_COLUMNS and v is not None
+                else json.dumps(v, default=repr, ensure_ascii=False) if isinstance(v, (dict, list, tuple)) else v)
+            for k, v in row.items()}
+
+
+def _key(table: str, key: Any) -> tuple[str, list]:
+    """The WHERE clause and arguments selecting one row by its primary key."""
+    pks = PRIMARY_KEYS[table]
+    values = list(key) if isinstance(key, (list, tuple)) else [key]
+    if len(values) != len(pks):
+        raise ValueError(f"{table} is keyed by {', '.join(pks)}, got {key!r}")
+    return " AND ".join(f"[{pk}] = ?" for pk in pks), values
 
 
 class Catalog:
     def __init__(self, root: Path):
         self.path = Path(root) / DB_NAME
-        self.db = retry_locked(self._connect)
+        self.conn = retry_locked(self._connect)
+        self._db = None
 
-    def _connect(self) -> sqlite_utils.Database:
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
-            db = sqlite_utils.Database(conn)
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA foreign_keys = ON")
-            return db
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            return conn
         except BaseException:
             conn.close()
             raise
+
+    @property
+    def db(self):
+        """The connection as a sqlite_utils.Database (for migrations; imports sqlite-utils)."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
 
     @classmethod
     def create(cls, root: Path) -> "Catalog":
         catalog = cls(root)
         retry_locked(catalog.db.enable_wal)
-        retry_locked(lambda: migrations.apply(catalog.db))
+        retry_locked(lambda: migration_set().apply(catalog.db))
         return catalog
 
+    def pending_migrations(self) -> list[str]:
+        """Names of the schema migrations not yet applied to this catalog, in order (read only)."""
+        def applied() -> set[str]:
+            if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlite_migrations'").fetchone():
+                return set()
+            return {row[0] for row in self.conn.execute("SELECT name FROM _sqlite_migrations WHERE migration_set = ?", [MIGRATION_SET])}
+
+        done = retry_locked(applied)
+        return [fn.__name__ for fn in MIGRATIONS if fn.__name__ not in done]
+
     def is_initialised(self) -> bool:
-        return not retry_locked(lambda: migrations.pending(self.db))
+        """Every migration is applied, except perhaps index-only ones (see `add_missing_indexes`)."""
+        return all(name in INDEX_MIGRATIONS for name in self.pending_migrations())
+
+    def add_missing_indexes(self) -> bool:
+        """Apply pending index-only migrations, under the write lock so that concurrent commands
+        apply them once. Best effort: a read-only registry, or one locked for long, is used
+        without them (queries are only slower). Returns whether the schema is now complete."""
+        if not self.pending_migrations():
+            return True
+        if not self.is_initialised():
+            return False
+        conn = self.conn
+        try:
+            retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
+            try:
+                migration_set().apply(self.db)  # re-reads what is pending, under the lock
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            retry_locked(lambda: conn.execute("COMMIT"))
+        except (sqlite3.OperationalError, ConflictError):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return False
+        return True
 
     def close(self) -> None:
-        self.db.close()
+        self.conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite_utils.Database]:
+    def transaction(self) -> Iterator["Catalog"]:
         """One write transaction; taken IMMEDIATE so concurrent writers queue on the busy timeout
         instead of failing at commit; the BEGIN and the COMMIT retry "database is locked"."""
-        conn = self.db.conn
+        conn = self.conn
         retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         fault_point("catalog.begun")
         try:
-            yield self.db
+            yield self
             fault_point("catalog.before-commit")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -183,34 +283,56 @@ class Catalog:
         fault_point("catalog.committed")
 
     # ---- generic row access -------------------------------------------------
-    def insert(self, table: str, row: dict[str, Any]) -> int:
+    def query(self, sql: str, args: list | tuple = ()) -> list[dict[str, Any]]:
+        """Rows of a SELECT as dicts, JSON columns decoded."""
+        cursor = self.conn.execute(sql, args)
+        names = [column[0] for column in cursor.description]
+        decode = [name in JSON_COLUMNS for name in names]
+        if not any(decode):
+            return [dict(zip(names, row)) for row in cursor]
+        return [{name: json.loads(value) if json_column and isinstance(value, str) else value
+                 for name, json_column, value in zip(names, decode, row)} for row in cursor]
+
+    def insert(self, table: str, row: dict[str, Any]) -> Any:
+        """Insert one row; returns its primary key (the rowid for tables keyed by `id`)."""
+        encoded = _encode(row)
         try:
-            return self.db[table].insert(_encode(row)).last_pk
+            cursor = self.conn.execute(f"INSERT INTO [{table}] ({', '.join(f'[{c}]' for c in encoded)}) "
+                                       f"VALUES ({', '.join('?' * len(encoded))})", list(encoded.values()))
         except sqlite3.IntegrityError as exc:
             raise ConflictError(f"{table[:-1]} {row.get('name') or row.get('task') or ''!s} already exists ({exc})") from exc
+        pks = PRIMARY_KEYS[table]
+        if pks == ("id",):
+            return cursor.lastrowid
+        return encoded[pks[0]] if len(pks) == 1 else tuple(encoded[pk] for pk in pks)
 
     def event(self, action: str, subject: str, payload: dict[str, Any] | None = None) -> None:
-        self.db["events"].insert({"ts": now(), "action": action, "subject": subject,
-                                  "payload": json.dumps(payload or {}, sort_keys=True)})
+        self.conn.execute("INSERT INTO events (ts, action, subject, payload) VALUES (?, ?, ?, ?)",
+                          [now(), action, subject, json.dumps(payload or {}, sort_keys=True)])
 
     def get(self, table: str, key: Any, what: str) -> dict[str, Any]:
-        try:
-            return _decode(self.db[table].get(key))
-        except sqlite_utils.db.NotFoundError:
-            raise NotFoundError(f"{what} {key!r} not found; see `kifmerge list {table}`") from None
+        found = self.find(table, key)
+        if found is None:
+            raise NotFoundError(f"{what} {key!r} not found; see `kifmerge list {table}`")
+        return found
 
     def find(self, table: str, key: Any) -> dict[str, Any] | None:
-        try:
-            return _decode(self.db[table].get(key))
-        except sqlite_utils.db.NotFoundError:
-            return None
+        where, args = _key(table, key)
+        found = self.query(f"SELECT * FROM [{table}] WHERE {where}", args)
+        return found[0] if found else None
 
-    def rows(self, table: str, where: str | None = None, args: list | None = None, order_by: str | None = None) -> list[dict[str, Any]]:
-        return [_decode(r) for r in self.db[table].rows_where(where, args or [], order_by=order_by)]
+    def rows(self, table: str, where: str | None = None, args: list | None = None, order_by: str | None = None,
+             columns: list[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Rows of one table (`columns`: only those; `limit`: at most that many)."""
+        sql = f"SELECT {', '.join(f'[{c}]' for c in columns) if columns else '*'} FROM [{table}]"
+        sql += f" WHERE {where}" if where else ""
+        sql += f" ORDER BY {order_by}" if order_by else ""
+        sql += f" LIMIT {int(limit)}" if limit is not None else ""
+        return self.query(sql, args or [])
 
     # ---- versions -----------------------------------------------------------
     def head(self, line: str) -> dict[str, Any] | None:
-        found = self.rows("versions", "line = ?", [line], order_by="number desc")
+        found = self.rows("versions", "line = ?", [line], order_by="number desc", limit=1)
         return found[0] if found else None
 
     def version(self, line: str, number: int) -> dict[str, Any]:
@@ -236,7 +358,8 @@ class Catalog:
         current = self.find("aliases", (line, name))
         previous = current["number"] if current else None
         if previous != number:
-            self.db["aliases"].upsert({"line": line, "name": name, "number": number, "updated": now()}, pk=("line", "name"))
+            self.conn.execute("INSERT INTO aliases (line, name, number, updated) VALUES (?, ?, ?, ?) ON CONFLICT (line, name) "
+                              "DO UPDATE SET number = excluded.number, updated = excluded.updated", [line, name, number, now()])
             self.event("alias.set", f"{line}@{name}", {"line": line, "alias": name, "from": previous, "to": number})
         return previous
 
@@ -245,14 +368,15 @@ class Catalog:
         current = self.find("aliases", (line, name))
         if current is None:
             raise NotFoundError(f"line {line!r} has no alias {name!r}; see `kifmerge alias list {line}`")
-        self.db["aliases"].delete((line, name))
+        self.conn.execute("DELETE FROM aliases WHERE line = ? AND name = ?", [line, name])
         self.event("alias.rm", f"{line}@{name}", {"line": line, "alias": name, "from": current["number"], "to": None})
         return current["number"]
 
     def line_events(self, line: str) -> list[dict[str, Any]]:
         """The events about a line: its creation and everything on `LINE@…` (versions, aliases)."""
-        prefix = f"{line}@"
-        return self.rows("events", "subject = ? or substr(subject, 1, ?) = ?", [line, len(prefix), prefix], order_by="id")
+        # `subject` starts with "LINE@" exactly when "LINE@" <= subject < "LINEA" ('A' follows '@'):
+        # a range the index on events.subject answers, where substr() would scan every event
+        return self.rows("events", "subject = ? OR (subject >= ? AND subject < ?)", [line, f"{line}@", f"{line}A"], order_by="id")
 
     def find_evaluation(self, subject: str, data_fingerprint: str, settings: dict) -> dict[str, Any] | None:
         found = self.rows("evaluations", "subject = ? and data_fingerprint = ? and settings = ?",
@@ -266,7 +390,7 @@ class Catalog:
         for table, key, columns in (("bases", "name", ["weights"]), ("tasks", "name", ["weights"]),
                                      ("profiles", "task", ["scores"]), ("versions", "id", ["weights", "profile"]),
                                      ("evaluations", "id", ["predictions"])):
-            for row in self.db[table].rows:
+            for row in self.rows(table, columns=[key, *columns]):
                 for column in columns:
                     if row.get(column):
                         refs.setdefault(row[column], []).append(f"{table}:{row[key]}.{column}")

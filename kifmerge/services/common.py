@@ -9,9 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from typing import TYPE_CHECKING
+
 from kifmerge.errors import IntegrityError, InvalidInputError, NotFoundError, UsageError
-from kifmerge.options import FuseParams, validated
 from kifmerge.registry import Registry
+
+if TYPE_CHECKING:
+    from kifmerge.options import FuseParams
 
 # progress(description, total) → advance(n=1, *, loss=None) (loss: training steps; an advance
 # without the keyword gets advance(n)); None means silent
@@ -64,6 +68,8 @@ def opened(root: str | os.PathLike | None) -> Iterator[Registry]:
 
 
 def fuse_params(**values: Any) -> FuseParams:
+    from kifmerge.options import FuseParams, validated  # pydantic: not for the commands that only read the catalog
+
     return validated(FuseParams, "fuse", values)
 
 
@@ -131,11 +137,23 @@ def public_task(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("name", "base", "kind", "trained_from", "data_fingerprint", "source", "created")}
 
 
-def public_line(reg: Registry, row: dict[str, Any]) -> dict[str, Any]:
-    head = reg.catalog.head(row["name"])
+def public_line(reg: Registry, row: dict[str, Any], versions: list[dict[str, Any]] | None = None,
+                aliases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A line with its head, tasks and aliases; `versions` (number and task, in order) and
+    `aliases` are the line's rows when the caller has read them for many lines at once."""
+    if versions is None:
+        versions = reg.catalog.rows("versions", "line = ?", [row["name"]], order_by="number", columns=["number", "task"])
+    if aliases is None:
+        aliases = reg.catalog.aliases(row["name"])
+    head = versions[-1] if versions else None
     return {"name": row["name"], "base": row["base"], "kind": row["kind"], "head": f"v{head['number']}" if head else None,
-            "tasks": [v["task"] for v in reg.catalog.rows("versions", "line = ?", [row["name"]], order_by="number")],
-            "aliases": {a["name"]: f"v{a['number']}" for a in reg.catalog.aliases(row["name"])}, "created": row["created"]}
+            "tasks": [v["task"] for v in versions],
+            "aliases": {a["name"]: f"v{a['number']}" for a in aliases}, "created": row["created"]}
+
+
+# the columns public_task and public_version read: listing them skips decoding the others
+TASK_COLUMNS = ["name", "base", "kind", "trained_from", "data_fingerprint", "source", "created"]
+VERSION_COLUMNS = ["line", "number", "parent", "task", "method", "params", "timings", "created"]
 
 
 def public_version(row: dict[str, Any], kind: str, aliases: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from kifmerge.faults import fault_point
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_file
 from kifmerge.services.common import (
+    TASK_COLUMNS,
+    VERSION_COLUMNS,
     Progress,
     check_name,
     now,
@@ -90,18 +92,26 @@ def list_items(what: str = "tasks", *, registry: str | os.PathLike | None = None
     tables = {"tasks": "tasks", "lines": "lines", "versions": "versions", "bases": "bases"}
     if what not in tables:
         raise UsageError(f"cannot list {what!r}: choose one of {', '.join(tables)}")
-    with opened(registry) as reg:
+    with opened(registry) as reg:  # a few queries whatever the number of rows; only the columns shown are decoded
         if what == "tasks":
-            profiled = {r["task"] for r in reg.catalog.rows("profiles")}
-            return [{**public_task(r), "profile": r["name"] in profiled} for r in reg.catalog.rows("tasks", order_by="created")]
+            profiled = {r["task"] for r in reg.catalog.rows("profiles", columns=["task"])}
+            return [{**public_task(r), "profile": r["name"] in profiled}
+                    for r in reg.catalog.rows("tasks", order_by="created", columns=TASK_COLUMNS)]
         if what == "lines":
-            return [public_line(reg, r) for r in reg.catalog.rows("lines", order_by="name")]
+            versions: dict[str, list[dict[str, Any]]] = {}
+            for row in reg.catalog.rows("versions", order_by="line, number", columns=["line", "number", "task"]):
+                versions.setdefault(row["line"], []).append(row)
+            aliases: dict[str, list[dict[str, Any]]] = {}
+            for row in reg.catalog.aliases():
+                aliases.setdefault(row["line"], []).append(row)
+            return [public_line(reg, r, versions.get(r["name"], []), aliases.get(r["name"], []))
+                    for r in reg.catalog.rows("lines", order_by="name")]
         if what == "bases":
             return [public_base(r) for r in reg.catalog.rows("bases", order_by="name")]
-        kinds = {r["name"]: r["kind"] for r in reg.catalog.rows("lines")}
-        aliases = reg.catalog.alias_map()
-        return [public_version(r, kinds[r["line"]], aliases.get((r["line"], r["number"]), ()))
-                for r in reg.catalog.rows("versions", order_by="line, number")]
+        kinds = {r["name"]: r["kind"] for r in reg.catalog.rows("lines", columns=["name", "kind"])}
+        alias_map = reg.catalog.alias_map()
+        return [public_version(r, kinds[r["line"]], alias_map.get((r["line"], r["number"]), ()))
+                for r in reg.catalog.rows("versions", order_by="line, number", columns=VERSION_COLUMNS)]
 
 
 def show(ref: str, *, registry: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -118,7 +128,7 @@ def show(ref: str, *, registry: str | os.PathLike | None = None) -> dict[str, An
         task = reg.catalog.find("tasks", ref)
         if task:
             profile = reg.catalog.find("profiles", ref)
-            fused = [f"{v['line']}@v{v['number']}" for v in reg.catalog.rows("versions", "task = ?", [ref])]
+            fused = [f"{v['line']}@v{v['number']}" for v in reg.catalog.rows("versions", "task = ?", [ref], columns=["line", "number"])]
             return {"type": "task", **public_task(task), "weights": task["weights"], "adapter_config": task["adapter_config"],
                     "training_config": task["training_config"], "metrics": task["metrics"],
                     "profile": {k: profile[k] for k in ("unit", "estimator", "scores", "layout")} if profile else None,
@@ -134,7 +144,7 @@ def history(line: str, *, registry: str | os.PathLike | None = None) -> list[dic
         row = reg.catalog.get("lines", line, "line")
         aliases = reg.catalog.alias_map(line)
         return [public_version(v, row["kind"], aliases.get((line, v["number"]), ()))
-                for v in reg.catalog.rows("versions", "line = ?", [line], order_by="number")]
+                for v in reg.catalog.rows("versions", "line = ?", [line], order_by="number", columns=VERSION_COLUMNS)]
 
 
 def _referenced_blobs(reg: Registry, *, tolerant: bool = False) -> dict[str, list[str]]:
