@@ -283,6 +283,14 @@ def test_an_unreachable_server_is_one_line_and_quick(reg, env, monkeypatch):
     assert "connection refused" in result.stderr
     result = reg("learn", "x", "--data", reg.data["parity"], "--into", "main", "--report-to", "mlflow", code=8)
     assert "cannot reach" in result.stderr  # checked before any training
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # the environment's settings win over kifmerge's
+        started = time.monotonic()
+        result = reg("mlflow", "sync", "main", "--model", "kif-main", code=8)
+        assert time.monotonic() - started < 15 and "(timed out)" in result.stderr
     assert catalog_dump(reg) == before
 
 
@@ -339,6 +347,12 @@ def test_a_push_killed_half_way_is_completed_by_the_next_without_duplicates(reg,
     assert mv.run_id == run.info.run_id and run.info.status == "FINISHED" and run.data.tags["kifmerge.state"] == "complete"
     assert {f.path for f in client.list_artifacts(run.info.run_id, "adapter")} >= {"adapter/adapter_model.safetensors"}
     assert catalog_dump(reg) == before
+
+
+def test_without_mlflow_the_commands_say_what_to_install(cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    result = cli("mlflow", "push", "main", "--model", "m", "--tracking-uri", "http://127.0.0.1:1", code=2)
+    assert "pip install 'kifmerge[mlflow]'" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_nothing_but_the_mlflow_commands_imports_mlflow(tmp_path):

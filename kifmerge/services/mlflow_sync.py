@@ -36,10 +36,12 @@ DEFAULT_EXPERIMENT = "kifmerge"
 TAG = "kifmerge."
 MIN_VERSION = (2, 9)  # registered-model aliases and tags, search by tag
 # a server that does not answer must not keep a pipeline waiting for minutes: fewer, shorter
-# retries than MLflow's defaults (7 retries with exponential backoff, 120 s per request), unless
-# the environment says otherwise
+# retries than MLflow's defaults (7 retries with exponential backoff, 120 s per request), and
+# shorter still for the first request, which finds out whether the server answers at all (a
+# host that drops packets: ~20 s, not minutes); settings in the environment win
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HTTP_FIRST_CONTACT = {**HTTP_DEFAULTS, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 # stdout carries the command's result (--json): no run URLs, no download bars
 QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 MLFLOW_ALIAS = re.compile(r"^[\w-]+$")
@@ -204,23 +206,30 @@ def tracking_uri_of(tracking_uri: str | None) -> str:
 
 
 @contextmanager
-def mlflow_session(uri: str, http: dict[str, str] | None = None) -> Iterator[Any]:
-    """An MlflowClient for `uri`, with short HTTP retries (unless the environment sets them),
-    nothing printed on stdout, MLflow's INFO logging quiet; every failure of the server turned
-    into one kifmerge error. The process environment is restored afterwards."""
+def mlflow_session(uri: str) -> Iterator[Any]:
+    """An MlflowClient for `uri` that has answered one request (so an unreachable server or
+    refused credentials fail here, in seconds), with short HTTP retries unless the environment
+    sets them, nothing printed on stdout and MLflow's INFO logging quiet; every failure of the
+    server turned into one kifmerge error. The process environment is restored afterwards."""
     require_mlflow()
     from mlflow import MlflowClient
 
-    settings = {**(http or HTTP_DEFAULTS), **QUIET_ENV}
-    saved = {key: os.environ.get(key) for key in settings}
-    for key, value in settings.items():
-        os.environ.setdefault(key, value)
+    given = {key for key in HTTP_DEFAULTS if os.environ.get(key)}
+    saved = {key: os.environ.get(key) for key in (*HTTP_DEFAULTS, *QUIET_ENV)}
+
+    def use(settings: dict[str, str]) -> None:
+        os.environ.update({key: value for key, value in settings.items() if key not in given})
+
     logger = logging.getLogger("mlflow")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
         with remote_errors(uri):
-            yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+            use({**HTTP_FIRST_CONTACT, **QUIET_ENV})
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_experiments(max_results=1)
+            use(HTTP_DEFAULTS)
+            yield client
     finally:
         logger.setLevel(level)
         for key, value in saved.items():
@@ -254,6 +263,9 @@ def _remote_error(exc: Exception, uri: str) -> RemoteError:
     if code == "PERMISSION_DENIED" or "error code 403" in message:
         return RemoteError(f"the MLflow server at {uri} denied permission (HTTP 403): the user needs write access to the "
                            "experiment and the registered model; ask an MLflow admin, then run the command again")
+    if "error code 404" in message and "/api/2.0/mlflow/" in message:
+        return RemoteError(f"{uri} does not answer like an MLflow tracking server (HTTP 404 on its REST API); check "
+                           "--tracking-uri / $MLFLOW_TRACKING_URI (the server's address, without a path to the UI)")
     if "failed with exception" in message or "Max retries exceeded" in message:
         return RemoteError(f"cannot reach the MLflow tracking server at {uri} ({_reason(message)}); check --tracking-uri / "
                            "$MLFLOW_TRACKING_URI and that the server runs, then run the command again")
@@ -565,8 +577,8 @@ def check_tracking_server(uri: str | None = None) -> None:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri or not uri.startswith(("http://", "https://")):
         return
-    with mlflow_session(uri, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}) as client:
-        client.search_experiments(max_results=1)
+    with mlflow_session(uri):
+        pass
 
 
 @contextmanager
