@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from kifmerge.services.exporting import export
     from kifmerge.services.fusion import fuse
     from kifmerge.services.learning import learn, train
+    from kifmerge.services.mlflow_sync import mlflow_push, mlflow_sync
     from kifmerge.services.plans import run_plan
     from kifmerge.services.profiling import profile_show
     from kifmerge.services.registry import add_base, gc, history, init, list_items, show, verify
@@ -28,11 +29,11 @@ _MODULES = {  # function → the service module (kifmerge.services.*) defining i
     "train": "learning", "run_plan": "plans", "profile_show": "profiling", "add_base": "registry", "gc": "registry",
     "history": "registry", "init": "registry", "list_items": "registry", "show": "registry", "verify": "registry",
     "add_task": "tasks", "diff": "diffing", "alias_list": "versions", "alias_rm": "versions", "alias_set": "versions",
-    "line_events": "versions", "rollback": "versions",
+    "line_events": "versions", "rollback": "versions", "mlflow_push": "mlflow_sync", "mlflow_sync": "mlflow_sync",
 }
 
 __all__ = ["alias_list", "alias_rm", "alias_set", "diff", "line_events", "rollback", "add_base", "add_task", "evaluate", "export", "fuse", "gc", "history", "init", "learn", "list_items",
-           "profile_show", "report", "run_plan", "show", "train", "verify"]
+           "mlflow_push", "mlflow_sync", "profile_show", "report", "run_plan", "show", "train", "verify"]
 
 
 def __getattr__(name: str):

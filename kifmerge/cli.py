@@ -1047,11 +1047,11 @@ def mlflow_push(
     parameters, lineage tags, eval scores and AP/BWT as metrics), register it as a version of
     --model and mirror the line's aliases. A version already there is not pushed again; an
     interrupted push is completed. kifmerge's registry is only read."""
-    from kifmerge.services.mlflow_sync import mlflow_push as push
+    from kifmerge import api
 
     with progress_bars() as progress:
-        result = push(ref, model=model, tracking_uri=tracking_uri, experiment=experiment, merged=merged,
-                      registry=registry, progress=progress)
+        result = api.mlflow_push(ref, model=model, tracking_uri=tracking_uri, experiment=experiment, merged=merged,
+                                 registry=registry, progress=progress)
     emit(result, json_out, render_mlflow)
 
 
@@ -1064,11 +1064,11 @@ def mlflow_sync(
 ) -> None:
     """Push every version of LINE that --model does not hold yet (oldest first), bring the others'
     metrics up to date, then move the MLflow aliases to match the line's; --json lists what changed."""
-    from kifmerge.services.mlflow_sync import mlflow_sync as sync
+    from kifmerge import api
 
     with progress_bars() as progress:
-        result = sync(line, model=model, tracking_uri=tracking_uri, experiment=experiment, merged=merged,
-                      registry=registry, progress=progress)
+        result = api.mlflow_sync(line, model=model, tracking_uri=tracking_uri, experiment=experiment, merged=merged,
+                                 registry=registry, progress=progress)
     emit(result, json_out, render_mlflow)
 
 
