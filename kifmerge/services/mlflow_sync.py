@@ -48,7 +48,7 @@ MLFLOW_ALIAS = re.compile(r"^[\w-]+$")
 EVAL_METRICS = ("exact_match", "exact_match_cased", "rouge_l")
 CL_METRICS = ("AP", "BWT_vs_learned", "BWT_after_fuse", "fuse_cost", "FWT")
 MAX_PARAM_VALUE = 6000
-MAX_NOTE = 8000
+MAX_NOTE = 5000  # a run's description is a tag: MLflow 2.9 takes 5000 characters
 
 
 # ---- what kifmerge knows about a line (read-only) ------------------------------------------
@@ -403,9 +403,9 @@ def _log(client: Any, run_id: str, *, params: dict[str, str] | None = None,
 
 def _push_version(target: Target, info: LineInfo, number: int, registry: str | os.PathLike | None,
                   progress: Progress) -> dict[str, Any]:
-    """One version: nothing when it is registered already (metrics updated when kifmerge has
-    newer eval scores); else the run (created, or the interrupted one completed), then the model
-    version."""
+    """One version: nothing when it is registered already (but eval scores stored since it was
+    pushed are logged to its run); else its run (created; or the one an interrupted push left,
+    finished; or, complete, the one pushed for another registered model), then the model version."""
     from mlflow.entities import RunStatus
 
     from kifmerge.services.exporting import export
