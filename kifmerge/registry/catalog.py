@@ -330,6 +330,14 @@ class Catalog:
         sql += f" LIMIT {int(limit)}" if limit is not None else ""
         return self.query(sql, args or [])
 
+    def task_summaries(self, columns: list[str]) -> list[dict[str, Any]]:
+        """Every task, oldest first: `columns` and `profile` (whether it has one), in one query."""
+        rows = self.query(f"SELECT {', '.join(f't.[{c}]' for c in columns)}, "
+                          "EXISTS (SELECT 1 FROM profiles p WHERE p.task = t.name) AS profile FROM tasks t ORDER BY t.created")
+        for row in rows:
+            row["profile"] = bool(row["profile"])
+        return rows
+
     # ---- versions -----------------------------------------------------------
     def head(self, line: str) -> dict[str, Any] | None:
         found = self.rows("versions", "line = ?", [line], order_by="number desc", limit=1)

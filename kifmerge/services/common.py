@@ -133,8 +133,13 @@ def public_base(row: dict[str, Any]) -> dict[str, Any]:
         "copied": bool(row.get("weights")), "hub_id": row.get("hub_id"), "revision": row.get("revision")}
 
 
+# the columns public_task and public_version read: listing them skips decoding the others
+TASK_COLUMNS = ["name", "base", "kind", "trained_from", "data_fingerprint", "source", "created"]
+VERSION_COLUMNS = ["line", "number", "parent", "task", "method", "params", "timings", "created"]
+
+
 def public_task(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("name", "base", "kind", "trained_from", "data_fingerprint", "source", "created")}
+    return {k: row[k] for k in TASK_COLUMNS}
 
 
 def public_line(reg: Registry, row: dict[str, Any], versions: list[dict[str, Any]] | None = None,
@@ -149,11 +154,6 @@ def public_line(reg: Registry, row: dict[str, Any], versions: list[dict[str, Any
     return {"name": row["name"], "base": row["base"], "kind": row["kind"], "head": f"v{head['number']}" if head else None,
             "tasks": [v["task"] for v in versions],
             "aliases": {a["name"]: f"v{a['number']}" for a in aliases}, "created": row["created"]}
-
-
-# the columns public_task and public_version read: listing them skips decoding the others
-TASK_COLUMNS = ["name", "base", "kind", "trained_from", "data_fingerprint", "source", "created"]
-VERSION_COLUMNS = ["line", "number", "parent", "task", "method", "params", "timings", "created"]
 
 
 def public_version(row: dict[str, Any], kind: str, aliases: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:

@@ -93,10 +93,8 @@ def list_items(what: str = "tasks", *, registry: str | os.PathLike | None = None
     if what not in tables:
         raise UsageError(f"cannot list {what!r}: choose one of {', '.join(tables)}")
     with opened(registry) as reg:  # a few queries whatever the number of rows; only the columns shown are decoded
-        if what == "tasks":
-            profiled = {r["task"] for r in reg.catalog.rows("profiles", columns=["task"])}
-            return [{**public_task(r), "profile": r["name"] in profiled}
-                    for r in reg.catalog.rows("tasks", order_by="created", columns=TASK_COLUMNS)]
+        if what == "tasks":  # public_task's keys and `profile`
+            return reg.catalog.task_summaries(TASK_COLUMNS)
         if what == "lines":
             versions: dict[str, list[dict[str, Any]]] = {}
             for row in reg.catalog.rows("versions", order_by="line, number", columns=["line", "number", "task"]):
