@@ -81,8 +81,8 @@ def blend(w_old: torch.Tensor, w_new: torch.Tensor, c_new: torch.Tensor, c_old: 
 
 # ---- importance-blind baselines over task vectors (the generalized task arithmetic family) -----
 def magnitude_trim(delta: torch.Tensor, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the `density` fraction of entries with the largest magnitude (at least one), in
-    place. The cut is the k-th largest magnitude (`threshold` when the caller found it over a
+    """Keep the `density` fraction of entries with the largest magnitude (at least one); the
+    result is returned and `delta` may be overwritten (no copy back: one pass less). The cut is the k-th largest magnitude (`threshold` when the caller found it over a
     whole tensor of which `delta` is a block); entries tied with it are all kept. Float ops
     only (`threshold` + `copysign`): a boolean mask costs several times more on a CPU."""
     if density >= 1 or delta.numel() == 0:
@@ -93,7 +93,7 @@ def magnitude_trim(delta: torch.Tensor, density: float, threshold: torch.Tensor 
         threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
     below = torch.nextafter(torch.as_tensor(threshold, dtype=torch.float32), torch.tensor(-1.0))  # |d| > below ⟺ |d| ≥ threshold
     kept = torch.nn.functional.threshold_(delta.abs(), float(below), 0.0)
-    return delta.copy_(kept.copysign_(delta))
+    return kept.copysign_(delta)
 
 
 def radix_counts(values: torch.Tensor, bucket: int | None = None) -> torch.Tensor:
@@ -193,8 +193,8 @@ def _sparsified(tensor: torch.Tensor, reference: torch.Tensor, sparsify: str | N
                 threshold: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
     delta = tensor.to(torch.float32, copy=True).sub_(reference)  # never the caller's tensor
     if sparsify == "magnitude":
-        magnitude_trim(delta, density, threshold)
-    elif sparsify == "random":
+        return magnitude_trim(delta, density, threshold)
+    if sparsify == "random":
         random_drop(delta, density, generator)
     return delta
 
