@@ -406,7 +406,8 @@ def markdown(result: dict) -> str:
               f"{after['verify']['blobs_checked']} blobs, {after['verify']['seconds']:.2f} s.", ""]
     if before:
         lines += [f"Before: commit {before['git_commit'][:8]} ({before['when']}, load average {before['load_average']:.1f}); "
-                  f"after: commit {after['git_commit'][:8]} ({after['when']}, load average {after['load_average']:.1f}).", ""]
+                  f"after: commit {after['git_commit'][:8]} ({after['when']}, load average {after['load_average']:.1f}). "
+                  + before.get("how", ""), ""]
     lines += [result["note"], "", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
