@@ -329,9 +329,9 @@ def kifmerge(reg: Cli, *args: str, fault: str | None = None) -> subprocess.Compl
                           capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.parametrize("point", ["mlflow.run-created", "mlflow.version-registered"])
+@pytest.mark.parametrize("point", ["mlflow.run-created", "mlflow.artifacts-logged", "mlflow.version-registered"])
 def test_a_push_killed_half_way_is_completed_by_the_next_without_duplicates(reg, env, point):
-    name = point.split(".")[1]
+    name = point.split(".")[1].split("-")[0]
     client, model, where = env.client(), f"kif-{name}", ["--model", f"kif-{name}", "--experiment", f"crash-{name}"]
     before = catalog_dump(reg)
     killed = kifmerge(reg, "mlflow", "push", "main@v2", *where, fault=point)
