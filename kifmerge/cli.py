@@ -903,7 +903,7 @@ def list_(
     limit: Annotated[Optional[int], typer.Option("--limit", min=0, show_default=False,
                                                  help=f"At most N rows per list, the last ones (tasks: the newest); 0: all "
                                                       f"(default: {LIST_LIMIT} in the table, all with --json). A note on "
-                                                      "stderr says how many were left out.")] = None,
+                                                      "stderr says when some were left out.")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """List tasks, lines, versions or bases; without an argument, bases, lines and tasks."""
@@ -912,19 +912,21 @@ def list_(
     if limit is None:
         limit = 0 if json_out else LIST_LIMIT
     if what is None:
-        sections = {section: _last(api.list_items(section, registry=registry), limit, section) for section in LIST_SECTIONS}
+        sections = {section: _last(api, section, limit, registry) for section in LIST_SECTIONS}
         emit(sections, json_out, render_sections)
         return
-    rows = _last(api.list_items(what, registry=registry), limit, what)
+    rows = _last(api, what, limit, registry)
     emit(rows, json_out, lambda r: render_table(r, LIST_COLUMNS[what], f"no {what} yet"))
 
 
-def _last(rows: list[dict], limit: int, what: str) -> list[dict]:
-    """The last `limit` rows (all when 0), with a note on stderr when some are left out."""
+def _last(api, what: str, limit: int, registry: Path | None) -> list[dict]:
+    """The last `limit` rows of a list (all when 0); one more is read to tell whether some are
+    left out, which a note on stderr then says."""
+    rows = api.list_items(what, limit=limit + 1 if limit else None, registry=registry)
     if not limit or len(rows) <= limit:
         return rows
-    print(f"kifmerge: {what}: the last {limit} of {len(rows)} shown; --limit 0 shows all", file=sys.stderr)
-    return rows[-limit:]
+    print(f"kifmerge: {what}: only the last {limit} shown; --limit 0 shows all", file=sys.stderr)
+    return rows[1:]
 
 
 def render_sections(sections: dict[str, list[dict]]) -> None:

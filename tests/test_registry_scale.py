@@ -17,6 +17,7 @@ import pytest
 from conftest import LORA_TARGETS, Cli, make_lora, write_profile
 from test_fuse_export import designed_scores, unit_groups
 
+from kifmerge import api
 from kifmerge.registry import Registry
 from kifmerge.registry.catalog import INDEX_MIGRATIONS, MIGRATIONS, Catalog, migration_set
 
@@ -108,13 +109,18 @@ def test_the_scaled_registry_reads_back_whole_and_verifies(scaled):
 def test_list_shows_the_last_rows_in_the_table_and_everything_as_json(scaled):
     cli = Cli(scaled)
     table = cli("list", "tasks")
-    assert "the last 100 of 300 shown" in table.stderr
+    assert "tasks: only the last 100 shown; --limit 0 shows all" in table.stderr
     assert "task0199" not in table.stdout and "task0200" in table.stdout and "real2" in table.stdout, "the newest tasks"
     assert table.stdout.count("│ task0") == 98
     assert "task0000" in cli("list", "tasks", "--limit", "0").stdout
     assert len(cli.json("list", "tasks")) == TASKS, "--json is complete by default"
     assert [t["name"] for t in cli.json("list", "tasks", "--limit", "3")] == ["task0297", "real1", "real2"]
     assert "shown" not in cli("list", "lines").stderr, "nothing left out, no note"
+    assert "shown" not in cli("list", "tasks", "--limit", str(TASKS)).stderr
+    assert "only the last 299 shown" in cli("list", "tasks", "--limit", str(TASKS - 1)).stderr
+    assert [v["version"] for v in cli.json("list", "versions", "--limit", "2")] == [f"l2@v{VERSIONS_PER_LINE - 1}", f"l2@v{VERSIONS_PER_LINE}"]
+    assert [line["name"] for line in cli.json("list", "lines", "--limit", "2")] == ["l1", "l2"]
+    assert api.list_items("tasks", limit=2, registry=scaled) == cli.json("list", "tasks")[-2:]
     assert len(cli.json("list")["tasks"]) == TASKS
 
 

@@ -330,13 +330,22 @@ class Catalog:
         sql += f" LIMIT {int(limit)}" if limit is not None else ""
         return self.query(sql, args or [])
 
-    def task_summaries(self, columns: list[str]) -> list[dict[str, Any]]:
-        """Every task, oldest first: `columns` and `profile` (whether it has one), in one query."""
+    def last_rows(self, table: str, order: list[str], last: int | None = None, columns: list[str] | None = None) -> list[dict[str, Any]]:
+        """Rows ordered by the `order` columns; with `last`, only the last `last` of them (read
+        backwards with a LIMIT, so the others are never read), still in that order."""
+        if not last:
+            return self.rows(table, order_by=", ".join(order), columns=columns)
+        return self.rows(table, order_by=", ".join(f"{c} DESC" for c in order), columns=columns, limit=last)[::-1]
+
+    def task_summaries(self, columns: list[str], last: int | None = None) -> list[dict[str, Any]]:
+        """Every task, oldest first (only the newest `last` when given): `columns` and `profile`
+        (whether it has one), in one query."""
         rows = self.query(f"SELECT {', '.join(f't.[{c}]' for c in columns)}, "
-                          "EXISTS (SELECT 1 FROM profiles p WHERE p.task = t.name) AS profile FROM tasks t ORDER BY t.created")
+                          "EXISTS (SELECT 1 FROM profiles p WHERE p.task = t.name) AS profile FROM tasks t "
+                          + (f"ORDER BY t.created DESC LIMIT {int(last)}" if last else "ORDER BY t.created"))
         for row in rows:
             row["profile"] = bool(row["profile"])
-        return rows
+        return rows[::-1] if last else rows
 
     # ---- versions -----------------------------------------------------------
     def head(self, line: str) -> dict[str, Any] | None:

@@ -88,13 +88,17 @@ def _add_base(reg: Registry, name: str, model_dir: str | Path, model, copy: bool
     return public_base(row)
 
 
-def list_items(what: str = "tasks", *, registry: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def list_items(what: str = "tasks", *, limit: int | None = None,
+               registry: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Every task (oldest first), line, version (by line and number) or base (by name);
+    `limit`: only the last `limit` of them (tasks: the newest), still in that order."""
     tables = {"tasks": "tasks", "lines": "lines", "versions": "versions", "bases": "bases"}
     if what not in tables:
         raise UsageError(f"cannot list {what!r}: choose one of {', '.join(tables)}")
+    last = limit or None
     with opened(registry) as reg:  # a few queries whatever the number of rows; only the columns shown are decoded
         if what == "tasks":  # public_task's keys and `profile`
-            return reg.catalog.task_summaries(TASK_COLUMNS)
+            return reg.catalog.task_summaries(TASK_COLUMNS, last=last)
         if what == "lines":
             versions: dict[str, list[dict[str, Any]]] = {}
             for row in reg.catalog.rows("versions", order_by="line, number", columns=["line", "number", "task"]):
@@ -103,13 +107,13 @@ def list_items(what: str = "tasks", *, registry: str | os.PathLike | None = None
             for row in reg.catalog.aliases():
                 aliases.setdefault(row["line"], []).append(row)
             return [public_line(reg, r, versions.get(r["name"], []), aliases.get(r["name"], []))
-                    for r in reg.catalog.rows("lines", order_by="name")]
+                    for r in reg.catalog.last_rows("lines", ["name"], last)]
         if what == "bases":
-            return [public_base(r) for r in reg.catalog.rows("bases", order_by="name")]
+            return [public_base(r) for r in reg.catalog.last_rows("bases", ["name"], last)]
         kinds = {r["name"]: r["kind"] for r in reg.catalog.rows("lines", columns=["name", "kind"])}
         alias_map = reg.catalog.alias_map()
         return [public_version(r, kinds[r["line"]], alias_map.get((r["line"], r["number"]), ()))
-                for r in reg.catalog.rows("versions", order_by="line, number", columns=VERSION_COLUMNS)]
+                for r in reg.catalog.last_rows("versions", ["line", "number"], last, columns=VERSION_COLUMNS)]
 
 
 def show(ref: str, *, registry: str | os.PathLike | None = None) -> dict[str, Any]:
