@@ -244,12 +244,21 @@ def read_ops(line: str, task: str) -> list[tuple[str, list[str]]]:
 
 
 def service_call(api, args: list[str], registry: str):
-    """The service function the CLI calls for these arguments (as kifmerge/cli.py does)."""
+    """The service call the CLI makes for these arguments (as kifmerge/cli.py does: `list`'s
+    table asks for its last LIST_LIMIT + 1 rows, --json for all of them)."""
+    import inspect
+
     command, rest = args[0], [a for a in args[1:] if a != "--json"]
     if command == "list":
+        try:
+            from kifmerge.cli import LIST_LIMIT
+        except ImportError:  # before `list --limit`: every row, always
+            LIST_LIMIT = None
+        table = "--json" not in args and LIST_LIMIT and "limit" in inspect.signature(api.list_items).parameters
+        limit = {"limit": LIST_LIMIT + 1} if table else {}
         if not rest:
-            return lambda: {s: api.list_items(s, registry=registry) for s in ("bases", "lines", "tasks")}
-        return lambda: api.list_items(rest[0], registry=registry)
+            return lambda: {s: api.list_items(s, registry=registry, **limit) for s in ("bases", "lines", "tasks")}
+        return lambda: api.list_items(rest[0], registry=registry, **limit)
     if command == "history":
         fn = api.line_events if "--events" in rest else api.history
         return lambda: fn(rest[0], registry=registry)
