@@ -410,7 +410,10 @@ def markdown(result: dict) -> str:
               f"after the read commands and `alias set`: {', '.join(after['inprocess']['heavy_modules_after_reads']) or 'none'} "
               "(`add-task` needs torch; its in-process figure is after the first call, which imports it: "
               f"first call {after['inprocess']['ops']['add-task']['first_ms']:.0f} ms).",
-              f"Floors: `python -c pass` {after['python_startup_s']:.2f} s, `kifmerge --help` {after['kifmerge_help_s']:.2f} s.",
+              f"Floors: `python -c pass` {after['python_startup_s']:.2f} s, `kifmerge --help` {after['kifmerge_help_s']:.2f} s "
+              "(any command parses its options with typer, which imports pydantic and rich).",
+              "`alias set` and `add-task` commit a transaction: in-process they are mostly the commit's fsync, which "
+              "varied from 5 to 60 ms from one call to the next on this shared disk.",
               f"`verify` on the scaled registry: {'ok' if after['verify']['ok'] else 'FAILED'}, "
               f"{after['verify']['blobs_checked']} blobs, {after['verify']['seconds']:.2f} s.", ""]
     if before:
