@@ -5,7 +5,8 @@ Causal LMs learn only the answer: prompt tokens are labelled -100 (masks built f
 never from the pad id, which often equals end-of-text). Batches are left-padded so every
 answer sits at the right edge, which lets the loss ask the model for logits of the last few
 positions only (`logits_to_keep`) — the output layer over a large vocabulary dominates the
-step time otherwise.
+step time otherwise. Where the model keeps packed sequences apart and it saves work, a batch's
+sequences are packed into fewer rows instead of padded to the longest (`Collator.pack`).
 """
 
 from __future__ import annotations
@@ -144,14 +145,26 @@ class Encoder:
 
 @dataclass
 class Collator:
-    """Pads a batch: causal LMs on the left (answers aligned at the right edge), seq2seq on the right."""
+    """Pads a batch: causal LMs on the left (answers aligned at the right edge), seq2seq on the right.
+
+    `pack` (causal LMs whose forward keeps sequences packed in one row apart: `packs_sequences`):
+    the relative cost of attention per token pair (`packing_cost`). When it makes the batch
+    cheaper, its sequences are packed into fewer rows, each row a run of whole sequences (positions
+    restarting at 0) and its padding as one more such run, so padding up to the longest sequence
+    is not computed; the model attends within each sequence only, so every sequence computes what
+    it would alone."""
 
     pad_id: int
     seq2seq: bool
     window: bool = True  # the model accepts `logits_to_keep`
+    pack: float | None = None
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         longest = max(len(f["input_ids"]) for f in features)
+        if self.pack is not None and not self.seq2seq:
+            rows = pack_rows([len(f["input_ids"]) for f in features], self.pack)
+            if rows is not None:
+                return self._packed(features, rows)
         if self.seq2seq:
             longest_label = max(len(f["labels"]) for f in features)
             return {
@@ -171,22 +184,167 @@ class Collator:
         batch["logits_to_keep"] = answer + 1 if self.window else longest
         return batch
 
+    def _packed(self, features: list[dict[str, list[int]]], rows: list[list[int]]) -> dict[str, Any]:
+        """Rows of whole sequences; `logits_to_keep` the positions (of any row) that predict an answer
+        token of their own sequence, `answer_targets` those tokens (IGNORE elsewhere)."""
+        width = max(sum(len(features[i]["input_ids"]) for i in row) for row in rows)
+        ids, positions, labels, predicts = [], [], [], []
+        for row in rows:
+            row_ids, row_positions, row_labels, row_predicts = [], [], [], []
+            for i in row:
+                f = features[i]
+                n = len(f["input_ids"])
+                row_ids += f["input_ids"]
+                row_positions += range(n)
+                row_labels += f["labels"]
+                row_predicts += [f["labels"][j + 1] != IGNORE for j in range(n - 1)] + [False]
+            rest = width - len(row_ids)
+            ids.append(row_ids + [self.pad_id] * rest)
+            positions.append(row_positions + list(range(rest)))
+            labels.append(row_labels + [IGNORE] * rest)
+            predicts.append(row_predicts + [False] * rest)
+        labels_t, predicts_t = torch.tensor(labels), torch.tensor(predicts)
+        keep = predicts_t.any(dim=0).nonzero().flatten()
+        targets = torch.where(predicts_t[:, keep], labels_t[:, keep + 1], IGNORE)
+        return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(positions), "labels": labels_t,
+                "logits_to_keep": keep, "answer_targets": targets}
+
+
+def pack_rows(lengths: list[int], attention: float, gain: float = 0.05) -> list[list[int]] | None:
+    """The cheapest arrangement of sequences of these lengths into rows (longest first, each into
+    the shortest row so far), by the cost rows × width × (1 + attention × width): the token-wise work
+    plus attention, which grows with the width. None when one sequence per row (padded) is within
+    `gain` of it."""
+    padded = len(lengths) * max(lengths) * (1 + attention * max(lengths))
+    best, best_cost = None, padded * (1 - gain)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for count in range(1, len(lengths)):
+        rows: list[list[int]] = [[] for _ in range(count)]
+        sums = [0] * count
+        for i in order:
+            r = sums.index(min(sums))
+            rows[r].append(i)
+            sums[r] += lengths[i]
+        width = max(sums)
+        cost = count * width * (1 + attention * width)
+        if cost < best_cost:
+            best, best_cost = [sorted(row) for row in rows], cost
+    return best
+
 
 def answer_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens. Causal: logits of the last `logits_to_keep`
-    positions only (left padding puts every answer there)."""
+    """Mean cross-entropy over answer tokens. Causal: logits of the answer window only (left
+    padding puts every answer in the last `logits_to_keep` positions), asked for by index where the
+    model takes a tensor window, so the output layer sees one contiguous block of exactly the
+    positions that predict answer tokens (an int window is a strided slice, which the CPU
+    multiplies as slowly as a batched matmul). Packed rows (`Collator.pack`) bring their positions
+    and targets. No cache is built during training."""
     inputs = dict(batch)
     labels = inputs.pop("labels")
     keep = inputs.pop("logits_to_keep", None)
+    targets = inputs.pop("answer_targets", None)
     if keep is None:
         return model(**inputs, labels=labels).loss
-    keep = min(keep, labels.shape[1])  # an empty prompt: the answer fills the whole sequence
-    if keep < labels.shape[1]:
-        inputs["logits_to_keep"] = keep
-    logits = model(**inputs).logits[:, -keep:]
-    targets = labels[:, labels.shape[1] - keep + 1:]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+    index_window, takes_cache = forward_options(model)
+    if takes_cache:
+        inputs["use_cache"] = False
+    if targets is not None:  # packed rows: `keep` holds the positions that predict `targets`
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        width = labels.shape[1]
+        keep = min(keep, width)  # an empty prompt: the answer fills the whole sequence
+        window: int | torch.Tensor | None = None
+        if keep < width:  # positions width-keep … width-2 predict the answer tokens width-keep+1 … width-1
+            window = torch.arange(width - keep, width - 1, device=labels.device) if index_window else keep
+            inputs["logits_to_keep"] = window
+        logits = model(**inputs).logits
+        if not torch.is_tensor(window):
+            logits = logits[:, -keep:-1]
+        targets = labels[:, width - keep + 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                              targets.reshape(-1), ignore_index=IGNORE)
+
+
+_FORWARD_OPTIONS: dict[type, tuple[bool, bool]] = {}
+
+
+def forward_options(model: torch.nn.Module) -> tuple[bool, bool]:
+    """(the forward takes a tensor `logits_to_keep`, the forward takes `use_cache`), per model class."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    found = _FORWARD_OPTIONS.get(type(base))
+    if found is None:
+        parameters = inspect.signature(base.forward).parameters
+        window = parameters.get("logits_to_keep")
+        found = (window is not None and "Tensor" in str(window.annotation), "use_cache" in parameters)
+        _FORWARD_OPTIONS[type(base)] = found
+    return found
+
+
+@torch.no_grad()
+def packs_sequences(model: torch.nn.Module) -> bool:
+    """Does the model keep sequences packed in one row apart (attention within each run of
+    positions counting up from 0, without an attention mask), and take a tensor `logits_to_keep`?
+    Tried on two short random sequences: the second's logits alone and after the first must agree."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "position_ids" not in inspect.signature(base.forward).parameters or not forward_options(model)[0]:
+        return False
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, embeddings.num_embeddings, (1, n), generator=generator).to(device) for n in (7, 5))
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=second, position_ids=torch.arange(5, device=device)[None], use_cache=False).logits
+        packed = model(input_ids=torch.cat([first, second], dim=1), use_cache=False,
+                       position_ids=torch.cat([torch.arange(7), torch.arange(5)]).to(device)[None]).logits[:, 7:]
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was_training)
+    scale = float(alone.abs().max()) or 1.0
+    return bool(torch.allclose(packed.float(), alone.float(), rtol=0.0, atol=1e-3 * scale))
+
+
+def packing_cost(model: torch.nn.Module) -> float | None:
+    """Attention's work per token pair relative to the rest of a token's work (`Collator.pack`), from
+    the model's shape: per layer ~4·heads·head_dim operations per pair against 2 per weight per token;
+    doubled because attention kernels reach a lower rate than the matrix products. None when the
+    config does not say."""
+    config = getattr(model, "config", None)
+    layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return None
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    tables = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    embedded = sum(w.numel() for w in {id(w): w for w in tables}.values())  # tied: counted once, as parameters() does
+    per_layer = (sum(p.numel() for p in model.parameters()) - embedded) / layers
+    return 2 * 4 * heads * head_dim / (2 * per_layer) if per_layer > 0 else None
+
+
+def cast_linear_weights(model: torch.nn.Module, dtype: torch.dtype, *, frozen_only: bool = False) -> Callable[[], None]:
+    """Cast the float32 weights and biases of `model`'s `nn.Linear` layers (only those that are not
+    trained, with `frozen_only`) to `dtype`, each as a new parameter (a weight shared with the input
+    embeddings, such as a tied output layer's, gets its own copy: the embeddings stay float32);
+    returns the function that puts the original parameters back. Under autocast to `dtype` the
+    layers compute exactly what they computed before (autocast casts them so at every call), without
+    the casts: for a frozen base that is every step's largest copies."""
+    saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for name in ("weight", "bias"):
+            param = getattr(module, name, None)
+            if isinstance(param, torch.nn.Parameter) and param.dtype == torch.float32 and not (frozen_only and param.requires_grad):
+                saved.append((module, name, param))
+                setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=False))
+
+    def restore() -> None:
+        for module, name, param in saved:
+            setattr(module, name, param)
+
+    return restore
 
 
 def orthogonality_penalty(model: torch.nn.Module) -> torch.Tensor:
@@ -229,7 +387,7 @@ class KifTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():  # autocast under --bf16/--fp16, as in training
             return answer_loss(model, inputs).detach(), None, None
 
 
@@ -346,6 +504,16 @@ def training_arguments(options: TrainOptions, out_dir: Path, run_name: str | Non
     )
 
 
+def training_collator(model: torch.nn.Module, tokenizer, seq2seq: bool, options: TrainOptions) -> Collator:
+    """Ready `model` for kifmerge's training step and return the step's collator: packed rows where
+    the model keeps packed sequences apart, and under `bf16` LoRA the frozen base's linear weights
+    cast to bfloat16 once (autocast would cast them at every step; the products are the same)."""
+    pack = None if seq2seq or not packs_sequences(model) else packing_cost(model)
+    if options.bf16 and options.mode == "lora":
+        cast_linear_weights(model, torch.bfloat16, frozen_only=True)
+    return Collator(tokenizer.pad_token_id, seq2seq, supports_logits_window(model), pack=pack)
+
+
 @dataclass
 class TrainResult:
     checkpoint: Path      # adapter or model folder, saved by peft / transformers
@@ -379,6 +547,7 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     accumulator = ImportanceAccumulator(model.named_parameters(), estimator=options.importance,
                                         beta1=options.beta1, beta2=options.beta2)
     train_set, val_set = [encode(r) for r in train], [encode(r) for r in val] or None
+    collator = training_collator(model, tokenizer, seq2seq, options)
     checkpoints = checkpoints if options.save_steps else None
     start = prepare(checkpoints, options.resume) if checkpoints is not None else None
     if start is not None:
@@ -387,7 +556,7 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
         model=model, args=training_arguments(options, checkpoints or out_dir / "trainer", run_name,
                                                      options.save_steps if checkpoints is not None else 0),
         train_dataset=train_set, eval_dataset=val_set,
-        data_collator=Collator(tokenizer.pad_token_id, seq2seq, supports_logits_window(model)),
+        data_collator=collator,
         callbacks=[ImportanceCallback(accumulator, grad_norm=lambda: trainer.take_grad_norm()),
                    ProgressBridge(progress, description)]
         + ([ImportanceCheckpoint(accumulator)] if checkpoints is not None else []), orth_reg=options.orth_reg,

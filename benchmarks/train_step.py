@@ -1,0 +1,296 @@
+"""kifmerge's training step against the plain recipe, on the same SmolLM2-135M batches.
+
+kifmerge: answer-only loss, left padding, logits of the answer window only (kifmerge/training.py),
+the importance callback after every optimizer step (kifmerge/importance.py), KifTrainer.
+Plain recipe (the reference code's): right padding (DataCollatorForSeq2Seq), labels -100 on the
+prompt, the model's own loss over full-vocabulary logits, the stock transformers Trainer.
+Both: the same token ids (kifmerge's encoder), the same LoRA (peft; r, alpha, dropout, targets),
+the same TrainingArguments (kifmerge's, so AdamW, clipping, schedule and logging match), the same
+batches in the same order, the same initial adapter; fp32, and bf16 autocast as `--bf16` does it.
+
+A step is the Trainer's loop iteration (from one step's begin to the next: collation, forward,
+backward, clipping, optimizer, kifmerge's importance callback, scheduler, logging). The recipes
+alternate round by round (kif, plain, plain, kif, ...) in one process so machine drift hits both;
+the first step of every round is dropped. Reported: median step of each, the ratio (the median
+over rounds of the ratio of the two recipes' median steps in that round: adjacent in time, so a
+load change between rounds cancels) and its spread over rounds, the callback's median, and a check that the two recipes compute the same losses and
+train the same adapter. `--profile` adds where the time of one forward+backward goes.
+
+    python benchmarks/train_step.py                      # → benchmarks/results/train_step.{json,md}
+    python benchmarks/train_step.py --task dbpedia --precisions bf16 --rounds 6 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from continual import DATA, RESULTS, SMOLLM2, git_commit  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+GOAL = 0.75
+
+
+def threads_default() -> int:
+    env = os.environ.get("OMP_NUM_THREADS")
+    return int(env) if env and env.isdigit() else len(os.sched_getaffinity(0))
+
+
+class Timer(TrainerCallback):
+    """Wall and process CPU time of every loop iteration (step begin to the next step's begin; the
+    last step ends at its loss record). On a shared machine the CPU time of a one-thread run is the
+    steadier figure: another process's work does not count in it."""
+
+    def __init__(self):
+        self.begins: list[tuple[float, float]] = []
+        self.last_log = (0.0, 0.0)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.begins.append((time.perf_counter(), time.process_time()))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.last_log = (time.perf_counter(), time.process_time())
+
+    def steps(self) -> list[tuple[float, float]]:
+        ends = self.begins[1:] + [self.last_log]
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.begins, ends, strict=True)]
+
+
+def sequential(trainer_class):
+    """The Trainer with its batches in dataset order (both recipes see the same batches)."""
+    import torch
+
+    class Sequential(trainer_class):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    return Sequential
+
+
+class Recipe:
+    """One recipe's model and trainer, trained `steps` steps per round."""
+
+    def __init__(self, name: str, model_dir: Path, features: list[dict], options, work: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, set_seed
+        from transformers.trainer_callback import PrinterCallback
+
+        from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
+        from kifmerge.training import (DEFAULT_TARGETS, KifTrainer, build_model, load_tokenizer, training_arguments,
+                                       training_collator)
+
+        config = json.loads((model_dir / "config.json").read_text())
+        tokenizer = load_tokenizer(model_dir)
+        self.name, self.timer, self.update_times = name, Timer(), []
+        set_seed(0)  # the same LoRA initialisation for both recipes
+        args = training_arguments(options, work / name)
+        if name == "kifmerge":
+            self.model = build_model(model_dir, config, options, None)
+            accumulator = ImportanceAccumulator(self.model.named_parameters(), estimator=options.importance,
+                                                beta1=options.beta1, beta2=options.beta2)
+            update = accumulator.update
+
+            def timed_update(*a, **k):
+                start = time.perf_counter()
+                try:
+                    return update(*a, **k)
+                finally:
+                    self.update_times.append(time.perf_counter() - start)
+
+            accumulator.update = timed_update
+            self.trainer = sequential(KifTrainer)(
+                model=self.model, args=args, train_dataset=features,
+                data_collator=training_collator(self.model, tokenizer, False, options),
+                callbacks=[ImportanceCallback(accumulator), self.timer])
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            lora = LoraConfig(r=options.rank, lora_alpha=options.lora_alpha or 2 * options.rank,
+                              lora_dropout=options.lora_dropout, target_modules=DEFAULT_TARGETS[config["model_type"]],
+                              task_type="CAUSAL_LM")
+            self.model = get_peft_model(base, lora)
+            tokenizer.padding_side = "right"
+            plain = [{"input_ids": f["input_ids"], "attention_mask": [1] * len(f["input_ids"]), "labels": f["labels"]}
+                     for f in features]
+            self.trainer = sequential(Trainer)(
+                model=self.model, args=args, train_dataset=plain,
+                data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                callbacks=[self.timer])
+        self.trainer.remove_callback(PrinterCallback)
+        self.rounds: list[list[float]] = []
+        self.losses: list[list[float]] = []
+
+    def round(self) -> None:
+        self.timer.begins.clear()
+        self.trainer.train()
+        self.rounds.append(self.timer.steps()[1:])  # the first step of a round warms up
+        self.losses.append([h["loss"] for h in self.trainer.state.log_history if "loss" in h])
+
+    def adapter(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+def profile_step(recipe: "Recipe", bf16: bool) -> dict[str, float]:
+    """Self CPU seconds of one forward+backward on the first batch, by kind of work."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = recipe.trainer
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)])
+    model = trainer.model
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        trainer.compute_loss(model, dict(batch)).backward()  # warm-up
+        model.zero_grad()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.compute_loss(model, dict(batch)).backward()
+        model.zero_grad()
+    kinds = {"matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::linear"),
+             "attention": ("flash_attention", "scaled_dot_product", "aten::_softmax"),
+             "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"),
+             "loss (log-softmax, nll)": ("log_softmax", "nll_loss", "cross_entropy"),
+             "zero fills": ("aten::fill_", "aten::zero_", "aten::zeros")}
+    out = {k: 0.0 for k in kinds} | {"other element-wise": 0.0}
+    for event in prof.key_averages():
+        kind = next((k for k, names in kinds.items() if any(n in event.key for n in names)), "other element-wise")
+        out[kind] += event.self_cpu_time_total / 1e6
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def run_precision(precision: str, args: argparse.Namespace, features: list[dict], work: Path) -> dict:
+    from kifmerge.options import TrainOptions
+
+    options = TrainOptions(max_steps=args.steps + 1, batch_size=args.batch_size, max_length=args.max_length,
+                           lora_r=args.lora_r, lr=args.lr, bf16=precision == "bf16", save_steps=0)
+    recipes = [Recipe(name, SMOLLM2, features, options, work) for name in ("kifmerge", "plain")]
+    for r in range(args.rounds):
+        for recipe in recipes if r % 2 == 0 else recipes[::-1]:
+            recipe.round()
+            print(f"  {precision} round {r + 1}/{args.rounds} {recipe.name:<8} median step "
+                  f"{1000 * statistics.median(t[0] for t in recipe.rounds[-1]):8.1f} ms wall, "
+                  f"{1000 * statistics.median(t[1] for t in recipe.rounds[-1]):8.1f} ms CPU", file=sys.stderr, flush=True)
+    kif, plain = recipes
+    weights_k, weights_p = kif.adapter(), plain.adapter()
+    drift = max(float((weights_k[n] - weights_p[n]).abs().max()) for n in weights_k)
+    scale = max(float(w.abs().max()) for w in weights_p.values())
+    losses_k, losses_p = kif.losses[0], plain.losses[0]
+    row = {"precision": precision}
+    for clock, which in (("wall", 0), ("cpu", 1)):
+        times = {rec.name: [[t[which] for t in r] for r in rec.rounds] for rec in recipes}
+        step = {name: statistics.median(t for r in rounds for t in r) for name, rounds in times.items()}
+        per_round = [statistics.median(k) / statistics.median(p) for k, p in zip(times["kifmerge"], times["plain"], strict=True)]
+        row[clock] = {"step_ms_kifmerge": round(1000 * step["kifmerge"], 1), "step_ms_plain": round(1000 * step["plain"], 1),
+                      "ratio": round(statistics.median(per_round), 4),
+                      "ratio_of_medians": round(step["kifmerge"] / step["plain"], 4),
+                      "ratio_per_round": [round(x, 4) for x in per_round],
+                      "ratio_spread": [round(min(per_round), 4), round(max(per_round), 4)],
+                      "steps_ms": {name: [[round(1000 * t, 1) for t in r] for r in rounds] for name, rounds in times.items()}}
+    callback = statistics.median(kif.update_times) if kif.update_times else None
+    row.update({"callback_ms": round(1000 * callback, 2) if callback else None,
+                "callback_share_of_step": round(callback / (row["wall"]["step_ms_kifmerge"] / 1000), 5) if callback else None,
+                "steps_timed_per_recipe": sum(map(len, kif.rounds)),
+                "losses_round1": {"kifmerge": losses_k, "plain": losses_p},
+                "max_loss_difference": round(max(abs(a - b) for a, b in zip(losses_k, losses_p, strict=True)), 6),
+                "adapter_max_abs_difference": drift, "adapter_max_abs": scale})
+    if args.profile:
+        row["profile_s"] = {rec.name: profile_step(rec, precision == "bf16") for rec in recipes}
+    return row
+
+
+def markdown(payload: dict) -> str:
+    s = payload["settings"]
+    lines = [f"# Training step: kifmerge vs the plain Trainer + peft recipe (SmolLM2-135M, LoRA r={s['lora_r']})", "",
+             f"Task {s['task']}, batch {s['batch_size']}, max length {s['max_length']} (batches padded to their longest "
+             f"sequence: mean {payload['batch_width_mean']:.0f} positions for {payload['tokens_per_batch_mean']:.0f} tokens), "
+             f"{s['rounds']} alternating rounds of {s['steps']} timed steps per recipe, {s['threads']} threads, "
+             f"{payload['cpus']} CPUs (load average at start {payload['load_average']}). Goal: ratio ≤ {GOAL}.", "",
+             "| precision | clock | kifmerge step (ms) | plain step (ms) | ratio | ratio per round: min–max |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in payload["rows"]:
+        for clock in ("wall", "cpu"):
+            c = r[clock]
+            lines.append(f"| {r['precision']} | {clock} | {c['step_ms_kifmerge']:.0f} | {c['step_ms_plain']:.0f} | {c['ratio']:.3f} | "
+                         f"{c['ratio_spread'][0]:.3f}–{c['ratio_spread'][1]:.3f} |")
+    lines += ["", "| precision | importance callback (ms, share of kifmerge's step) | max loss Δ (first round) | adapter max Δ (end) |",
+              "| --- | ---: | ---: | ---: |"]
+    for r in payload["rows"]:
+        lines.append(f"| {r['precision']} | {r['callback_ms']:.1f} ({100 * r['callback_share_of_step']:.2f} %) | "
+                     f"{r['max_loss_difference']:.2g} | {r['adapter_max_abs_difference']:.2g} (of {r['adapter_max_abs']:.2g}) |")
+    if any("profile_s" in r for r in payload["rows"]):
+        lines += ["", "Where one forward+backward goes (self CPU seconds, torch.profiler, first batch):", "",
+                  "| precision | recipe | " + " | ".join(next(iter(payload["rows"][0]["profile_s"].values()))) + " |",
+                  "| --- | --- |" + " ---: |" * len(next(iter(payload["rows"][0]["profile_s"].values())))]
+        for r in payload["rows"]:
+            for name, kinds in r.get("profile_s", {}).items():
+                lines.append(f"| {r['precision']} | {name} | " + " | ".join(f"{v:.3f}" for v in kinds.values()) + " |")
+    lines += ["", f"Command: `{payload['command']}` (commit {payload['git_commit']}).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="agnews", help="training file examples/data/long_sequence/train/TASK.jsonl.gz")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round and recipe (one more warms up)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else the cores)")
+    parser.add_argument("--profile", action="store_true", help="also profile one forward+backward of each recipe")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_step", help="results stem")
+    args = parser.parse_args()
+    if not (SMOLLM2 / "config.json").exists():
+        sys.exit(f"{SMOLLM2} is missing: run `python benchmarks/prepare_smollm2.py` first")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from kifmerge.training import Encoder, load_records, load_tokenizer
+
+    hf_logging.set_verbosity_error()
+    args.threads = args.threads or threads_default()
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(SMOLLM2)
+    records = load_records(DATA / "train" / f"{args.task}.jsonl.gz", max_examples=(args.steps + 1) * args.batch_size)
+    features = [Encoder(tokenizer, False, args.max_length)(r) for r in records]
+    batches = [features[i:i + args.batch_size] for i in range(0, len(features), args.batch_size)]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for precision in args.precisions.split(","):
+            rows.append(run_precision(precision, args, features, Path(work)))
+            r = rows[-1]
+            for clock in ("wall", "cpu"):
+                c = r[clock]
+                print(f"{precision} {clock}: kifmerge {c['step_ms_kifmerge']:.0f} ms, plain {c['step_ms_plain']:.0f} ms, "
+                      f"ratio {c['ratio']:.3f} (rounds {c['ratio_spread'][0]:.3f}–{c['ratio_spread'][1]:.3f})", flush=True)
+            print(f"{precision}: callback {r['callback_ms']} ms, max loss Δ {r['max_loss_difference']:.2g}", flush=True)
+    payload = {"benchmark": "train_step", "machine": platform.platform(), "cpus": os.cpu_count(),
+               "load_average": round(load, 2) if load is not None else None, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "torch": torch.__version__, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "batch_width_mean": statistics.mean(max(len(f["input_ids"]) for f in b) for b in batches),
+               "tokens_per_batch_mean": statistics.mean(sum(len(f["input_ids"]) for f in b) for b in batches),
+               "goal_ratio": GOAL, "rows": rows, "git_commit": git_commit(),
+               "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(payload))
+    print(markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
