@@ -68,6 +68,18 @@ class Timer(TrainerCallback):
         return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.begins, ends, strict=True)]
 
 
+def kifmerge_collator(model, tokenizer, options):
+    """kifmerge's collator for `model` as `kifmerge train` makes it (with code from before
+    `training_collator`, the plain left-padding one: `--compare` runs of older commits)."""
+    try:
+        from kifmerge.training import training_collator
+    except ImportError:
+        from kifmerge.training import Collator, supports_logits_window
+
+        return Collator(tokenizer.pad_token_id, False, supports_logits_window(model))
+    return training_collator(model, tokenizer, False, options)
+
+
 def sequential(trainer_class):
     """The Trainer with its batches in dataset order (both recipes see the same batches)."""
     import torch
@@ -88,8 +100,7 @@ class Recipe:
         from transformers.trainer_callback import PrinterCallback
 
         from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
-        from kifmerge.training import (DEFAULT_TARGETS, KifTrainer, build_model, load_tokenizer, training_arguments,
-                                       training_collator)
+        from kifmerge.training import DEFAULT_TARGETS, KifTrainer, build_model, load_tokenizer, training_arguments
 
         config = json.loads((model_dir / "config.json").read_text())
         tokenizer = load_tokenizer(model_dir)
@@ -112,7 +123,7 @@ class Recipe:
             accumulator.update = timed_update
             self.trainer = sequential(KifTrainer)(
                 model=self.model, args=args, train_dataset=features,
-                data_collator=training_collator(self.model, tokenizer, False, options),
+                data_collator=kifmerge_collator(self.model, tokenizer, options),
                 callbacks=[ImportanceCallback(accumulator), self.timer])
         else:
             from peft import LoraConfig, get_peft_model
@@ -236,6 +247,23 @@ def markdown(payload: dict) -> str:
         for r in payload["rows"]:
             for name, kinds in r.get("profile_s", {}).items():
                 lines.append(f"| {r['precision']} | {name} | " + " | ".join(f"{v:.3f}" for v in kinds.values()) + " |")
+    lines += ["", "Both recipes run the same transformer body (forward, and the backward that carries gradients down "
+              "to every layer's LoRA factors); kifmerge's step differs only in what it leaves out: the output layer "
+              "and its log-softmax run on the positions that predict answer tokens instead of every position "
+              "(49 152-wide), sequences of unequal length are packed into fewer rows when that saves work, and under "
+              "bf16 the frozen base is cast once instead of at every step. What is left of its step is that body: "
+              "matrix products and attention (the profile above)."]
+    before = payload.get("compare")
+    if before:
+        lines += ["", f"The same benchmark on the code before (commit {before['git_commit']}, its own run: "
+                  f"`{before['command']}`, load average at start {before['load_average']}):", "",
+                  "| precision | clock | kifmerge step (ms) | plain step (ms) | ratio | ratio per round: min–max |",
+                  "| --- | --- | ---: | ---: | ---: | --- |"]
+        for r in before["rows"]:
+            for clock in ("wall", "cpu"):
+                c = r[clock]
+                lines.append(f"| {r['precision']} | {clock} | {c['step_ms_kifmerge']:.0f} | {c['step_ms_plain']:.0f} | "
+                             f"{c['ratio']:.3f} | {c['ratio_spread'][0]:.3f}–{c['ratio_spread'][1]:.3f} |")
     lines += ["", f"Command: `{payload['command']}` (commit {payload['git_commit']}).", ""]
     return "\n".join(lines)
 
@@ -253,6 +281,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else the cores)")
     parser.add_argument("--profile", action="store_true", help="also profile one forward+backward of each recipe")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_step", help="results stem")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="the JSON of an earlier run (e.g. of an older commit) to show beside this one")
     args = parser.parse_args()
     if not (SMOLLM2 / "config.json").exists():
         sys.exit(f"{SMOLLM2} is missing: run `python benchmarks/prepare_smollm2.py` first")
@@ -286,6 +316,9 @@ def main() -> None:
                "tokens_per_batch_mean": statistics.mean(sum(len(f["input_ids"]) for f in b) for b in batches),
                "goal_ratio": GOAL, "rows": rows, "git_commit": git_commit(),
                "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:])}
+    if args.compare:
+        earlier = json.loads(args.compare.read_text())
+        payload["compare"] = {k: earlier.get(k) for k in ("git_commit", "command", "load_average", "settings", "rows")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     args.out.with_suffix(".md").write_text(markdown(payload))
