@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "importance_overhead.json"
+RESULTS = HERE / "results" / "importance_overhead.json"  # and .md beside it
 DATA = HERE.parent / "examples" / "data" / "long_sequence" / "train" / "agnews.jsonl.gz"  # the vendored copy
 SMOLLM2 = Path(os.environ.get("KIFMERGE_MODELS") or "~/.cache/kifmerge/models").expanduser() / "smollm2-135m-instruct"
 # name → (model, mode, batch size, max length, steps factor)
@@ -53,8 +53,8 @@ def worker(case: str, steps: int, callback: bool, model_dir: Path) -> dict:
 
     from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
     from kifmerge.options import TrainOptions
-    from kifmerge.training import (Collator, Encoder, KifTrainer, build_model, is_seq2seq, load_records,
-                                   load_tokenizer, supports_logits_window, training_arguments)
+    from kifmerge.training import (Encoder, KifTrainer, build_model, is_seq2seq, load_records, load_tokenizer,
+                                   training_arguments, training_collator)
 
     _, mode, batch, length, _ = CASES[case]
     config = json.loads((model_dir / "config.json").read_text())
@@ -95,7 +95,7 @@ def worker(case: str, steps: int, callback: bool, model_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer = KifTrainer(model=model, args=training_arguments(options, Path(out)),
                              train_dataset=[encode(r) for r in records],
-                             data_collator=Collator(tokenizer.pad_token_id, is_seq2seq(config), supports_logits_window(model)),
+                             data_collator=training_collator(model, tokenizer, is_seq2seq(config), options),  # kifmerge train's step
                              callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)
         trainer.train()
@@ -149,12 +149,31 @@ def main() -> None:
             print(f"{row['case']:<14} step off {row['step_s_off']*1000:9.1f} ms  on {row['step_s_on']*1000:9.1f} ms  "
                   f"ratio {row['ratio']:.3f}  callback {row['callback_ms']:7.1f} ms  peak RSS off {row['peak_rss_mb_off']:7.0f} MB  on {row['peak_rss_mb_on']:7.0f} MB",
                   flush=True)
+    sys.path.insert(0, str(HERE))
+    from registry_scale import git_commit
+
+    result = {"benchmark": "importance_overhead", "machine": platform.platform(), "cpus": os.cpu_count(),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(), "load_average": os.getloadavg()[0],
+              "command": "python benchmarks/importance_overhead.py " + " ".join(sys.argv[1:]), "rows": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"benchmark": "importance_overhead", "machine": platform.platform(),
-                                   "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                   "command": "python benchmarks/importance_overhead.py " + " ".join(sys.argv[1:]),
-                                   "rows": rows}, indent=2))
-    print(f"wrote {RESULTS}")
+    RESULTS.write_text(json.dumps(result, indent=2))
+    RESULTS.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {RESULTS} and {RESULTS.with_suffix('.md').name}")
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# importance_overhead — {result['when']} (commit {result['commit'][:8]}; {result['cpus']} CPUs, "
+             f"load average {result['load_average']:.2f} at the end)", "",
+             "Median training step with and without the importance callback, each run its own process, off/on alternated; "
+             "the callback's own time is measured around each update (target: ratio ≤ 1.03).", "",
+             "| case | trainable | step off ms | step on ms | ratio | callback ms (share of the step) | peak RSS off → on MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in result["rows"]:
+        share = r["callback_ms"] / (1000 * r["step_s_off"])
+        lines.append(f"| {r['case']} | {r['trainable_parameters']:,} | {1000 * r['step_s_off']:.0f} | {1000 * r['step_s_on']:.0f} | "
+                     f"{r['ratio']:.3f} | {r['callback_ms']:.1f} ({100 * share:.1f} %) | {r['peak_rss_mb_off']:.0f} → {r['peak_rss_mb_on']:.0f} |")
+    lines += ["", f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
