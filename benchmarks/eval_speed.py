@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from continual import DATA, RESULTS, SMOLLM2, git_commit  # noqa: E402
-from train_step import threads_default  # noqa: E402
+from train_step import smollm2_session  # noqa: E402
 
 VARIANTS = ("before fp32", "after fp32", "before bf16", "after bf16")
 LABEL_STOP = "after fp32, label stop"
@@ -148,18 +148,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else the cores)")
     parser.add_argument("--out", type=Path, default=RESULTS / "eval_speed", help="results stem")
     args = parser.parse_args()
-    if not (SMOLLM2 / "config.json").exists():
-        sys.exit(f"{SMOLLM2} is missing: run `python benchmarks/prepare_smollm2.py` first")
+    args.threads, tokenizer = smollm2_session(args.threads)
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from kifmerge.training import load_tokenizer
-
-    hf_logging.set_verbosity_error()
-    args.threads = args.threads or threads_default()
-    torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(SMOLLM2)
     model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32)
     if args.adapter:
         from peft import PeftModel

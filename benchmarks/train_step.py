@@ -42,9 +42,34 @@ from transformers import TrainerCallback  # noqa: E402
 GOAL = 0.75
 
 
-def threads_default() -> int:
+def smollm2_session(threads: int | None):
+    """SmolLM2's tokenizer, torch set to `threads` (default: $OMP_NUM_THREADS, else the cores) and
+    transformers quiet; exits with the preparation command when the model is missing. Returns
+    (threads, tokenizer)."""
+    if not (SMOLLM2 / "config.json").exists():
+        sys.exit(f"{SMOLLM2} is missing: run `python benchmarks/prepare_smollm2.py` first")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from kifmerge.training import load_tokenizer
+
+    hf_logging.set_verbosity_error()
     env = os.environ.get("OMP_NUM_THREADS")
-    return int(env) if env and env.isdigit() else len(os.sched_getaffinity(0))
+    threads = threads or (int(env) if env and env.isdigit() else len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads)
+    return threads, load_tokenizer(SMOLLM2)
+
+
+def ratio_rows(rows: list[dict]) -> list[str]:
+    """The step-time table: per precision and clock, both recipes' steps and their ratio."""
+    lines = ["| precision | clock | kifmerge step (ms) | plain step (ms) | ratio | ratio per round: min–max |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        for clock in ("wall", "cpu"):
+            c = r[clock]
+            lines.append(f"| {r['precision']} | {clock} | {c['step_ms_kifmerge']:.0f} | {c['step_ms_plain']:.0f} | "
+                         f"{c['ratio']:.3f} | {c['ratio_spread'][0]:.3f}–{c['ratio_spread'][1]:.3f} |")
+    return lines
 
 
 class Timer(TrainerCallback):
@@ -228,13 +253,7 @@ def markdown(payload: dict) -> str:
              f"sequence: mean {payload['batch_width_mean']:.0f} positions for {payload['tokens_per_batch_mean']:.0f} tokens), "
              f"{s['rounds']} alternating rounds of {s['steps']} timed steps per recipe, {s['threads']} threads, "
              f"{payload['cpus']} CPUs (load average at start {payload['load_average']}). Goal: ratio ≤ {GOAL}.", "",
-             "| precision | clock | kifmerge step (ms) | plain step (ms) | ratio | ratio per round: min–max |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
-    for r in payload["rows"]:
-        for clock in ("wall", "cpu"):
-            c = r[clock]
-            lines.append(f"| {r['precision']} | {clock} | {c['step_ms_kifmerge']:.0f} | {c['step_ms_plain']:.0f} | {c['ratio']:.3f} | "
-                         f"{c['ratio_spread'][0]:.3f}–{c['ratio_spread'][1]:.3f} |")
+             *ratio_rows(payload["rows"])]
     lines += ["", "| precision | importance callback (ms, share of kifmerge's step) | max loss Δ (first round) | adapter max Δ (end) |",
               "| --- | ---: | ---: | ---: |"]
     for r in payload["rows"]:
@@ -257,13 +276,7 @@ def markdown(payload: dict) -> str:
     if before:
         lines += ["", f"The same benchmark on the code before (commit {before['git_commit']}, its own run: "
                   f"`{before['command']}`, load average at start {before['load_average']}):", "",
-                  "| precision | clock | kifmerge step (ms) | plain step (ms) | ratio | ratio per round: min–max |",
-                  "| --- | --- | ---: | ---: | ---: | --- |"]
-        for r in before["rows"]:
-            for clock in ("wall", "cpu"):
-                c = r[clock]
-                lines.append(f"| {r['precision']} | {clock} | {c['step_ms_kifmerge']:.0f} | {c['step_ms_plain']:.0f} | "
-                             f"{c['ratio']:.3f} | {c['ratio_spread'][0]:.3f}–{c['ratio_spread'][1]:.3f} |")
+                  *ratio_rows(before["rows"])]
     lines += ["", f"Command: `{payload['command']}` (commit {payload['git_commit']}).", ""]
     return "\n".join(lines)
 
@@ -284,17 +297,10 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, default=None,
                         help="the JSON of an earlier run (e.g. of an older commit) to show beside this one")
     args = parser.parse_args()
-    if not (SMOLLM2 / "config.json").exists():
-        sys.exit(f"{SMOLLM2} is missing: run `python benchmarks/prepare_smollm2.py` first")
+    args.threads, tokenizer = smollm2_session(args.threads)
     import torch
-    from transformers.utils import logging as hf_logging
 
-    from kifmerge.training import Encoder, load_records, load_tokenizer
-
-    hf_logging.set_verbosity_error()
-    args.threads = args.threads or threads_default()
-    torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(SMOLLM2)
+    from kifmerge.training import Encoder, load_records
     records = load_records(DATA / "train" / f"{args.task}.jsonl.gz", max_examples=(args.steps + 1) * args.batch_size)
     features = [Encoder(tokenizer, False, args.max_length)(r) for r in records]
     batches = [features[i:i + args.batch_size] for i in range(0, len(features), args.batch_size)]
