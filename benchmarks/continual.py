@@ -17,10 +17,18 @@ for each method's AP difference from the default method (kif); a difference is c
 its interval excludes 0.
 
 Methods (each row says exactly what it is: see METHODS). Trainings with identical inputs
-(same start weights, data and options) are shared between lines. Resumable: state lives in a
-kifmerge registry under --work; finished trainings, fuses and evaluations are found and skipped.
+(same start weights, data and options) are shared between lines. Resumable at two levels:
+- within a machine, state lives in a kifmerge registry under --work; finished trainings, fuses
+  and evaluations are found and skipped;
+- across machines and sessions, each finished method of each seed is a small committed *cell*,
+  benchmarks/results/runs/<order>/seed<N>/<method>.json (its per-example answers and its wall
+  time split into training, fuse and evaluation); a method whose cell exists is not run again,
+  and the order's results are assembled from the cells. A cell records the settings it was
+  computed with; cells of other settings (bf16 and float32 among them) are never mixed.
 
     python benchmarks/continual.py --order 4 --seeds 42,43      # → benchmarks/results/order4.{json,md,png}
+    python benchmarks/continual.py --order 5 --export-finished   # cells of a run in progress, nothing run
+    python benchmarks/continual.py --order 5 --assemble          # order5.{json,md,png} from every cell present
     python benchmarks/continual.py --sequence my-sequence.json   # any sequence: {"name", "tasks": [{"name","train","dev"}]}
     python benchmarks/continual.py --summary                     # → benchmarks/results/summary.{json,md} over orders 4–6
 """
@@ -49,6 +57,7 @@ SMOLLM2 = Path(os.environ.get("KIFMERGE_MODELS") or "~/.cache/kifmerge/models").
 ORDERS = {4: "dbpedia amazon yahoo agnews", 5: "dbpedia amazon agnews yahoo", 6: "yahoo amazon agnews dbpedia"}
 DEFAULT_METHOD = "kif"
 REPLICATES = 2000
+ALPHA_ORDER = "order4"  # linear-best's α is chosen on this order and carried to the others
 
 
 @dataclass(frozen=True)
@@ -67,10 +76,13 @@ METHODS = {
     "linear-0.3": Method("average 0.3·new + 0.7·old of the LoRA factors", {"method": "linear", "alpha": 0.3}),
     "linear-0.5": Method("average 0.5·new + 0.5·old of the LoRA factors", {"method": "linear", "alpha": 0.5}),
     "linear-0.7": Method("average 0.7·new + 0.3·old of the LoRA factors", {"method": "linear", "alpha": 0.7}),
-    "ties": Method("TIES on task vectors new − start (start: the version the task was trained from), density 0.5",
+    "ties": Method("TIES of two task vectors against the base, the line's head and the new task, merged as ΔW = B·A "
+                   "(density 0.5, weights 0.5/0.5) and re-factored to rank r by truncated SVD",
                    {"method": "ties", "density": 0.5}),
-    "dare": Method("DARE-linear on task vectors new − start, density 0.5, weights 0.5/0.5, seed 0",
-                   {"method": "dare-linear", "density": 0.5}),
+    "dare": Method("DARE-linear of the head's and the task's ΔW = B·A against the base (density 0.5, weights 0.5/0.5, "
+                   "seed 0), re-factored to rank r", {"method": "dare-linear", "density": 0.5}),
+    "magmax": Method("MagMax: per ΔW entry the larger-magnitude of the head's and the task's update (sign kept), "
+                     "re-factored to rank r", {"method": "magmax"}),
     "replay": Method("SeqLoRA with 2 % of each training set drawn from the line's earlier tasks (--replay 0.02)",
                      SEQ, later={"replay": 0.02}),
     "kif-adaptive-rank": Method("KIF softmax rule over rank-normalised profiles (--scores rank), τ 0.25",
@@ -120,25 +132,30 @@ def train_options(args: argparse.Namespace, seed: int) -> dict:
     """The training options of every task (also the inputs of its name's digest)."""
     return {"max_steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup, "batch_size": args.batch_size,
             "max_length": args.max_length, "lora_r": args.lora_r, "max_examples": args.train_examples,
-            "seed": seed, "bf16": args.bf16}
+            "seed": seed, "bf16": args.precision == "bf16"}
 
 
 class Experiment:
-    """One sequence, one seed: every method's line in one registry under `work`."""
+    """One sequence, one seed: every method's line in one registry under `work`, each finished
+    method written as a cell under `cells`."""
 
-    def __init__(self, args: argparse.Namespace, tasks: list[TaskFiles], seed: int, work: Path):
+    def __init__(self, args: argparse.Namespace, tasks: list[TaskFiles], seed: int, work: Path, cells: Path):
         from kifmerge import api
 
-        self.api, self.args, self.seed = api, args, seed
+        self.api, self.args, self.seed, self.cells = api, args, seed, cells
         self.first = args.tasks if args.tasks and args.tasks < len(tasks) else None
         self.tasks = tasks[: self.first] if self.first else tasks
         self.registry = work / "registry"
         self.train_options = train_options(args, seed)
         self.eval_options = {"max_examples": args.eval_examples, "max_new_tokens": args.max_new_tokens,
                              "max_length": args.max_length, "batch_size": args.eval_batch_size}
-        if args.bf16_eval:
+        if args.precision == "bf16":
             self.eval_options["bf16"] = True
-        self.wall_file = work / ("wall.json" if self.first is None else f"wall-first{self.first}.json")  # survive a resume
+        self.settings = {"train": {k: v for k, v in self.train_options.items() if k != "seed"}, "eval": self.eval_options,
+                         "precision": args.precision, "tasks": [t.name for t in self.tasks]}
+        # step → seconds, measured when the step did work (a cache hit records nothing, and
+        # never overwrites what the step cost when it ran); survives a resume
+        self.wall_file = work / ("wall.json" if self.first is None else f"wall-first{self.first}.json")
         self.wall: dict[str, float] = json.loads(self.wall_file.read_text()) if self.wall_file.exists() else {}
         self.api.init(self.registry)
         if not self.api.list_items("bases", registry=self.registry):
@@ -157,11 +174,12 @@ class Experiment:
     def task_exists(self, name: str) -> bool:
         return any(row["name"] == name for row in self.api.list_items("tasks", registry=self.registry))
 
-    def timed(self, step: str, fn) -> object:
+    def timed(self, step: str, fn, did_work=lambda result: True) -> object:
         started = time.perf_counter()
         result = fn()
-        self.wall[step] = round(time.perf_counter() - started, 1)
-        self.wall_file.write_text(json.dumps(self.wall, indent=1))
+        if did_work(result):
+            self.wall[step] = round(time.perf_counter() - started, 1)
+            self.wall_file.write_text(json.dumps(self.wall, indent=1))
         return result
 
     # ---- the work ----------------------------------------------------------------------------
@@ -203,14 +221,19 @@ class Experiment:
             random.Random(self.seed).shuffle(records)
             mixed.write_text("".join(json.dumps(r) + "\n" for r in records))
         options = {**self.train_options, "max_steps": self.args.steps * len(self.tasks), "max_examples": None}
-        line, task = self.line("mtl"), "mtl-all" if self.first is None else f"mtl-first{self.first}"
+        line, task = self.line("mtl"), self.mtl_task()
         self.train(task, mixed, line, options)
         if not self.versions(line):
             self.api.fuse(task, line, registry=self.registry)
 
+    def mtl_task(self) -> str:
+        return "mtl-all" if self.first is None else f"mtl-first{self.first}"
+
     def evaluate(self, ref: str, tasks: list[TaskFiles]) -> None:
         data = {t.name: t.dev for t in tasks}
-        result = self.timed(f"eval:{ref}:{','.join(data)}", lambda: self.api.evaluate(ref, data, registry=self.registry, **self.eval_options))
+        result = self.timed(f"eval:{ref}:{','.join(data)}",
+                            lambda: self.api.evaluate(ref, data, registry=self.registry, **self.eval_options),
+                            did_work=lambda done: not all(r["reused"] for r in done["results"].values()))
         scores = "  ".join(f"{t} {r['exact_match']:.3f}{'*' if r['reused'] else ''}" for t, r in result["results"].items())
         log(f"seed {self.seed}: eval {ref}: {scores}")
 
@@ -230,24 +253,105 @@ class Experiment:
         self.evaluate(f"{line}@v{history[-1]['number']}", self.tasks)
 
     def run(self) -> None:
-        """Method by method, in the order given (a run cut short leaves whole methods behind)."""
-        for line in self.args.methods:
-            if line == "mtl":
+        """Method by method, in the order given; each finished method is written as its cell at
+        once (a run cut short leaves whole methods behind), and a method with a cell is skipped."""
+        for method in self.args.methods:
+            if read_cell(self.cell_path(method), self.settings) is not None:
+                log(f"seed {self.seed}: {method}: cell {self.cell_path(method).relative_to(ROOT)} exists, skipped")
+                continue
+            if method == "mtl":
                 self.multitask()
             else:
-                self.build(line)
-            self.evaluate_line(line)
+                self.build(method)
+            self.evaluate_line(method)
+            self.write_cell(method)
 
-    def collect(self) -> dict:
-        """Per method: the report with per-example scores (the bootstrap's input)."""
-        labels = [t.name for t in self.tasks]
-        rows = {}
+    def export_finished(self) -> list[str]:
+        """Cells of the methods whose lines are complete and evaluated (another process may still
+        be running the rest): nothing is trained, fused or evaluated."""
+        written = []
         for method in self.args.methods:
-            report = self.api.report(self.line(method), tasks=labels, examples=True, registry=self.registry)
-            if method == "mtl":  # one version that learned everything: its final row is all there is
-                report["examples"]["learned"] = report["examples"]["diagonal"] = report["examples"]["final"]
-            rows[method] = report
-        return rows
+            if read_cell(self.cell_path(method), self.settings) is not None:
+                continue
+            history = self.versions(self.line(method))
+            if len(history) < (1 if method == "mtl" else len(self.tasks)):
+                continue
+            try:
+                self.write_cell(method)
+            except Exception as exc:  # not evaluated yet: the report names what is missing
+                log(f"seed {self.seed}: {method}: not finished ({exc})")
+                continue
+            written.append(method)
+        return written
+
+    # ---- cells -------------------------------------------------------------------------------
+    def cell_path(self, method: str) -> Path:
+        return self.cells / f"seed{self.seed}" / f"{method}.json"
+
+    def report(self, method: str) -> dict:
+        report = self.api.report(self.line(method), tasks=[t.name for t in self.tasks], examples=True, registry=self.registry)
+        if method == "mtl":  # one version that learned everything: its final row is all there is
+            report["examples"]["learned"] = report["examples"]["diagonal"] = report["examples"]["final"]
+        return report
+
+    def steps_of(self, method: str) -> dict[str, float]:
+        """The measured steps the method's line used: its trainings (shared ones included), fuses
+        and evaluations."""
+        line = self.line(method)
+        tasks = {v["task"] for v in self.versions(line)}
+        refs = {f"{line}@"} | {f"task:{t}:" for t in tasks}
+        return {step: seconds for step, seconds in self.wall.items()
+                if (step.startswith("train:") and step[6:] in tasks) or step.startswith(f"fuse:{line}@")
+                or (step.startswith("eval:") and any(step[5:].startswith(r) for r in refs))}
+
+    def write_cell(self, method: str) -> None:
+        report = self.report(method)
+        steps = self.steps_of(method)
+        wall = {kind: round(sum(v for k, v in steps.items() if k.startswith(kind + ":")), 1) for kind in ("train", "fuse", "eval")}
+        cell = {"method": method, "describe": METHODS[method].describe, "seed": self.seed, "settings": self.settings,
+                "examples": {k: ["".join(str(int(v)) for v in task) for task in report["examples"][k]]
+                             for k in ("final", "learned", "diagonal")},
+                "per_task": report["per_task"], "matrix": report["matrix"], "wall_s": wall, "steps_s": steps,
+                "git_commit": git_commit(), "machine": machine(), "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+        path = self.cell_path(method)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(cell, indent=1))
+        temporary.replace(path)
+        log(f"seed {self.seed}: {method}: wrote {path.relative_to(ROOT)} (train {wall['train'] / 60:.1f} min, "
+            f"fuse {wall['fuse']:.0f} s, eval {wall['eval'] / 60:.1f} min)")
+
+
+def read_cell(path: Path, settings: dict | None = None) -> dict | None:
+    """A method's cell, or None when there is none; a cell computed with other settings stops
+    the run (its results must not be mixed in, nor silently replaced)."""
+    if not path.exists():
+        return None
+    cell = json.loads(path.read_text())
+    if settings is not None and cell["settings"] != settings:
+        differ = sorted(k for k in set(settings) | set(cell["settings"]) if settings.get(k) != cell["settings"].get(k))
+        sys.exit(f"{path}: computed with other settings ({', '.join(differ)}: {cell['settings'].get(differ[0])!r} there, "
+                 f"{settings.get(differ[0])!r} now); use another --results folder or remove the cell")
+    return cell
+
+
+def cells_folder(results: Path, name: str) -> Path:
+    return results / "runs" / name
+
+
+def load_seed(cells: Path, seed: int, methods: list[str]) -> dict[str, dict]:
+    """method → its cell with per-example scores as lists of ints (the bootstrap's input)."""
+    out = {}
+    for method in methods:
+        cell = read_cell(cells / f"seed{seed}" / f"{method}.json")
+        if cell is not None:
+            cell["examples"] = {k: [[int(c) for c in task] for task in v] for k, v in cell["examples"].items()}
+            out[method] = cell
+    return out
+
+
+def machine() -> str:
+    return f"{platform.platform()}, {os.cpu_count()} CPUs"
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -272,14 +376,18 @@ def estimates(run: dict, indices: list, order: list[int] | None = None) -> dict:
     if run["method"] != "mtl":
         out["BWT_vs_learned"] = backward_transfer(final, learned, idx)
         out["BWT_after_fuse"] = backward_transfer(final, diagonal, idx)
-        cost = [np.asarray(l) - np.asarray(d) for l, d in zip(learned, diagonal, strict=True)]
-        out["fuse_cost"] = average_precision(cost, idx)
+        # over the tasks that were fused: the first task becomes v1 as it is, and counting its
+        # zero would dilute the cost by 1/T
+        cost = [np.asarray(l) - np.asarray(d) for l, d in zip(learned[1:], diagonal[1:], strict=True)]
+        out["fuse_cost"] = average_precision(cost, idx[1:])
     return out
 
 
-def method_statistics(per_seed: list[dict], tasks: list[str]) -> dict:
+def method_statistics(per_seed: list[dict], tasks: list[str], linear_best: str | None = None) -> dict:
     """Across seeds (averaged on shared resamples): intervals per summary and the paired AP
-    difference of every method from the default."""
+    difference of every method from the default. `linear_best`: the linear row chosen on
+    another order (ALPHA_ORDER); without it the best linear row here is picked, on the very
+    examples it is reported on (an optimistic row: the tables say which)."""
     from kifmerge.stats import combine, interval, paired_difference
 
     sizes = [len(s) for s in next(iter(per_seed[0].values()))["examples"]["final"]]
@@ -296,10 +404,20 @@ def method_statistics(per_seed: list[dict], tasks: list[str]) -> dict:
         if DEFAULT_METHOD in est and m != DEFAULT_METHOD:
             out[m]["AP_minus_default"] = paired_difference(est[m]["AP"], est[DEFAULT_METHOD]["AP"])
     linear = [m for m in methods if m.startswith("linear-")]
-    if linear:
+    if linear_best in out:
+        out["linear-best"] = {**out[linear_best], "is": linear_best, "chosen_on": ALPHA_ORDER}
+    elif linear:
         best = max(linear, key=lambda m: est[m]["AP"][0])
-        out["linear-best"] = {**out[best], "is": best}
+        out["linear-best"] = {**out[best], "is": best, "chosen_on": "this order (optimistic)"}
     return out
+
+
+def carried_linear_best(results: Path, name: str) -> str | None:
+    """The linear row chosen on ALPHA_ORDER, for every other order (None on ALPHA_ORDER itself)."""
+    source = results / f"{ALPHA_ORDER}.json"
+    if name == ALPHA_ORDER or not source.exists():
+        return None
+    return json.loads(source.read_text())["statistics"].get("linear-best", {}).get("is")
 
 
 def per_task_table(per_seed: list[dict], tasks: list[str]) -> dict:
@@ -332,19 +450,25 @@ def git_commit() -> str | None:
     return done.stdout.strip() or None
 
 
-def write_order(stem: Path, title: str, tasks: list[str], args: argparse.Namespace, per_seed: list[dict], walls: dict) -> None:
-    stats = method_statistics(per_seed, tasks)
+def write_order(stem: Path, title: str, tasks: list[str], per_seed: list[dict], seeds: list[int], results: Path) -> None:
+    """The order's results from its cells (per seed, method → cell)."""
+    first = next(iter(per_seed[0].values()))
+    stats = method_statistics(per_seed, tasks, carried_linear_best(results, title))
     table = per_task_table(per_seed, tasks)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("summary",)}
-    payload = {"benchmark": "continual", "title": title, "tasks": tasks, "seeds": args.seeds, "default_method": DEFAULT_METHOD,
+    walls = {m: {str(seed): per[m]["wall_s"] for seed, per in zip(seeds, per_seed, strict=True)} for m in per_seed[0]}
+    payload = {"benchmark": "continual", "title": title, "tasks": tasks, "seeds": seeds, "default_method": DEFAULT_METHOD,
                "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)",
-               "metric": f"exact match (case-folded) on the first {args.eval_examples} dev examples of each task",
-               "methods": {m: METHODS[m].describe for m in per_seed[0]}, "statistics": stats, "per_task": table,
+               "metric": f"exact match (case-folded) on the first {first['settings']['eval']['max_examples']} dev examples of each task",
+               "methods": {m: METHODS[m].describe if m in METHODS else per_seed[0][m]["describe"] for m in per_seed[0]},
+               "statistics": stats, "per_task": table,
                "examples": {m: {k: [["".join(str(int(v)) for v in task) for task in seed[m]["examples"][k]] for seed in per_seed]
                                 for k in ("final", "learned", "diagonal")} for m in per_seed[0]},
                "matrix": {m: [seed[m]["matrix"] for seed in per_seed] for m in per_seed[0]},
-               "wall_s": walls, "settings": settings, "git_commit": git_commit(),
-               "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+               "wall_s": walls, "settings": first["settings"],
+               "cells": {m: {str(seed): {"git_commit": per[m].get("git_commit"), "machine": per[m].get("machine"),
+                                         "written": per[m].get("written")} for seed, per in zip(seeds, per_seed, strict=True)}
+                         for m in per_seed[0]},
+               "git_commit": git_commit(), "machine": machine(),
                "command": "python benchmarks/continual.py " + " ".join(sys.argv[1:])}
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
@@ -357,20 +481,26 @@ def write_order(stem: Path, title: str, tasks: list[str], args: argparse.Namespa
 
 def render_order(p: dict) -> str:
     s = p["settings"]
-    total = sum(p["wall_s"].values())
+    train, evaluation = s["train"], s["eval"]
     lines = [f"# Continual learning: {p['title']} ({' → '.join(p['tasks'])})", "",
-             f"SmolLM2-135M, LoRA r {s['lora_r']} (q/v), {s['steps']} steps per task at batch {s['batch_size']}, lr {s['lr']} "
-             f"with {s['warmup']} warmup steps, max length {s['max_length']}, bf16 training {s['bf16']}, bf16 eval {s['bf16_eval']}; "
-             f"seeds {', '.join(map(str, p['seeds']))}. {p['metric']}. Points ×100; [95 % paired-bootstrap interval over examples, "
-             f"{REPLICATES} resamples within each task, the same for every method; seeds averaged]. "
-             f"Wall time {total / 60:.1f} min ({', '.join(f'seed {k}: {v / 60:.1f} min' for k, v in p['wall_s'].items())}) on {p['machine']}.", "",
-             f"| method | AP | AP − {p['default_method']} | BWT vs learned | BWT after fuse | fuse cost |", "| --- | --- | --- | --- | --- | --- |"]
+             f"SmolLM2-135M, LoRA r {train['lora_r']} (q/v), {train['max_steps']} steps per task at batch {train['batch_size']}, "
+             f"lr {train['lr']} with {train['warmup_steps']} warmup steps, max length {train['max_length']}, precision "
+             f"{s['precision']} (training and evaluation); seeds {', '.join(map(str, p['seeds']))}. {p['metric']}. Points ×100; "
+             f"[95 % paired-bootstrap interval over examples, {REPLICATES} resamples within each task, the same for every "
+             f"method; seeds averaged]. Fuse cost: mean over the fused tasks (2…T) of learned − right after the fuse.", "",
+             f"| method | AP | AP − {p['default_method']} | BWT vs learned | BWT after fuse | fuse cost | wall min (train / fuse / eval) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, row in p["statistics"].items():
-        name = f"{m} (= {row['is']})" if "is" in row else m
+        name = f"{m} (= {row['is']}, α chosen on {row['chosen_on']})" if "is" in row else m
         diff = row.get("AP_minus_default")
         called = f" {diff['called']}" if diff and diff["called"] != "no difference" else ""
+        walls = list(p["wall_s"].get(row.get("is", m), {}).values())
+        wall = " / ".join(f"{sum(w[k] for w in walls) / 60:.1f}" for k in ("train", "fuse", "eval")) if walls and all(walls) else "—"
         lines.append(f"| {name} | {ci(row['AP'])} | {ci(diff, True) + called if diff else '—'} | {ci(row.get('BWT_vs_learned'), True)} | "
-                     f"{ci(row.get('BWT_after_fuse'), True)} | {ci(row.get('fuse_cost'), True)} |")
+                     f"{ci(row.get('BWT_after_fuse'), True)} | {ci(row.get('fuse_cost'), True)} | {wall} |")
+    lines += ["", "Wall time per method counts every step its line used, the shared first-task training included; "
+              "evaluations answered from the registry's cache count nothing. Cells: "
+              + "; ".join(f"{m} {', '.join(sorted({c['git_commit'] or '?' for c in seeds.values()}))}" for m, seeds in p["cells"].items())]
     lines += ["", "## What each row is", ""] + [f"- **{m}**: {d}" for m, d in p["methods"].items()]
     lines += ["", "## Per task (seeds averaged): learned / fused (diagonal) / final, majority class, most frequent answers", "",
               "| method | " + " | ".join(p["tasks"]) + " |", "| --- |" + " --- |" * len(p["tasks"])]
@@ -437,19 +567,30 @@ def write_summary(orders: list[int], results: Path = RESULTS) -> None:
             stats[m][key] = interval(replicates, point)
         if m != DEFAULT_METHOD and DEFAULT_METHOD in est:
             stats[m]["AP_minus_default"] = paired_difference(combine(est[m]["AP"]), combine(est[DEFAULT_METHOD]["AP"]))
+    chosen = found.get(int(ALPHA_ORDER.removeprefix("order")), {}).get("statistics", {}).get("linear-best", {}).get("is")
+    if chosen in stats:
+        stats["linear-best"] = {**stats[chosen], "is": chosen, "chosen_on": ALPHA_ORDER}
+    precisions = {o: p["settings"].get("precision", "bf16" if p["settings"].get("bf16") else "fp32") for o, p in found.items()}
     payload = {"benchmark": "continual-summary", "orders": sorted(found), "default_method": DEFAULT_METHOD,
-               "methods": {m: METHODS[m].describe for m in methods}, "statistics": stats,
-               "wall_s_per_order": {o: round(sum(p["wall_s"].values()), 1) for o, p in found.items()},
+               "methods": {m: METHODS[m].describe for m in methods}, "statistics": stats, "precision": precisions,
+               "seeds": {o: p["seeds"] for o, p in found.items()},
+               "wall_s_per_order": {o: round(sum(sum((w or {}).get(k, 0) for w in seeds.values() for k in ("train", "fuse", "eval"))
+                                                 for seeds in p["wall_s"].values()), 1) for o, p in found.items()},
                "git_commit": git_commit(), "command": "python benchmarks/continual.py --summary"}
     (results / "summary.json").write_text(json.dumps(payload, indent=1))
     lines = [f"# Continual learning across orders {', '.join(map(str, sorted(found)))}", "",
              f"Mean over orders (each order's seeds averaged first); points ×100 with 95 % paired-bootstrap intervals over "
              f"examples (resamples shared per task across methods, seeds and orders). Default method: **{DEFAULT_METHOD}** "
-             f"(`kifmerge fuse` without --method). A difference is called only when its interval excludes 0.", "",
+             f"(`kifmerge fuse` without --method). A difference is called only when its interval excludes 0. "
+             f"Fuse cost: over the fused tasks. linear-best: the linear α that was best on {ALPHA_ORDER}, carried to "
+             f"the other orders. Seeds: {'; '.join(f'order {o}: {s}' for o, s in payload['seeds'].items())}. Precision: "
+             + ("; ".join(f"order {o}: {v}" for o, v in precisions.items()) if len(set(precisions.values())) > 1
+                else f"{next(iter(precisions.values()))} everywhere") + ".", "",
              f"| method | AP | AP − {DEFAULT_METHOD} | BWT vs learned | fuse cost |", "| --- | --- | --- | --- | --- |"]
     for m, row in stats.items():
         diff = row.get("AP_minus_default")
-        lines.append(f"| {m} | {ci(row['AP'])} | {ci(diff, True) + (' ' + diff['called'] if diff else '') if diff else '—'} | "
+        name = f"{m} (= {row['is']}, α chosen on {row['chosen_on']})" if "is" in row else m
+        lines.append(f"| {name} | {ci(row['AP'])} | {ci(diff, True) + (' ' + diff['called'] if diff else '') if diff else '—'} | "
                      f"{ci(row.get('BWT_vs_learned'), True)} | {ci(row.get('fuse_cost'), True)} |")
     lines += ["", "Wall time per order: " + ", ".join(f"order {o}: {s / 60:.1f} min" for o, s in payload["wall_s_per_order"].items()), ""]
     (results / "summary.md").write_text("\n".join(lines))
@@ -461,7 +602,10 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=4, choices=sorted(ORDERS))
     parser.add_argument("--sequence", type=Path, help="a JSON sequence file instead of a built-in order")
     parser.add_argument("--summary", action="store_true", help="only write summary.{json,md} from the order results")
-    parser.add_argument("--methods", default="seq,kif,linear-0.5,mtl,ties,linear-0.7,linear-0.3,dare,replay,orth",
+    parser.add_argument("--assemble", action="store_true", help="only write the order's results from the cells present")
+    parser.add_argument("--export-finished", action="store_true",
+                        help="only write the cells of methods finished in the work registry (a run in progress elsewhere)")
+    parser.add_argument("--methods", default="seq,kif,linear-0.5,mtl,ties,linear-0.7,linear-0.3,dare,magmax,replay,kif-adaptive-rank",
                         type=lambda s: [m for m in s.split(",") if m])
     parser.add_argument("--tasks", type=int, default=0, help="only the first N tasks (a cheap screen: lines METHOD-firstN)")
     parser.add_argument("--seeds", default="42", type=lambda s: [int(x) for x in s.split(",")])
@@ -475,8 +619,9 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=300, help="dev records evaluated per task")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=6)
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
-    parser.add_argument("--bf16-eval", action="store_true", help="bf16 autocast for evaluation too")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="training and evaluation: bf16 autocast or float32; auto: bf16 only where the CPU (or GPU) "
+                             "runs it natively (without avx512_bf16 a bf16 matmul ran 34× slower than float32)")
     parser.add_argument("--full-matrix", action="store_true", help="evaluate every version on every task")
     parser.add_argument("--work", type=Path, default=None, help="state folder (default benchmarks/work/<name>)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
@@ -488,22 +633,49 @@ def main() -> None:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         sys.exit(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
-    if not (SMOLLM2 / "config.json").exists():
-        sys.exit(f"{SMOLLM2} is missing: run `make smollm2` (or python benchmarks/prepare_smollm2.py) first")
     if args.sequence:
         name, tasks = sequence_from_file(args.sequence)
     else:
         name, tasks = f"order{args.order}", builtin_sequence(args.order)
-    work = args.work or HERE / "work" / name
-    walls, per_seed = {}, []
-    for seed in args.seeds:
-        experiment = Experiment(args, tasks, seed, work / f"seed{seed}")
-        log(f"{name}, seed {seed}: {' → '.join(t.name for t in tasks)}; methods {args.methods}; work in {work / f'seed{seed}'}")
-        experiment.run()
-        per_seed.append(experiment.collect())
-        walls[str(seed)] = round(sum(experiment.wall.values()), 1)
-    stem = args.out or args.results / (name if not args.tasks else f"{name}-first{args.tasks}")
-    write_order(stem, name, [t.name for t in tasks][: args.tasks or None], args, per_seed, walls)
+    label = name if not args.tasks else f"{name}-first{args.tasks}"
+    cells = cells_folder(args.results, label)
+    if not args.assemble:
+        if args.precision == "auto":
+            from kifmerge.precision import bf16_support
+
+            supported, why = bf16_support()
+            args.precision = "bf16" if supported else "fp32"
+            log(f"precision auto → {args.precision} ({why})")
+        if not (SMOLLM2 / "config.json").exists():
+            sys.exit(f"{SMOLLM2} is missing: run `make smollm2` (or python benchmarks/prepare_smollm2.py) first")
+        work = args.work or HERE / "work" / name
+        for seed in args.seeds:
+            experiment = Experiment(args, tasks, seed, work / f"seed{seed}", cells)
+            if args.export_finished:
+                log(f"{name}, seed {seed}: cells written for {experiment.export_finished() or 'no method'}")
+                continue
+            log(f"{name}, seed {seed}: {' → '.join(t.name for t in tasks)}; methods {args.methods}; work in {work / f'seed{seed}'}")
+            experiment.run()
+    assemble(args, label, [t.name for t in tasks][: args.tasks or None], cells)
+
+
+def assemble(args: argparse.Namespace, label: str, tasks: list[str], cells: Path) -> None:
+    """The order's results from every cell present for the seeds asked (a method missing a seed is left out, and said so)."""
+    present = sorted({p.stem for seed in args.seeds for p in (cells / f"seed{seed}").glob("*.json")},
+                     key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS))
+    per_seed = [load_seed(cells, seed, present) for seed in args.seeds]
+    methods = [m for m in present if all(m in per for per in per_seed)]
+    if not methods:
+        sys.exit(f"no cells for seeds {args.seeds} under {cells}: run the methods first")
+    left_out = [m for m in present if m not in methods]
+    if left_out:
+        log(f"left out of {label} (not run for every seed {args.seeds}): {', '.join(left_out)}")
+    settings = {json.dumps(per[m]["settings"], sort_keys=True) for per in per_seed for m in methods}
+    if len(settings) > 1:
+        sys.exit(f"the cells under {cells} were computed with different settings: they are not mixed in one table")
+    per_seed = [{m: per[m] for m in methods} for per in per_seed]
+    stem = args.out or args.results / label
+    write_order(stem, label, tasks, per_seed, args.seeds, args.results)
     print(stem.with_suffix(".md").read_text())
     log(f"wrote {stem}.json / .md / .png")
 

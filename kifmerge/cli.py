@@ -542,7 +542,7 @@ with_train_options = option_group("train_options", [
 ], _split_modules)
 
 with_fuse_options = option_group("fuse_options", [
-    _fusion("kif", "--method", help="kif | kif-adaptive | linear | task-arithmetic | ties | dare-linear | dare-ties", kind=str),
+    _fusion("kif", "--method", help="kif | kif-adaptive | linear | task-arithmetic | ties | dare-linear | dare-ties | magmax", kind=str),
     _fusion(None, "--top", help="Fraction of units counted important (kif; default: 0.2).", kind=Optional[float]),
     _fusion(None, "--tau", help="Softmax temperature (kif-adaptive; default: 0.25).", kind=Optional[float]),
     _fusion(None, "--scores", help="kif-adaptive compares minmax-normalised scores or their ranks: minmax | rank (default: minmax).", kind=Optional[str]),
@@ -654,7 +654,7 @@ def add_task(
     emit(result, json_out, render_mapping)
 
 
-TASK_VECTOR_METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
+TASK_VECTOR_METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties", "magmax")
 
 
 @app.command()
@@ -675,7 +675,8 @@ def fuse(
         result = api.fuse(task, into, **fuse_options, again=again, registry=registry, progress=progress)
     stale = result.get("stale_start")
     if stale and not json_out:
-        how = (f"its task vectors taken relative to {stale['trained_from']}" if result["method"] in TASK_VECTOR_METHODS else
+        how = ("merged with the head as two task vectors against the base; what the line learned since the task's "
+               "start counts once, through the head" if result["method"] in TASK_VECTOR_METHODS else
                "blended unit by unit as usual; what the line learned since may be lost in the units it takes")
         print(f"kifmerge: warning: task {task!r} was trained from {stale['trained_from']}, not from the head "
               f"{stale['head']}; fused by {result['method']} ({how})", file=sys.stderr)

@@ -19,7 +19,7 @@ class FuseParams(BaseModel):
     """Fusion parameters (DESIGN.md defaults)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    method: Literal["kif", "kif-adaptive", "linear", "task-arithmetic", "ties", "dare-linear", "dare-ties"] = "kif"
+    method: Literal["kif", "kif-adaptive", "linear", "task-arithmetic", "ties", "dare-linear", "dare-ties", "magmax"] = "kif"
     top: float = Field(0.2, gt=0.0, le=1.0, description="fraction of units counted important")
     tau: float = Field(0.25, gt=0.0, description="softmax temperature of kif-adaptive")
     scores: Literal["minmax", "rank"] = Field("minmax", description="kif-adaptive: compare min–max normalised scores or their ranks")
@@ -65,6 +65,8 @@ class FuseParams(BaseModel):
             return {"top": self.top, "weights": list(self.weights), "profile_weights": list(self.profile_weights)}
         if self.method == "linear":
             return {"alpha": self.alpha, "profile_weights": list(self.profile_weights)}
+        if self.method == "magmax":  # a per-entry selection: no weights, no density
+            return {"lam": self.lam, "profile_weights": list(self.profile_weights)}
         if self.method in ("task-arithmetic", "ties", "dare-linear", "dare-ties"):
             chosen = {"alpha": self.alpha, "lam": self.lam, "profile_weights": list(self.profile_weights)}
             if self.method != "task-arithmetic":

@@ -97,8 +97,8 @@ def test_a_task_trained_from_an_older_version_is_reported_and_fused(world, tmp_p
     human = cli("fuse", "c", "--into", "main", "--method", "ties")
     warnings = [line for line in human.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "trained from main@v1, not from the head main@v3" in warnings[0]
-    assert "task vectors taken relative to main@v1" in warnings[0]
-    assert cli.json("show", "main@v4")["params"]["reference"] == "main@v1", "the baselines measure from the start"
+    assert "two task vectors against the base" in warnings[0]
+    assert cli.json("show", "main@v4")["params"]["reference"] == "base", "the baselines measure from the base"
     assert "warning" not in cli("fuse", "a", "--into", "other").stderr
 
     # a head that holds the start's weights again (rollback to v1) is no stale start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -288,38 +289,80 @@ def test_baselines_through_the_cli_use_the_base_as_reference(cli, tmp_path, llam
     assert shas[0] == shas[1] != shas[2]
 
 
-def test_task_vectors_are_taken_against_the_adapter_the_task_started_from(cli, tmp_path, llama_dir):
-    """A LoRA task trained from line@v1 is TIES-merged as `v1 + merge(0, trim(task − v1))`: the
-    line's own adapter is the reference, not a task vector that gets magnitude-pruned."""
+def test_task_vectors_on_a_lora_line_merge_the_products_against_the_base(cli, tmp_path, llama_dir):
+    """A LoRA task fused into a line by TIES, DARE or MagMax: the line's head and the task are two
+    task vectors against the base (whose adapter is zero), merged as the dense products ΔW = B·A
+    (not factor by factor), then re-factored to the line's rank; the version records the cut."""
     from conftest import LORA_TARGETS, make_lora, write_profile
     from safetensors.torch import load_file
     from test_fuse_export import designed_scores, unit_groups
 
-    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+    from kifmerge.fusion.rules import BASELINES, lora_product, task_vector_merge
 
     cli("base", "add", "llama", llama_dir)
     for seed in (1, 2):
         ckpt = make_lora(llama_dir, tmp_path / f"lora{seed}", seed, LORA_TARGETS)
         profile = write_profile(tmp_path / f"p{seed}.safetensors", designed_scores(unit_groups(ckpt, "lora"), {0}, 1.0)[0], "lora-rank")
-        if seed == 1:
-            cli("add-task", "lora1", ckpt, "--base", "llama", "--profile", profile)
-            cli("fuse", "lora1", "--into", "tv")
-        else:
-            cli("add-task", "lora2", ckpt, "--base", "llama", "--profile", profile, "--line", "tv")
-    assert cli.json("fuse", "lora2", "--into", "tv", "--method", "ties")["params"]["reference"] == "tv@v1"
-    assert cli.json("show", "tv@v1")["weights"] == cli.json("show", "lora1")["weights"]
-    cli("export", "tv", tmp_path / "out")
-    start = load_file(tmp_path / "lora1" / "adapter_model.safetensors")
+        cli("add-task", f"lora{seed}", ckpt, "--base", "llama", "--profile", profile)
+    head = load_file(tmp_path / "lora1" / "adapter_model.safetensors")
     new = load_file(tmp_path / "lora2" / "adapter_model.safetensors")
-    fused = load_file(tmp_path / "out" / "adapter_model.safetensors")
-    assert fused.keys() == start.keys()
-    for name, tensor in fused.items():
-        expected = task_vector_merge(start[name], [start[name], new[name]], [0.5, 0.5], density=0.5, **BASELINES["ties"])
-        torch.testing.assert_close(tensor, expected, msg=name)
-        delta = new[name] - start[name]
-        kept = (tensor != start[name]).float().mean()
-        assert 0.4 <= kept <= 0.6, f"{name}: TIES keeps about half of the task vector's entries"
-        torch.testing.assert_close(tensor[tensor != start[name]], (start[name] + delta)[tensor != start[name]])
+    modules = sorted({name.rsplit(".lora_", 1)[0] for name in head})
+    for method, extra in (("ties", ["--density", "0.3", "--alpha", "0.7"]), ("dare-linear", ["--merge-seed", "3"]),
+                          ("magmax", [])):
+        line = f"tv-{method}"
+        cli("fuse", "lora1", "--into", line)
+        params = cli.json("fuse", "lora2", "--into", line, "--method", method, *extra)["params"]
+        assert params["reference"] == "base"
+        cli("export", line, tmp_path / line)
+        fused = load_file(tmp_path / line / "adapter_model.safetensors")
+        assert fused.keys() == head.keys()
+        cut = total = 0.0
+        for module in modules:
+            a, b = (f"{module}.lora_{side}.weight" for side in "AB")
+            products = [lora_product(w[a], w[b]) for w in (head, new)]
+            zero = torch.zeros_like(products[0])
+            if method == "ties":
+                dense = task_vector_merge(zero, products, [0.3, 0.7], density=0.3, **BASELINES["ties"])
+            elif method == "magmax":
+                dense = task_vector_merge(zero, products, [0.5, 0.5], **BASELINES["magmax"])
+            else:  # DARE's mask is drawn from a generator seeded by the module: check the rescale, not the draw
+                dense = None
+            rank = head[a].shape[0]
+            got = lora_product(fused[a], fused[b])
+            assert torch.linalg.matrix_rank(got) <= rank
+            if dense is None:
+                continue
+            u, s, vh = torch.linalg.svd(dense)
+            best = (u[:, :rank] * s[:rank]) @ vh[:rank]  # Eckart–Young: the best rank-r approximation
+            torch.testing.assert_close(got, best, atol=1e-5, rtol=1e-4, msg=f"{method} {module}")
+            cut, total = cut + float(s[rank:].pow(2).sum()), total + float(s.pow(2).sum())
+        if method != "dare-linear":
+            assert params["refactor"]["rank"] == head[f"{modules[0]}.lora_A.weight"].shape[0]
+            assert params["refactor"]["relative_error"] == pytest.approx((cut / total) ** 0.5, rel=1e-3, abs=1e-6)
+            assert 0 < params["refactor"]["relative_error"] <= params["refactor"]["worst_module_relative_error"] < 1
+
+
+def test_magmax_and_the_rank_refactoring_on_hand_computed_tensors():
+    """MagMax keeps, per entry, the task vector of largest magnitude with its sign; a rank-r
+    re-factoring of a product of rank ≤ r is exact, and otherwise cuts the smallest singular values."""
+    from kifmerge.fusion.rules import BASELINES, refactor_to_rank, task_vector_merge
+
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    line = torch.tensor([3.0, 0.0, 1.0, 1.5])    # τ_line = [ 2, −1, 0, 0.5]
+    task = torch.tensor([0.0, 1.5, 2.0, 1.5])    # τ_task = [−1, 0.5, 1, 0.5]
+    merged = task_vector_merge(base, [line, task], [0.5, 0.5], lam=0.5, **BASELINES["magmax"])
+    # per entry: |2|>|−1| → 2; |−1|>|0.5| → −1; |0|<|1| → 1; a tie keeps the first: 0.5; then 1 + 0.5·τ*
+    torch.testing.assert_close(merged, torch.tensor([2.0, 0.5, 1.5, 1.25]))
+
+    delta = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    a, b = refactor_to_rank(delta, 2)[:2]
+    torch.testing.assert_close(b @ a, torch.diag(torch.tensor([3.0, 2.0, 0.0])))
+    cut, total = refactor_to_rank(delta, 2)[2:]
+    assert (cut, total) == pytest.approx((1.0, 14.0))           # 1² cut of 3² + 2² + 1²
+    low_rank = torch.tensor([[1.0], [2.0]]) @ torch.tensor([[3.0, -1.0, 0.5]])
+    a, b, cut, _ = refactor_to_rank(low_rank, 2)
+    assert a.shape == (2, 3) and b.shape == (2, 2) and cut == pytest.approx(0.0, abs=1e-9)
+    torch.testing.assert_close(b @ a, low_rank)
 
 
 def test_rank_scores_make_the_adaptive_rule_adapt_on_skewed_profiles(cli, tmp_path, llama_dir):

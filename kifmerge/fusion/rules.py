@@ -174,14 +174,17 @@ def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator)
 
 def task_vector_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, sparsify: str | None = None,
                       density: float = 1.0, consensus: bool = False, normalize: bool = False, lam: float = 1.0,
-                      generator: torch.Generator | None = None, thresholds: list[torch.Tensor | None] | None = None,
-                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                      maximum: bool = False, generator: torch.Generator | None = None,
+                      thresholds: list[torch.Tensor | None] | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`base + lam · merge(w_i · sparsify(t_i − base))`, where merge is a plain sum, or with
     `consensus` (TIES) the sum over entries whose sign agrees with the weighted majority (a
     zero sum counts as positive); `normalize` divides by the summed weights of the entries
     kept. Works input by input, in place: a handful of tensor-sized buffers, whatever the count.
-    `thresholds`: per input, TIES' magnitude cut found over the whole tensor (when the tensors
-    are blocks of it). Returned in `out_dtype` (default: the last input's dtype)."""
+    `maximum` (MagMax): per entry the task vector of largest magnitude, its sign kept, weights
+    ignored. `thresholds`: per input, TIES' magnitude cut found over the whole tensor (when the
+    tensors are blocks of it). Returned in `out_dtype` (default: the last input's dtype)."""
+    if maximum:
+        return max_magnitude_merge(base, tensors, lam=lam, out_dtype=out_dtype)
     if consensus and normalize and len(tensors) == 2 and min(weights) > 0:  # TIES of a line and a task
         return consensus_pair(base, tensors, weights, sparsify=sparsify, density=density, lam=lam,
                               generator=generator, thresholds=thresholds, out_dtype=out_dtype)
@@ -256,9 +259,43 @@ def _merge_each(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[f
     return mixed.mul_(lam).add_(reference).to(out_dtype or tensors[-1].dtype)
 
 
+def max_magnitude_merge(base: torch.Tensor, tensors: list[torch.Tensor], *, lam: float = 1.0,
+                        out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """MagMax (Marczak et al., 2024): `base + lam · τ*`, where τ*'s every entry is the entry of
+    largest magnitude among the task vectors `τ_i = t_i − base`, sign included (the first
+    input wins a tie). A data-free, per-parameter selection: no averaging shrinks an update."""
+    reference = base.to(torch.float32)
+    chosen = tensors[0].to(torch.float32, copy=True).sub_(reference)
+    for tensor in tensors[1:]:
+        delta = tensor.to(torch.float32, copy=True).sub_(reference)
+        chosen = torch.where(delta.abs() > chosen.abs(), delta, chosen)
+    return chosen.mul_(lam).add_(reference).to(out_dtype or tensors[-1].dtype)
+
+
+def lora_product(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """A LoRA module's update ΔW = B·A (out × in) in float32, without peft's constant scale
+    `lora_alpha / r`: the task-vector rules are homogeneous, so a common scale changes nothing."""
+    return lora_b.to(torch.float32) @ lora_a.to(torch.float32)
+
+
+def refactor_to_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The best rank-`rank` approximation of `delta` (Eckart–Young: truncated SVD) as LoRA
+    factors `(A, B)` with `B·A ≈ delta`, the singular values split evenly between them
+    (`B = U·√S`, `A = √S·Vᵀ`), and the squared Frobenius norms of what was cut and of `delta`."""
+    u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
+    kept = min(rank, s.numel())
+    root = s[:kept].sqrt()
+    lora_b = torch.zeros(delta.shape[0], rank)
+    lora_a = torch.zeros(rank, delta.shape[1])
+    lora_b[:, :kept] = u[:, :kept] * root
+    lora_a[:kept] = root[:, None] * vh[:kept]
+    return lora_a, lora_b, float(s[kept:].pow(2).sum()), float(s.pow(2).sum())
+
+
 BASELINES = {  # method → how task_vector_merge is configured (mergekit's defaults for each)
     "task-arithmetic": {"sparsify": None, "consensus": False, "normalize": False},
     "ties": {"sparsify": "magnitude", "consensus": True, "normalize": True},
     "dare-linear": {"sparsify": "random", "consensus": False, "normalize": False},
     "dare-ties": {"sparsify": "random", "consensus": True, "normalize": False},
+    "magmax": {"sparsify": None, "consensus": False, "normalize": False, "maximum": True},
 }

@@ -132,7 +132,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
     """Compute the fused weights and the line's new profile and store their blobs; no rows yet."""
     from kifmerge.checkpoints import read_headers
     from kifmerge.fusion import rules
-    from kifmerge.fusion.engine import TaskVectorFusion, TensorSource, UnitBlend, stream_fused
+    from kifmerge.fusion.engine import LoraDeltaFusion, TaskVectorFusion, TensorSource, UnitBlend, stream_fused
     import torch
 
     from kifmerge.fusion.writer import SAFETENSORS_DTYPES, StreamingShardWriter, TensorSpec
@@ -167,9 +167,12 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             old_source = TensorSource(old_ws.files, old_ws.weight_map)
             new_source = TensorSource(new_ws.files, new_ws.weight_map)
             units = None
-            if params.method in rules.BASELINES:
-                reference, reference_name = _start_source(reg, task_row)
-                fusion = TaskVectorFusion(old_source, new_source, reference,
+            if params.method in rules.BASELINES and kind == "lora":
+                fusion = LoraDeltaFusion(old_source, new_source, params.method, weights=[1 - params.alpha, params.alpha],
+                                         density=params.density, lam=params.lam, seed=params.seed)
+            elif params.method in rules.BASELINES:
+                tensors = open_base(reg, reg.catalog.get("bases", task_row["base"], "base")).tensors
+                fusion = TaskVectorFusion(old_source, new_source, TensorSource(tensors.files, tensors.weight_map),
                                           params.method, weights=[1 - params.alpha, params.alpha],
                                           density=params.density, lam=params.lam, seed=params.seed)
             else:
@@ -209,7 +212,9 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             if units:
                 recorded["units"] = units
             if params.method in rules.BASELINES:
-                recorded["reference"] = reference_name
+                recorded["reference"] = "base"
+                if kind == "lora":
+                    recorded["refactor"] = fusion.summary()
             p_line = accumulate(p_old, p_new, params.profile_weights)
         profile_path = staging / "profile.safetensors"
         write_profile(profile_path, p_line, layout)
@@ -239,25 +244,6 @@ def unit_coefficients(params: FuseParams, p_old, p_new) -> tuple:
             return rules.kif_adaptive(rules.rank_normalise(p_old), rules.rank_normalise(p_new), tau=params.tau)
         return rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
     return rules.linear(p_old, p_new, alpha=params.alpha)
-
-
-def _start_source(reg: Registry, task_row: dict):
-    """The reference point of the task-vector baselines: the weights the task was trained from
-    (its `trained_from` version), so that the task vectors are `new − start` and `old − start`
-    (a line's head that the task started from contributes no task vector of its own). A task
-    trained from the base: a full line's reference is the base model; a LoRA adapter started
-    from a fresh initialisation that is not stored, so its reference is zero.
-    Returns (source or None for zero, a description recorded with the version)."""
-    from kifmerge.fusion.engine import TensorSource
-
-    start = _trained_from_version(reg, task_row.get("trained_from"))
-    if start is not None:
-        ws = reg.weights(start["weights"])
-        return TensorSource(ws.files, ws.weight_map), f"{start['line']}@v{start['number']}"
-    if task_row["kind"] == "full":
-        tensors = open_base(reg, reg.catalog.get("bases", task_row["base"], "base")).tensors
-        return TensorSource(tensors.files, tensors.weight_map), "base"
-    return None, "zero"
 
 
 def _trained_from_version(reg: Registry, ref: str | None) -> dict | None:
