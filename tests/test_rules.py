@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kifmerge.fusion.rules import blend, important_units, kif_adaptive, kif_static
+from kifmerge.fusion.rules import blend, important_units, kif_adaptive, kif_static, linear
 from kifmerge.profiles import accumulate, normalise
 
 scores = st.lists(st.floats(0, 1, allow_nan=False), min_size=2, max_size=64).map(lambda v: torch.tensor(v))
@@ -154,7 +154,20 @@ def test_blockwise_engine_equals_the_whole_tensor_rules(tmp_path, monkeypatch):
             if method is None:
                 expected = blend(tasks[0][name], tasks[1][name], c_new[i:i + 1], c_old[i:i + 1], None)
             elif method.startswith("dare"):
-                continue  # random: checked for determinism below
+                # random drops (seeded per tensor and block): each entry is base + λ·(0, a′, b′ or
+                # a′ + b′) with a′ = 0.4·Δa/0.3 and b′ = 0.6·Δb/0.3 — dropped, or kept ×1/density —
+                # rounded to bf16; about (1 − 0.3)² of the entries keep neither
+                reference = base[name].float()
+                a_kept = 0.4 * (tasks[0][name].float() - reference) / 0.3
+                b_kept = 0.6 * (tasks[1][name].float() - reference) / 0.3
+                got = fused[name].float()
+                candidates = [(reference + 0.9 * c).to(torch.bfloat16).float()
+                              for c in (torch.zeros_like(a_kept), a_kept, b_kept, a_kept + b_kept)]
+                near = torch.stack([(got - c).abs() <= 2 ** -7 * c.abs() + 1e-6 for c in candidates]).any(0)
+                assert bool(near.all()), (label, name, got[~near][:5])
+                if name == "emb":
+                    assert 0.3 < float((got == candidates[0]).float().mean()) < 0.7, (label, "share of entries left at base")
+                continue
             else:
                 expected = task_vector_merge(base[name], [tasks[0][name], tasks[1][name]], [0.4, 0.6], density=0.3, lam=0.9,
                                              **BASELINES[method])
@@ -423,3 +436,179 @@ def test_two_task_ties_path_equals_the_general_rule_bit_for_bit():
             assert fast.dtype == general.dtype == dtype
             assert torch.equal(fast.view(torch.int16 if dtype != torch.float32 else torch.int32),
                                general.view(torch.int16 if dtype != torch.float32 else torch.int32)), (dtype, weights, density)
+
+
+# ---- every rule pinned on hand-computed numbers (issue 22) -------------------------------------
+# The expected values below are worked out by hand in the comments, not by calling the rules:
+# a swapped α, a dropped rescale or a dropped division changes at least one written number.
+
+def test_linear_rule_weights_the_new_side_by_alpha():
+    # α = 0.25: c_new = 0.25, c_old = 0.75 everywhere (the profiles play no part)
+    c_new, c_old = linear(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), alpha=0.25)
+    assert c_new.tolist() == [0.25, 0.25] and c_old.tolist() == [0.75, 0.75]
+    # W = 0.25·W_new + 0.75·W_old: 0.25·6 + 0.75·2 = 3, 0.25·8 + 0.75·(−4) = −1
+    fused = blend(torch.tensor([2.0, -4.0]), torch.tensor([6.0, 8.0]), c_new, c_old, axis=0)
+    assert fused.tolist() == [3.0, -1.0]
+
+
+def test_static_rule_with_non_default_top_and_weights_by_hand():
+    # 8 units, top 0.25: a unit is important above the 0.75 quantile of its profile. Both
+    # profiles sort to 0, .1, .2, .3, .4, .5, .9, 1; the quantile at position 0.75·7 = 5.25 is
+    # 0.5 + 0.25·(0.9 − 0.5) = 0.6, so old hot = units {0, 1}, new hot = units {0, 2}.
+    p_old = torch.tensor([0.9, 1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    p_new = torch.tensor([1.0, 0.0, 0.9, 0.1, 0.2, 0.3, 0.4, 0.5])
+    c_new, c_old = kif_static(p_old, p_new, top=0.25, both=(0.2, 0.8), neither=0.4)
+    # unit 0 both → (0.2, 0.8); unit 1 old only → (0, 1); unit 2 new only → (1, 0); rest → (0.4, 0.6)
+    torch.testing.assert_close(c_new, torch.tensor([0.2, 0.0, 1.0, 0.4, 0.4, 0.4, 0.4, 0.4]))
+    torch.testing.assert_close(c_old, torch.tensor([0.8, 1.0, 0.0, 0.6, 0.6, 0.6, 0.6, 0.6]))
+    # W_old = 1, W_new = 11 per unit: 1 + 10·c_new = 3, 1, 11, then 5 for the "neither" units
+    fused = blend(torch.ones(8, 2), torch.full((8, 2), 11.0), c_new, c_old, axis=0)
+    torch.testing.assert_close(fused[:, 1], torch.tensor([3.0, 1.0, 11.0, 5.0, 5.0, 5.0, 5.0, 5.0]))
+
+
+def test_adaptive_rule_is_a_sigmoid_of_the_score_gap_by_hand():
+    # c_new = e^{Pn/τ} / (e^{Pn/τ} + e^{Po/τ}) = σ((Pn − Po)/τ); τ = 0.5: gaps/τ = 2, −2, 0, 1, −1
+    # σ(2) = 0.8807970780, σ(−2) = 0.1192029220, σ(0) = 0.5, σ(1) = 0.7310585786, σ(−1) = 0.2689414214
+    p_new = torch.tensor([1.0, 0.0, 0.5, 0.75, 0.25])
+    p_old = torch.tensor([0.0, 1.0, 0.5, 0.25, 0.75])
+    c_new, c_old = kif_adaptive(p_old, p_new, tau=0.5)
+    expected = torch.tensor([0.8807970780, 0.1192029220, 0.5, 0.7310585786, 0.2689414214])
+    torch.testing.assert_close(c_new, expected)
+    torch.testing.assert_close(c_old, 1 - expected)
+    # the default τ = 0.25 doubles the gaps: σ(4) = 0.9820137900 for a gap of 1
+    torch.testing.assert_close(kif_adaptive(torch.tensor([0.0]), torch.tensor([1.0]))[0], torch.tensor([0.9820137900]))
+
+
+def test_accumulated_profile_by_hand():
+    # normalise(p_new) = [2, 0, 4] → [0.5, 0, 1]; 0.3·[0.5, 0, 1] + 0.7·[0, 0.5, 1] = [0.15, 0.35, 1]
+    # → min–max: [0, 0.2/0.85, 1] = [0, 4/17, 1]
+    acc = accumulate(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([2.0, 0.0, 4.0]))
+    torch.testing.assert_close(acc, torch.tensor([0.0, 4 / 17, 1.0]))
+    # other weights (w_new, w_old) = (0.5, 0.5): [0.25, 0.25, 1] → [0, 0, 1]
+    torch.testing.assert_close(accumulate(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([2.0, 0.0, 4.0]), (0.5, 0.5)),
+                               torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_task_arithmetic_with_lambda_by_hand():
+    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+
+    base = torch.tensor([1.0, 2.0, 3.0])
+    a = torch.tensor([2.0, 0.0, 3.0])   # Δa = [1, −2, 0]
+    b = torch.tensor([1.0, 5.0, 7.0])   # Δb = [0, 3, 4]
+    # base + λ·(0.25·Δa + 0.75·Δb) with λ = 2: 0.25·Δa + 0.75·Δb = [0.25, 1.75, 3] → ×2 = [0.5, 3.5, 6]
+    merged = task_vector_merge(base, [a, b], [0.25, 0.75], lam=2.0, **BASELINES["task-arithmetic"])
+    assert merged.tolist() == [1.5, 5.5, 9.0]
+
+
+# TIES: base + λ·Σ_kept w_i·trim(Δ_i) / Σ_kept w_i, density 0.5 of 8 entries → each task vector
+# keeps its 4 largest magnitudes. Values are multiples of 1/16 or simple decimals (tolerance 1e-6).
+TIES_BASE = torch.tensor([1.0, 2.0, -1.0, 0.0, 3.0, -2.0, 0.5, 4.0])
+TIES_DA = torch.tensor([0.4, -0.1, 0.8, 0.6, 0.05, -0.2, 0.3, 0.0])   # keeps 0.8, 0.6, 0.4, 0.3 (entries 2, 3, 0, 6)
+TIES_DB = torch.tensor([0.1, 0.6, -0.3, 0.5, -0.05, 0.9, -0.7, 0.02])  # keeps 0.9, 0.7, 0.6, 0.5 (entries 5, 6, 1, 3)
+
+
+def test_ties_with_unequal_weights_divides_by_the_kept_weights_by_hand():
+    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+
+    # weights [0.5, 1.5]: w·trim(Δa) = [0.2, 0, 0.4, 0.3, 0, 0, 0.15, 0]
+    #                     w·trim(Δb) = [0, 0.9, 0, 0.75, 0, 1.35, −1.05, 0]
+    # sums [0.2, 0.9, 0.4, 1.05, 0, 1.35, −0.9, 0] → elected sign + except entry 6 (−)
+    # entry 0: a only → 0.2/0.5 = 0.4      entry 1: b only → 0.9/1.5 = 0.6
+    # entry 2: a only → 0.4/0.5 = 0.8      entry 3: both → (0.3 + 0.75)/(0.5 + 1.5) = 0.525
+    # entry 4, 7: nothing kept → 0         entry 5: b → 1.35/1.5 = 0.9
+    # entry 6: sign −, a's +0.15 dropped, b → −1.05/1.5 = −0.7
+    # (no division: [0.2, 0.9, 0.4, 1.05, 0, 1.35, −1.05, 0]; dividing by Σw = 2 everywhere: half that)
+    merged = task_vector_merge(TIES_BASE, [TIES_BASE + TIES_DA, TIES_BASE + TIES_DB], [0.5, 1.5], density=0.5,
+                               **BASELINES["ties"])
+    torch.testing.assert_close(merged - TIES_BASE, torch.tensor([0.4, 0.6, 0.8, 0.525, 0.0, 0.9, -0.7, 0.0]),
+                               atol=1e-6, rtol=0)
+    # λ = 0.5 scales the merged vector: entry 3 → 0.2625
+    half = task_vector_merge(TIES_BASE, [TIES_BASE + TIES_DA, TIES_BASE + TIES_DB], [0.5, 1.5], density=0.5, lam=0.5,
+                             **BASELINES["ties"])
+    assert abs(float(half[3] - TIES_BASE[3]) - 0.2625) < 1e-6
+    # swapped weights [1.5, 0.5]: entry 3 → (1.5·0.6 + 0.5·0.5)/2 = 0.575
+    swapped = task_vector_merge(TIES_BASE, [TIES_BASE + TIES_DA, TIES_BASE + TIES_DB], [1.5, 0.5], density=0.5,
+                                **BASELINES["ties"])
+    assert abs(float(swapped[3] - TIES_BASE[3]) - 0.575) < 1e-6
+
+
+def test_ties_of_three_inputs_general_path_by_hand():
+    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+
+    # three inputs take the general running-sum path; density 1 (no trim), weights [1, 2, 1]
+    base = torch.tensor([0.0, 1.0, -1.0])
+    deltas = [torch.tensor([1.0, -1.0, 2.0]), torch.tensor([0.5, 1.0, -1.0]), torch.tensor([-2.0, 1.0, 1.0])]
+    # weighted: [1, −1, 2], [1, 2, −2], [−2, 1, 1]; sums [0, 2, 1] → all elected + (0 counts as +)
+    # entry 0: kept 1 + 1 over weights 1 + 2 → 2/3; entry 1: 2 + 1 over 2 + 1 → 1; entry 2: 2 + 1 over 1 + 1 → 1.5
+    merged = task_vector_merge(base, [base + d for d in deltas], [1.0, 2.0, 1.0], density=1.0, **BASELINES["ties"])
+    torch.testing.assert_close(merged - base, torch.tensor([2 / 3, 1.0, 1.5]))
+
+
+# DARE, density 0.5 (rescale ×2), one generator seeded 7 shared by the inputs in order: torch.rand(8)
+# draws [.535 .199 .659 .657 .233 .425 .207 .630] for a → kept where < 0.5: [0 1 0 0 1 1 1 0], then
+# [.365 .851 .855 .551 .287 .206 .445 .359] for b → [1 0 0 0 1 1 1 1]. Values are exact in binary.
+DARE_BASE = torch.tensor([1.0, 2.0, -1.0, 0.0, 3.0, -2.0, 0.5, 4.0])
+DARE_DA = torch.tensor([0.125, 0.25, 0.375, 0.5, -0.5, 0.75, -0.625, 1.0])
+DARE_DB = torch.tensor([0.25, -0.5, 0.75, 1.0, 0.5, -0.25, -0.125, 0.375])
+
+
+def _dare(method: str, **options) -> torch.Tensor:
+    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+
+    return task_vector_merge(DARE_BASE, [DARE_BASE + DARE_DA, DARE_BASE + DARE_DB], [0.25, 0.75], density=0.5,
+                             generator=torch.Generator().manual_seed(7), **{**BASELINES[method], **options})
+
+
+def test_dare_keeps_the_seeded_entries_rescaled_by_one_over_density_by_hand():
+    # a's kept entries ×2 ×0.25: entry 1 → 0.125, 4 → −0.25, 5 → 0.375, 6 → −0.3125
+    # b's kept entries ×2 ×0.75: entry 0 → 0.375, 4 → 0.75, 5 → −0.375, 6 → −0.1875, 7 → 0.5625
+    # dare-linear sums them: [0.375, 0.125, 0, 0, 0.5, 0, −0.5, 0.5625]
+    assert (_dare("dare-linear") - DARE_BASE).tolist() == [0.375, 0.125, 0.0, 0.0, 0.5, 0.0, -0.5, 0.5625]
+    # λ = 2 doubles it
+    assert (_dare("dare-linear", lam=2.0) - DARE_BASE).tolist() == [0.75, 0.25, 0.0, 0.0, 1.0, 0.0, -1.0, 1.125]
+    # dare-ties elects a sign per entry (no division): entry 4 sum +0.5 → b's 0.75 only; entry 5 sum
+    # exactly 0 → + → a's 0.375 only; entry 6 both negative → −0.5
+    assert (_dare("dare-ties") - DARE_BASE).tolist() == [0.375, 0.125, 0.0, 0.0, 0.75, 0.375, -0.5, 0.5625]
+
+
+def test_unit_rules_through_the_cli_store_hand_weighted_tensors(cli, tmp_path, llama_dir):
+    """linear (α = 0.25), kif (non-default weights) and kif-adaptive (τ = 0.5) through `kifmerge
+    fuse` on a full line: each stored tensor is c_new·W_new + c_old·W_old with the coefficients
+    written here by hand (one unit per tensor)."""
+    from conftest import make_full, write_profile
+    from safetensors.torch import load_file
+    from test_fuse_export import unit_groups
+
+    cli("base", "add", "llama", llama_dir)
+    old_ckpt, new_ckpt = make_full(llama_dir, tmp_path / "old", 1), make_full(llama_dir, tmp_path / "new", 2)
+    names = [name for name, _ in unit_groups(new_ckpt, "full")]  # one unit per tensor, sorted
+    assert len(names) >= 16, "at least 80 % of the units score 0, so 'important' is exactly 'scores above 0'"
+    # scores already min 0 / max 1, so normalising leaves them as they are (v1's profile = the old one)
+    old_scores = {n: [0.0] for n in names} | {names[0]: [1.0], names[1]: [1.0], names[3]: [0.5]}
+    new_scores = {n: [0.0] for n in names} | {names[1]: [1.0], names[2]: [1.0], names[4]: [0.5]}
+    for task, ckpt, scores in (("old", old_ckpt, old_scores), ("new", new_ckpt, new_scores)):
+        cli("add-task", task, ckpt, "--base", "llama", "--profile", write_profile(tmp_path / f"{task}.safetensors", scores, "tensor"))
+    rest = (0.5, 0.5)
+    expected = {  # c_new per unit (c_old = 1 − c_new in all three rules), units 0..4 then the rest
+        # linear α = 0.25: 0.25 everywhere
+        "linear": ([0.25] * 5, 0.25, ["--method", "linear", "--alpha", "0.25"]),
+        # kif, top 0.2, weights both = (0.1, 0.9), neither = 0.25: old hot {0, 1, 3}, new hot {1, 2, 4}
+        # → unit 0 old only 0, unit 1 both 0.1, unit 2 new only 1, unit 3 old only 0, unit 4 new only 1
+        "kif": ([0.0, 0.1, 1.0, 0.0, 1.0], 0.25, ["--method", "kif", "--top", "0.2", "--weights", "0.1,0.9,0.25"]),
+        # kif-adaptive τ = 0.5: σ((P_new − P_old)/0.5) = σ(−2), σ(0), σ(2), σ(−1), σ(1), then σ(0)
+        "kif-adaptive": ([0.1192029220, 0.5, 0.8807970780, 0.2689414214, 0.7310585786], rest[0],
+                         ["--method", "kif-adaptive", "--tau", "0.5"]),
+    }
+    old = load_file(old_ckpt / "model.safetensors")
+    new = load_file(new_ckpt / "model.safetensors")
+    for method, (first, others, options) in expected.items():
+        line = method.replace("-", "")
+        cli("fuse", "old", "--into", line)
+        assert cli.json("fuse", "new", "--into", line, *options)["method"] == method
+        cli("export", line, tmp_path / line)
+        fused = {k: v for f in (tmp_path / line).glob("*.safetensors") for k, v in load_file(f).items()}
+        assert set(fused) == set(names)
+        for i, name in enumerate(names):
+            c_new = first[i] if i < 5 else others
+            want = c_new * new[name].double() + (1 - c_new) * old[name].double()
+            torch.testing.assert_close(fused[name].double(), want, atol=1e-6, rtol=1e-5, msg=f"{method} {name}")

@@ -1,5 +1,7 @@
 """Paired bootstrap intervals: the benchmark calls a difference only when its interval excludes 0."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -63,3 +65,68 @@ def test_mismatched_sizes_are_refused_and_combine_averages():
         task_means([np.ones(4)], idx)
     point, reps = combine([(0.2, np.zeros(10)), (0.4, np.ones(10))])
     assert point == pytest.approx(0.3) and np.allclose(reps, 0.5)
+
+
+# ---- known answers (issue 22): the exact bootstrap distribution of a tiny data set -------------
+def every_resample(n: int) -> np.ndarray:
+    """All n^n resamples of n examples (each equally likely under the bootstrap), as indices."""
+    return np.array(list(itertools.product(range(n), repeat=n)))
+
+
+def test_interval_quantiles_and_level_on_known_replicates():
+    replicates = np.arange(1001) / 1000  # 0, 0.001, …, 1: the q-quantile is q exactly
+    assert interval(replicates, 0.5) == {"value": 0.5, "low": 0.025, "high": 0.975}
+    assert interval(replicates, 0.5, level=0.9) == {"value": 0.5, "low": 0.05, "high": 0.95}
+    assert interval(replicates, 0.5, level=0.5) == {"value": 0.5, "low": 0.25, "high": 0.75}
+
+
+def test_bootstrap_interval_equals_the_exact_one_from_every_resample():
+    # scores [0, 1, 1, 1]: a resample's mean is k/4 with k ~ Binomial(4, 3/4); of the 4^4 = 256
+    # equally likely resamples, k = 0, 1, 2, 3, 4 for 1, 12, 54, 108, 81 (cumulative 1, 13, 67, 175, 256).
+    # Sorted, the means are 0 (index 0), 0.25 (1–12), 0.5 (13–66), 0.75 (67–174), 1 (175–255).
+    # 95 %: the 2.5 % point sits at index 0.025·255 = 6.4 → 0.25; the 97.5 % point at 248.6 → 1.
+    # 80 %: 10 % at index 25.5 → 0.5; 90 % at 229.5 → 1.   (90 %: 5 % at 12.75 → 0.25 + 0.75·0.25 = 0.4375)
+    scores = [[0, 1, 1, 1]]
+    point, replicates = average_precision(scores, [every_resample(4)])
+    assert point == 0.75 and sorted(replicates.tolist()) == [0.0] + [0.25] * 12 + [0.5] * 54 + [0.75] * 108 + [1.0] * 81
+    assert interval(replicates, point) == {"value": 0.75, "low": 0.25, "high": 1.0}
+    assert interval(replicates, point, level=0.8) == {"value": 0.75, "low": 0.5, "high": 1.0}
+    assert interval(replicates, point, level=0.9)["low"] == 0.4375
+    # Monte Carlo resamples land on the same interval: P(mean ≤ 0) = 1/256 < 2.5 % < P(mean ≤ 0.25) = 13/256
+    # and P(mean < 1) = 175/256 < 97.5 %, with 20 000 replicates far from either edge
+    point, replicates = average_precision(scores, resample_indices([4], 20000, seed=5))
+    assert interval(replicates, point) == {"value": 0.75, "low": 0.25, "high": 1.0}
+
+
+def test_paired_difference_calls_higher_lower_and_no_difference_by_hand():
+    idx = [every_resample(4)]
+    # a − b per example = [1, 1, 0, 1]: the paired mean is k/4 with k ~ Binomial(4, 3/4), as above → [0.25, 1]
+    a, b = average_precision([[1, 1, 0, 1]], idx), average_precision([[0, 0, 0, 0]], idx)
+    assert paired_difference(a, b) == {"value": 0.75, "low": 0.25, "high": 1.0, "called": "higher"}
+    assert paired_difference(b, a) == {"value": -0.75, "low": -1.0, "high": -0.25, "called": "lower"}
+    # a − b = [1, 0, 0, 0]: k/4 with k ~ Binomial(4, 1/4): 0 for 81 of 256 resamples → the 2.5 % point is 0
+    # (index 6.4 of the sorted means), the 97.5 % point 0.75 (k = 0, 1, 2, 3 cumulative 81, 189, 243, 255)
+    c = average_precision([[1, 0, 0, 0]], idx)
+    assert paired_difference(c, b) == {"value": 0.25, "low": 0.0, "high": 0.75, "called": "no difference"}
+    # a − b = [1, 1, −1, 1]: 1 − k/2 with k ~ Binomial(4, 1/4) = 1 (81), 0.5 (108), 0 (54), −0.5 (12), −1 (1);
+    # sorted: −1 (0), −0.5 (1–12), 0 (13–66), 0.5 (67–174), 1 (175–255)
+    d, e = average_precision([[1, 1, 0, 1]], idx), average_precision([[0, 0, 1, 0]], idx)
+    # 95 %: index 6.4 → −0.5, 248.6 → 1: no difference; level 0.4: 30 % at 76.5 → 0.5, 70 % at 178.5 → 1: higher
+    assert paired_difference(d, e) == {"value": 0.5, "low": -0.5, "high": 1.0, "called": "no difference"}
+    assert paired_difference(d, e, level=0.4) == {"value": 0.5, "low": 0.5, "high": 1.0, "called": "higher"}
+    assert paired_difference(e, d, level=0.4)["called"] == "lower"
+
+
+def test_backward_transfer_and_combine_by_hand():
+    # final − learned per example: task 0 [0, −1], task 1 [−1, −1]; the last task (2) is left out
+    # point = mean(−0.5, −1) = −0.75. The 4 resamples of 2 examples, (0,0) (0,1) (1,0) (1,1), shared by the
+    # tasks: task 0's mean is 0, −0.5, −0.5, −1; task 1's is −1 always → BWT replicates (t0 − 1)/2 =
+    # −0.5, −0.75, −0.75, −1, in the resamples' order
+    final = [[1, 0], [0, 0], [1, 1]]
+    learned = [[1, 1], [1, 1], [0, 0]]
+    idx = [every_resample(2)] * 3
+    point, replicates = backward_transfer(final, learned, idx)
+    assert point == -0.75 and replicates.tolist() == [-0.5, -0.75, -0.75, -1.0]
+    # combine averages points and replicates resample by resample: (−0.75 + 0.25)/2, (r + 0.5)/2
+    mean, reps = combine([(point, replicates), (0.25, np.full(4, 0.5))])
+    assert mean == -0.25 and reps.tolist() == [0.0, -0.125, -0.125, -0.25]
