@@ -22,6 +22,7 @@ import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from kifmerge.errors import InvalidInputError
+from kifmerge.faults import fault_point
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # the Hugging Face default, "5GB"
 FLUSH_EVERY = 256 << 20  # start writing a shard back to disk every 256 MB, while the next blocks are computed
@@ -122,6 +123,7 @@ class StreamingShardWriter:
         else:
             shard.hasher = None
         os.pwrite(shard.handle.fileno(), data, where)
+        fault_point("fuse.block-written")  # crash tests: killed mid-shard, between two blocks
         shard.unflushed += len(data)
         if shard.unflushed >= FLUSH_EVERY and (shard.flushing is None or shard.flushing.done()):
             shard.flushing, shard.unflushed = self._flusher().submit(os.fdatasync, shard.handle.fileno()), 0
