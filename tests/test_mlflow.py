@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -150,8 +151,10 @@ def versions_of(client, model: str) -> list:
 
 
 def test_push_logs_one_run_registers_it_and_a_repush_changes_nothing(reg, env):
+    # each test logs into an experiment of its own: what another test pushed never changes its answers
+    where = ["--model", "kif-main", "--experiment", "push"]
     before = catalog_dump(reg)
-    result = reg.json("mlflow", "push", "main@v1", "--model", "kif-main")
+    result = reg.json("mlflow", "push", "main@v1", *where)
     assert (result["status"], result["run"], result["model_version"], result["changed"]) == ("pushed", "created", "1", True)
     assert result["aliases"]["set"] == {"champion": {"version": "main@v1", "model_version": "1", "from": None}}
     assert result["aliases"]["pending"] == {"staging": "main@v2"}  # v2 is not in MLflow yet
@@ -187,18 +190,19 @@ def test_push_logs_one_run_registers_it_and_a_repush_changes_nothing(reg, env):
     model = client.get_registered_model("kif-main")
     assert model.tags["kifmerge.line"] == "main" and model.aliases == {"champion": "1"}
 
-    again = reg.json("mlflow", "push", "main@v1", "--model", "kif-main")
+    again = reg.json("mlflow", "push", "main@v1", *where)
     assert (again["status"], again["changed"], again["run_id"], again["model_version"]) == ("unchanged", False, run.info.run_id, "1")
-    assert len(runs_of(client, "main@v1")) == 1 and len(versions_of(client, "kif-main")) == 1
+    assert len(runs_of(client, "main@v1", "push")) == 1 and len(versions_of(client, "kif-main")) == 1
     assert len(client.get_metric_history(run.info.run_id, "eval/parity/exact_match")) == 1
-    text = reg("mlflow", "push", "main@v1", "--model", "kif-main").stdout
+    text = reg("mlflow", "push", "main@v1", *where).stdout
     assert "unchanged" in text and "nothing changed" in text
     assert catalog_dump(reg) == before  # kifmerge's registry is only read
 
 
 def test_sync_pushes_the_missing_versions_and_mirrors_aliases(reg, env):
     client = env.client()
-    first = reg.json("mlflow", "sync", "main", "--model", "kif-sync")
+    reg.json("mlflow", "push", "main@v1", "--model", "kif-sync-first", "--experiment", "sync")  # v1's run exists
+    first = reg.json("mlflow", "sync", "main", "--model", "kif-sync", "--experiment", "sync")
     assert first["pushed"] == ["main@v1", "main@v2"] and first["changed"]
     assert [v["status"] for v in first["versions"]] == ["pushed", "pushed"]
     assert client.get_registered_model("kif-sync").aliases == {"champion": "1", "staging": "2"}
@@ -207,18 +211,18 @@ def test_sync_pushes_the_missing_versions_and_mirrors_aliases(reg, env):
     assert head.data.metrics["cl/AP"] == report["AP"]  # the head's summaries are `kifmerge report`'s
     assert head.data.metrics["cl/BWT_vs_learned"] == report["BWT_vs_learned"]
     assert head.data.tags["kifmerge.parent"] == "main@v1" and head.data.tags["kifmerge.task"] == "vowel"
-    assert len(runs_of(client, "main@v1")) == 1  # v1's run (pushed to kif-main before) is registered, not logged again
+    assert len(runs_of(client, "main@v1", "sync")) == 1  # v1's run (pushed to kif-sync-first before) is registered, not logged again
     client.set_registered_model_alias("kif-sync", "prod", "1")  # set by a person in MLflow: never touched
     try:
         reg("alias", "set", "main@v2", "champion")
         reg("alias", "rm", "main@staging")
         reg("alias", "set", "main@v1", "old.one")  # a name MLflow does not take
-        second = reg.json("mlflow", "sync", "main", "--model", "kif-sync")
+        second = reg.json("mlflow", "sync", "main", "--model", "kif-sync", "--experiment", "sync")
         assert second["pushed"] == [] and second["updated"] == [] and second["changed"]
         assert second["aliases"]["set"] == {"champion": {"version": "main@v2", "model_version": "2", "from": "1"}}
         assert second["aliases"]["removed"] == {"staging": "2"} and list(second["aliases"]["skipped"]) == ["old.one"]
         assert client.get_registered_model("kif-sync").aliases == {"champion": "2", "prod": "1"}
-        third = reg.json("mlflow", "sync", "main", "--model", "kif-sync")
+        third = reg.json("mlflow", "sync", "main", "--model", "kif-sync", "--experiment", "sync")
         assert not third["changed"] and [v["status"] for v in third["versions"]] == ["unchanged", "unchanged"]
     finally:
         reg("alias", "set", "main@v1", "champion")
@@ -227,13 +231,16 @@ def test_sync_pushes_the_missing_versions_and_mirrors_aliases(reg, env):
     assert len(versions_of(client, "kif-sync")) == 2
 
 
-def test_new_eval_scores_update_the_pushed_run(reg, env):
+def test_new_eval_scores_update_the_pushed_run(reg, env, tmp_path):
     client = env.client()
-    pushed = reg.json("mlflow", "push", "main@v2", "--model", "kif-eval")
-    reg("eval", "main@v2", "--data", f"extra={reg.data['parity']}", "--max-examples", "3", "--max-new-tokens", "2")
-    again = reg.json("mlflow", "push", "main@v2", "--model", "kif-eval")
+    shutil.copytree(reg.registry, tmp_path / "registry")  # the eval below stays in this copy
+    own = Cli(tmp_path / "registry")
+    where = ["--model", "kif-eval", "--experiment", "eval"]
+    pushed = own.json("mlflow", "push", "main@v2", *where)
+    own("eval", "main@v2", "--data", f"extra={reg.data['parity']}", "--max-examples", "3", "--max-new-tokens", "2")
+    again = own.json("mlflow", "push", "main@v2", *where)
     assert again["status"] == "updated" and "eval/extra/rouge_l" in again["metrics"]
-    latest = reg.json("show", "main@v2")["evaluations"]["extra"]
+    latest = own.json("show", "main@v2")["evaluations"]["extra"]
     assert client.get_run(pushed["run_id"]).data.metrics["eval/extra/exact_match"] == latest["exact_match"]
     assert len(versions_of(client, "kif-eval")) == 1
 
@@ -245,6 +252,8 @@ def test_training_reports_to_the_same_experiment_tagged_with_the_task(reg, env):
     assert training.data.tags["kifmerge.task"] == "parity" and training.data.tags["kifmerge.line"] == "main"
     assert training.info.run_name == "parity" and training.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(training.info.run_id, "loss")] == [1, 2, 3]
+    # the version's run links the training run of the same experiment (the only test that pushes into it)
+    reg.json("mlflow", "push", "main@v1", "--model", "kif-training")
     (version_run,) = runs_of(client, "main@v1")
     assert version_run.data.tags["kifmerge.training_run"] == training.info.run_id
 
@@ -254,8 +263,8 @@ def test_a_registered_version_downloads_and_loads(reg, env, llama_dir, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    reg.json("mlflow", "push", "main@champion", "--model", "kif-load")
-    reg.json("mlflow", "push", "main@v1", "--model", "kif-merged", "--merged")
+    reg.json("mlflow", "push", "main@champion", "--model", "kif-load", "--experiment", "load")
+    reg.json("mlflow", "push", "main@v1", "--model", "kif-merged", "--merged", "--experiment", "load")
     exported = reg.json("export", "main@v1", tmp_path / "export")["out"]
     adapter = mlflow.artifacts.download_artifacts(artifact_uri="models:/kif-load@champion", tracking_uri=env.uri,
                                                   dst_path=str(tmp_path / "adapter"))
@@ -273,12 +282,33 @@ def test_a_registered_version_downloads_and_loads(reg, env, llama_dir, tmp_path)
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(merged)), from_registry, atol=1e-5)
 
 
+def retry_budgets(monkeypatch) -> list[dict]:
+    """Records, for every HTTP request MLflow makes, the retries, backoff and per-try timeout it
+    was configured with, and the worst case they allow: (retries + 1) tries of `timeout` seconds
+    plus the backoff sleeps factor·2^(i−1) between them. Quick means a small budget, whatever
+    the machine's load (no elapsed-seconds threshold)."""
+    from mlflow.utils import rest_utils
+
+    calls: list[dict] = []
+    original = rest_utils._get_http_response_with_retries
+
+    def recording(method, url, max_retries, backoff_factor, *args, **kwargs):
+        timeout = kwargs.get("timeout")
+        calls.append({"retries": int(max_retries), "backoff": float(backoff_factor), "timeout": float(timeout),
+                      "budget_s": (max_retries + 1) * float(timeout) + sum(backoff_factor * 2 ** i for i in range(max_retries))})
+        return original(method, url, max_retries, backoff_factor, *args, **kwargs)
+
+    monkeypatch.setattr(rest_utils, "_get_http_response_with_retries", recording)
+    return calls
+
+
 def test_an_unreachable_server_is_one_line_and_quick(reg, env, monkeypatch):
     before = catalog_dump(reg)
+    calls = retry_budgets(monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    started = time.monotonic()
     result = reg("mlflow", "push", "main@v1", "--model", "kif-main", code=8)
-    assert time.monotonic() - started < 30
+    # the first request finds out: 1 retry of 10 s (kifmerge's first-contact setting), 2·10 + 1 = 21 s at most
+    assert calls == [{"retries": 1, "backoff": 1.0, "timeout": 10.0, "budget_s": 21.0}]
     assert result.stderr.count("\n") == 1 and "cannot reach the MLflow tracking server" in result.stderr
     assert "connection refused" in result.stderr
     result = reg("learn", "x", "--data", reg.data["parity"], "--into", "main", "--report-to", "mlflow", code=8)
@@ -288,9 +318,10 @@ def test_an_unreachable_server_is_one_line_and_quick(reg, env, monkeypatch):
         silent.listen(8)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # the environment's settings win over kifmerge's
-        started = time.monotonic()
+        calls.clear()
         result = reg("mlflow", "sync", "main", "--model", "kif-main", code=8)
-        assert time.monotonic() - started < 15 and "(timed out)" in result.stderr
+        # one request, 1 s per try as the environment says: 2·1 + 1 = 3 s at most
+        assert calls == [{"retries": 1, "backoff": 1.0, "timeout": 1.0, "budget_s": 3.0}] and "(timed out)" in result.stderr
     assert catalog_dump(reg) == before
 
 
@@ -304,7 +335,7 @@ def test_wrong_credentials_are_one_line_and_a_rerun_completes(reg, env, monkeypa
     assert "refused the credentials" in reg("mlflow", "push", "main", "--model", "kif-creds", code=8).stderr
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
-    assert reg.json("mlflow", "sync", "main", "--model", "kif-creds")["pushed"] == ["main@v1", "main@v2"]
+    assert reg.json("mlflow", "sync", "main", "--model", "kif-creds", "--experiment", "creds")["pushed"] == ["main@v1", "main@v2"]
     assert len(versions_of(env.client(), "kif-creds")) == 2
     assert catalog_dump(reg) == before
 
@@ -313,11 +344,12 @@ def test_a_registered_model_owned_by_something_else_is_refused(reg, env):
     client = env.client()
     client.create_registered_model("someone-elses")
     client.create_registered_model("other-line", tags={"kifmerge.line": "support"})
+    reg.json("mlflow", "push", "main@v1", "--model", "kif-adapters", "--experiment", "owned")  # a model of adapter folders
     runs = len(client.search_runs([client.get_experiment_by_name("kifmerge").experiment_id]))
     result = reg("mlflow", "push", "main", "--model", "someone-elses", code=6)
     assert result.stderr.count("\n") == 1 and "was not created by kifmerge" in result.stderr
     assert "holds kifmerge line 'support'" in reg("mlflow", "sync", "main", "--model", "other-line", code=6).stderr
-    assert "holds adapter folders" in reg("mlflow", "push", "main", "--model", "kif-main", "--merged", code=6).stderr
+    assert "holds adapter folders" in reg("mlflow", "push", "main", "--model", "kif-adapters", "--merged", code=6).stderr
     assert not versions_of(client, "someone-elses") and not versions_of(client, "other-line")
     assert len(client.search_runs([client.get_experiment_by_name("kifmerge").experiment_id])) == runs
     assert "invalid MLflow model name" in reg("mlflow", "push", "main", "--model", "a'b", code=2).stderr
