@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 import torch
@@ -35,20 +34,23 @@ def line(parity_line):
     return parity_line
 
 
-def test_learn_off_a_terminal_logs_progress_on_stderr_only(cli, line):
+def test_learn_off_a_terminal_logs_progress_on_stderr_only(cli, line, monkeypatch):
     """Under CI or nohup (stderr not a terminal) learn writes one-line records: the first step,
     the last, at most one every ~10 s between; each with step/total, loss, elapsed and ETA.
-    stdout holds only the JSON result."""
-    started = time.monotonic()
+    stdout holds only the JSON result. The log's clock is stopped here, so no 10 s pass between
+    steps however slow the machine: exactly the first and the last step are written."""
+    from kifmerge import progress
+
+    real = progress.ProgressLog
+    monkeypatch.setattr(progress, "ProgressLog", lambda stream: real(stream, now=lambda: 0.0))
     result = cli("learn", "vowel", "--data", line["vowel"], "--into", "main", "--max-steps", "6", "--json")
-    took = time.monotonic() - started
     assert json.loads(result.stdout)["version"] == "main@v2"  # stdout: the result and nothing else
     training = records(result.stderr, "training vowel")
     assert training, result.stderr
     assert training[0]["step"] and training[0]["done"] == "1" and training[0]["loss"] is not None
     assert training[-1]["done"] == training[-1]["total"] == "6" and result.stderr.count("done") >= 1
     assert all(float(r["loss"]) > 0 for r in training)
-    assert len(training) <= 2 + took / 10 + 1, "at most one record every ~10 s besides the first and the last"
+    assert [r["done"] for r in training] == ["1", "6"], "no record between the first and the last within 10 s"
     fusing = records(result.stderr, "fusing vowel into main")
     assert fusing and fusing[-1]["done"] == fusing[-1]["total"] and fusing[-1]["loss"] is None
 
@@ -57,6 +59,26 @@ def test_learn_off_a_terminal_logs_progress_on_stderr_only(cli, line):
 
     quiet = cli("train", "t3", "--data", line["vowel"], "--line", "main", "--max-steps", "2", "--json", "--quiet")
     assert json.loads(quiet.stdout)["name"] == "t3" and "kifmerge:" not in quiet.stderr
+
+
+def test_progress_log_writes_the_first_and_last_step_and_one_per_interval():
+    """ProgressLog on a scripted clock: a step every 4 s, records at most every 10 s."""
+    import io
+
+    from kifmerge.progress import ProgressLog
+
+    clock = [0.0]
+    stream = io.StringIO()
+    log = ProgressLog(stream, interval=10.0, now=lambda: clock[0])
+    advance = log("training t", 7)
+    for step in range(7):
+        clock[0] += 4.0
+        advance(loss=1.0 / (step + 1))
+    lines = stream.getvalue().splitlines()
+    # step 1 (first, at 4 s); step 4 at 16 s (≥ 10 s after 4 s); step 7 (last); steps 2, 3, 5, 6 fall inside 10 s
+    assert [re.search(r"step (\d)/7", text)[1] for text in lines] == ["1", "4", "7"], lines
+    assert lines[0] == "kifmerge: training t: step 1/7 (14%), loss 1, elapsed 0:04, ETA 0:24"
+    assert lines[-1] == "kifmerge: training t: step 7/7 (100%), loss 0.1429, elapsed 0:28, done"
 
 
 def test_human_results_are_short_summaries(cli, line):

@@ -151,5 +151,8 @@ def test_generation_in_bf16_with_cast_weights_matches_autocast_alone(llama_dir, 
     prompts = [PREFIX + r["input"] for r in varied_records(3)]
     settings = {"seq2seq": False, "max_new_tokens": 4, "max_length": 64, "batch_size": 4, "bf16": bf16}
     cast = evaluation.generate_answers(model, tokenizer, prompts, **settings)
-    monkeypatch.setattr(training, "cast_linear_weights", lambda model, dtype, **kw: (lambda: None))
+    calls = []  # the stand-in records its calls: under bf16 the comparison is with autocast alone, and
+    # without bf16 the weights are never cast (the two runs are then the same code, as they should be)
+    monkeypatch.setattr(training, "cast_linear_weights", lambda model, dtype, **kw: calls.append(dtype) or (lambda: None))
     assert evaluation.generate_answers(model, tokenizer, prompts, **settings) == cast
+    assert calls == ([torch.bfloat16] if bf16 else [])
