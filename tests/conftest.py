@@ -4,6 +4,7 @@ and profiles written the way an outside tool would write them."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,15 @@ from typer.testing import CliRunner
 
 from kifmerge.cli import app
 
-settings.register_profile("ci", deadline=None)  # CI machines are busy: no per-example timing limits
-settings.load_profile("ci")
+# Hypothesis profiles. Neither has a per-example deadline (machines here are busy: a deadline is
+# a wall-clock threshold). "ci" is derandomized: every run draws the same examples, so a CI result
+# does not depend on luck; it is loaded when $CI is set (or with --hypothesis-profile=ci). "dev",
+# the default elsewhere, draws new examples each run; a failure prints its seed, and
+# `pytest --hypothesis-seed=N tests/test_rules.py` draws the same examples again (or paste the
+# printed @reproduce_failure blob above the test).
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True, database=None)
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 T5_TARGETS = ["q", "v"]
