@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup smollm2 demo test docs check-quickstart clean
+.PHONY: setup smollm2 demo test docs check-quickstart mutants clean
 
 $(BIN)/kifmerge: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ demo: smollm2
 test: setup
 	$(BIN)/python -m pytest -q
 
+# mutation testing of kifmerge/fusion/rules.py, stats.py, importance.py, profiles.py ([tool.mutmut] in
+# pyproject.toml): slow, not in CI. MUTANTS= names a slice (e.g. MUTANTS='kifmerge.stats.*'); the
+# results: `$(BIN)/mutmut results`, one mutant's diff: `$(BIN)/mutmut show NAME`. benchmarks/results/mutants.md
+mutants: setup
+	$(BIN)/pip show -q mutmut >/dev/null 2>&1 || $(BIN)/pip install -q -c constraints.txt -e '.[mutation]'
+	$(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results
+
 # docs/cli.md: the CLI reference generated from the Typer app (tests/test_docs.py fails when stale)
 docs: setup
 	$(BIN)/python -m typer kifmerge.cli utils docs --name kifmerge --output docs/cli.md
@@ -37,4 +45,4 @@ check-quickstart:
 	scripts/check_quickstart.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants

@@ -130,3 +130,30 @@ def test_backward_transfer_and_combine_by_hand():
     # combine averages points and replicates resample by resample: (−0.75 + 0.25)/2, (r + 0.5)/2
     mean, reps = combine([(point, replicates), (0.25, np.full(4, 0.5))])
     assert mean == -0.25 and reps.tolist() == [0.0, -0.125, -0.125, -0.25]
+
+
+def test_resamples_are_reproducible_with_documented_defaults():
+    # defaults: 2000 replicates, seed 0; the same seed draws the same resamples, another seed others
+    default = resample_indices([5, 3])
+    assert [d.shape for d in default] == [(2000, 5), (2000, 3)]
+    assert all(np.array_equal(a, b) for a, b in zip(default, resample_indices([5, 3], 2000, seed=0)))
+    assert not np.array_equal(resample_indices([5], 50, seed=1)[0], resample_indices([5], 50, seed=2)[0])
+    assert all(0 <= d.min() and d.max() < n for d, n in zip(default, [5, 3]))
+
+
+def test_interval_rounds_to_six_decimals():
+    assert interval(np.full(5, 0.12345678), 0.87654321) == {"value": 0.876543, "low": 0.123457, "high": 0.123457}
+
+
+def test_refusals_name_what_is_wrong():
+    with pytest.raises(ValueError, match="2 tasks of scores but 1 of indices"):
+        task_means([[1, 0], [0, 1]], resample_indices([2], 10))
+    with pytest.raises(ValueError, match="a task has 4 scored examples, the resample expects 5"):
+        task_means([np.ones(4)], resample_indices([5], 10))
+    with pytest.raises(ValueError, match="backward transfer needs at least two tasks"):
+        backward_transfer([[1]], [[1]], resample_indices([1], 10))
+    # a reference with fewer tasks than the final row is refused, not silently cut short
+    with pytest.raises(ValueError):
+        backward_transfer([[1], [1], [1]], [[1]], resample_indices([1, 1, 1], 10))
+    # two tasks are enough: BWT = final[0] − reference[0] = 0 − 1
+    assert backward_transfer([[0], [1]], [[1], [1]], resample_indices([1, 1], 10))[0] == -1.0
