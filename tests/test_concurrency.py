@@ -10,8 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
+import types
 
 import pytest
 
@@ -114,14 +113,18 @@ def test_locked_database_is_retried(tmp_path, llama_dir, monkeypatch):
     cli = Cli(tmp_path / "registry")
     cli("init")
     monkeypatch.setattr(catalog, "BUSY_TIMEOUT_MS", 1)  # make SQLite itself give up at once
-    holder = sqlite3.connect(cli.registry / "kifmerge.db", isolation_level=None, check_same_thread=False)
+    holder = sqlite3.connect(cli.registry / "kifmerge.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    release = threading.Timer(0.4, lambda: holder.execute("COMMIT"))
-    release.start()
-    started = time.perf_counter()
-    cli("base", "add", "llama", llama_dir)  # its transaction waits for the holder
-    assert time.perf_counter() - started >= 0.3
-    release.join()
+    waits = []
+
+    def backoff(seconds: float) -> None:  # the catalog's wait before a retry: the holder commits during the first
+        waits.append(seconds)
+        if len(waits) == 1:
+            holder.execute("COMMIT")
+
+    monkeypatch.setattr(catalog, "time", types.SimpleNamespace(sleep=backoff))
+    cli("base", "add", "llama", llama_dir)  # its transaction finds the lock held, waits, and retries
+    assert len(waits) == 1 and 0 < waits[0] <= 0.02, "one retry after a jittered backoff of at most 20 ms"
     holder.close()
     assert [b["name"] for b in cli.json("list", "bases")] == ["llama"]
 
