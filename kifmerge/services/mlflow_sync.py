@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from kifmerge.errors import ConflictError, KifError, NotFoundError, RemoteError, UsageError
 from kifmerge.faults import fault_point
+from kifmerge.redact import redact, redact_uri, redacting_handlers, remember
 from kifmerge.services.common import Progress, check_name, opened, resolve_version, start_progress
 
 DEFAULT_EXPERIMENT = "kifmerge"
@@ -199,6 +200,7 @@ def require_mlflow():
 
 def tracking_uri_of(tracking_uri: str | None) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    remember(uri)  # its credentials are blanked in every message, result and table from here on
     if not uri:
         raise UsageError("no MLflow tracking server: give --tracking-uri URI or set $MLFLOW_TRACKING_URI "
                          "(e.g. http://mlflow.example.com:5000)")
@@ -224,7 +226,7 @@ def mlflow_session(uri: str) -> Iterator[Any]:
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        with remote_errors(uri):
+        with redacting_handlers("mlflow", "urllib3", "requests"), remote_errors(uri):
             use({**HTTP_FIRST_CONTACT, **QUIET_ENV})
             client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             client.search_experiments(max_results=1)
@@ -250,12 +252,16 @@ def remote_errors(uri: str) -> Iterator[None]:
     except MlflowException as exc:
         raise _remote_error(exc, uri) from exc
     except requests.exceptions.RequestException as exc:
-        raise RemoteError(f"cannot reach the MLflow tracking server at {uri} ({_reason(str(exc))}); check "
+        raise RemoteError(f"cannot reach the MLflow tracking server at {redact_uri(uri)} ({_reason(str(exc))}); check "
                           "--tracking-uri / $MLFLOW_TRACKING_URI and that the server runs, then run the command again") from exc
 
 
 def _remote_error(exc: Exception, uri: str) -> RemoteError:
-    message = str(getattr(exc, "message", None) or exc)
+    """The one-line error for a failure of the server at `uri`; the URI's credentials (and any
+    the server's message echoes) redacted."""
+    remember(uri)
+    uri = redact_uri(uri)
+    message = redact(str(getattr(exc, "message", None) or exc))
     code = getattr(exc, "error_code", "")
     if code == "UNAUTHENTICATED" or "error code 401" in message:
         return RemoteError(f"the MLflow server at {uri} refused the credentials (HTTP 401): set $MLFLOW_TRACKING_USERNAME "
@@ -540,7 +546,7 @@ def mlflow_push(ref: str, *, model: str, tracking_uri: str | None = None, experi
         result = _push_version(target, info, version["number"], registry, progress)
         aliases = _mirror_aliases(target, info)
     return {**result, "line": line, "experiment": target.experiment, "experiment_id": target.experiment_id,
-            "tracking_uri": uri, "aliases": aliases, "changed": _changed([result], aliases)}
+            "tracking_uri": redact_uri(uri), "aliases": aliases, "changed": _changed([result], aliases)}
 
 
 def mlflow_sync(line: str, *, model: str, tracking_uri: str | None = None, experiment: str | None = None, merged: bool = False,
@@ -564,7 +570,7 @@ def mlflow_sync(line: str, *, model: str, tracking_uri: str | None = None, exper
                 advance(1)
         aliases = _mirror_aliases(target, info)
     return {"line": line, "model": model, "experiment": target.experiment, "experiment_id": target.experiment_id,
-            "tracking_uri": uri, "versions": versions,
+            "tracking_uri": redact_uri(uri), "versions": versions,
             "pushed": [v["version"] for v in versions if v["status"] == "pushed"],
             "updated": [v["version"] for v in versions if v["status"] == "updated"],
             "aliases": aliases, "changed": _changed(versions, aliases)}
@@ -575,6 +581,7 @@ def check_tracking_server(uri: str | None = None) -> None:
     credentials (RemoteError, exit 8, in seconds rather than after the Trainer's set-up). A local
     store (no URI, `file:`, `sqlite:`) needs no check."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    remember(uri)
     if not uri or not uri.startswith(("http://", "https://")):
         return
     with mlflow_session(uri):
