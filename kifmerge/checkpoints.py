@@ -53,21 +53,29 @@ class TensorFiles:
                     yield name, handle.get_tensor(name)
 
 
-def read_text(path: str | Path, what: str) -> str:
+def read_text(path: str | Path, what: str, limit: int | None = None) -> str:
     """A user-supplied text file (data, plan): missing → exit 3, not UTF-8 → exit 4, one line each.
     A `.gz` file is decompressed first (a corrupt or truncated one → exit 4, one line); the
     byte offset of a UTF-8 error is then one in the decompressed text. Newlines are read as by
-    `open()`: CRLF and a lone CR become LF."""
+    `open()`: CRLF and a lone CR become LF. At most `limit` bytes (after decompression) are
+    read: a larger file is refused (exit 4) as soon as the limit is passed, so a small gzip
+    bomb never becomes gigabytes in memory. Default limit: a data file's (kifmerge/limits.py)."""
+    from kifmerge.limits import max_data_bytes
+
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{what} not found: {path}")
-    raw = path.read_bytes()
+    limit = max_data_bytes() if limit is None else limit
     if path.suffix == ".gz":
         try:
-            raw = gzip.decompress(raw)
+            with gzip.open(path, "rb") as handle:
+                raw = _read_capped(handle, limit, path, what, "decompressed ")
         except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; EOFError: truncated
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise InvalidInputError(f"{path} is not a valid gzip file ({reason})") from None
+    else:
+        with open(path, "rb") as handle:
+            raw = _read_capped(handle, limit, path, what, "")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -75,13 +83,31 @@ def read_text(path: str | Path, what: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _read_capped(handle, limit: int, path: Path, what: str, how: str) -> bytes:
+    """All of `handle`'s bytes, read in 1 MiB chunks; InvalidInputError once past `limit`."""
+    chunks, size = [], 0
+    while chunk := handle.read(min(1024 * 1024, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            hint = "; $KIFMERGE_MAX_DATA_BYTES raises it" if what == "data file" else ""
+            raise InvalidInputError(f"{path}: the {what} holds more than {limit:,} bytes{' ' + how.strip() if how else ''}, "
+                                    f"kifmerge's limit (README: Limits{hint})")
+    return b"".join(chunks)
+
+
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise NotFoundError(f"{what} not found: {path}")
+    from kifmerge.limits import MAX_CONFIG_BYTES
+
+    text = read_text(path, what, MAX_CONFIG_BYTES)
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise InvalidInputError(f"{path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidInputError(f"{path} is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise InvalidInputError(f"{path} must hold a JSON object")
     return data

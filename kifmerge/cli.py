@@ -23,6 +23,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 
 from kifmerge.errors import KifError
+from kifmerge.redact import redact
 
 app = typer.Typer(
     name="kifmerge",
@@ -104,23 +105,23 @@ def handled(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             print("kifmerge: interrupted; nothing was recorded", file=sys.stderr)
             raise typer.Exit(130) from None
-        except (OSError, sqlite3.OperationalError) as exc:
-            storage = storage_error(exc)
-            if storage is None or kwargs.get("debug"):
+        except (OSError, sqlite3.Error) as exc:  # every one classified into a documented exit code
+            if kwargs.get("debug"):
                 raise
-            print(f"kifmerge: error: {storage}", file=sys.stderr)
+            storage = storage_error(exc)
+            print(f"kifmerge: error: {_one_line(storage)}", file=sys.stderr)
             raise typer.Exit(storage.exit_code) from None
         except KifError as exc:
             if kwargs.get("debug"):
                 raise
-            print(f"kifmerge: error: {exc}", file=sys.stderr)
+            print(f"kifmerge: error: {_one_line(exc)}", file=sys.stderr)
             if exc.details is not None and kwargs.get("json_out"):
-                sys.stdout.write(json.dumps(exc.details, indent=2, sort_keys=True, default=str) + "\n")
+                sys.stdout.write(redact(json.dumps(exc.details, indent=2, sort_keys=True, default=str)) + "\n")
             raise typer.Exit(exc.exit_code) from None
         except Exception as exc:  # a bug or an environment problem: still one line by default
             if kwargs.get("debug"):
                 raise
-            message = str(exc).splitlines()[0] if str(exc) else ""
+            message = redact(str(exc).splitlines()[0]) if str(exc).strip() else ""
             print(f"kifmerge: unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
                   file=sys.stderr)
             raise typer.Exit(1) from None
@@ -136,26 +137,60 @@ def handled(fn: Callable) -> Callable:
 
 STORAGE_ERRNOS = {"ENOSPC": "the disk is full; free space and run it again",
                   "EDQUOT": "the disk quota is exhausted; free space and run it again",
+                  "EFBIG": "the file is too large for the file system; free space or use another disk",
                   "EROFS": "the file system is read-only; use a writable registry (--registry)",
                   "EACCES": "permission denied; check the owner and mode of the registry and of the input files",
-                  "EPERM": "operation not permitted; check the owner and mode of the registry and of the input files"}
+                  "EPERM": "operation not permitted; check the owner and mode of the registry and of the input files",
+                  "ENOTDIR": "a part of the path is a file, not a folder; choose another path",
+                  "EISDIR": "the path is a folder where a file is needed; choose another path",
+                  "EEXIST": "the path exists already as something else; choose another path",
+                  "ENAMETOOLONG": "the path or a name in it is too long for the file system; choose a shorter one",
+                  "ELOOP": "the path has a loop of symbolic links; choose another path",
+                  "EXDEV": "the path is on another file system than the registry; choose a path on the same disk",
+                  "EIO": "the disk reported an I/O error; check the disk and run it again",
+                  "EMFILE": "too many open files; raise the limit (ulimit -n) and run it again",
+                  "ENFILE": "too many open files in the system; run it again later"}
+# anything else the file system refuses (EINVAL, EOPNOTSUPP: /proc and other special file systems, …)
+UNSUPPORTED = "the file system does not support this there (a special file system such as /proc?); choose another path"
 
 
-def storage_error(exc: OSError | sqlite3.OperationalError):
-    """A StorageError for a full, read-only or forbidden file system (None for other errors)."""
+def storage_error(exc: OSError | sqlite3.Error):
+    """The documented error for an OSError or a SQLite error, always one of kifmerge's: a missing
+    file is exit 3, a damaged catalog exit 5, a locked one exit 6, whatever the file system refuses
+    (full, read-only, forbidden, not a folder, name too long, unsupported) exit 7."""
     import errno
 
-    from kifmerge.errors import StorageError
+    from kifmerge.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, RemoteError, StorageError
 
-    if isinstance(exc, sqlite3.OperationalError):  # SQLite reports these in words, not errno
-        text = str(exc)
-        name = "ENOSPC" if "disk is full" in text else "EROFS" if "readonly database" in text else None
-        return StorageError(f"cannot write the catalog ({text}): {STORAGE_ERRNOS[name]}; nothing was recorded") if name else None
-    name = errno.errorcode.get(exc.errno or -1)
-    if name not in STORAGE_ERRNOS:
-        return None
+    if isinstance(exc, sqlite3.Error):  # SQLite reports these in words, not errno
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, sqlite3.IntegrityError):
+            return ConflictError(f"the catalog refused the change ({text}); run the command again")
+        if "locked" in text or "busy" in text:
+            return ConflictError(f"the catalog is locked by another kifmerge process ({text}); run the command again")
+        if "disk is full" in text:
+            return StorageError(f"cannot write the catalog ({text}): {STORAGE_ERRNOS['ENOSPC']}; nothing was recorded")
+        if "readonly" in text or "read-only" in text:
+            return StorageError(f"cannot write the catalog ({text}): {STORAGE_ERRNOS['EROFS']}; nothing was recorded")
+        if "unable to open" in text or "disk I/O" in text or "authoriz" in text:
+            return StorageError(f"cannot open the catalog ({text}): the registry folder and its kifmerge.db must be "
+                                "readable and writable; check them and run it again; nothing was recorded")
+        return IntegrityError(f"the catalog is damaged or not a kifmerge catalog ({text}); restore the registry from a copy")
     where = f" ({exc.filename})" if exc.filename else ""
-    return StorageError(f"cannot write or read{where}: {STORAGE_ERRNOS[name]}; nothing was recorded")
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return RemoteError(f"a connection failed{where}: {exc.strerror or exc}; run the command again once it works")
+    if exc.errno is None:  # a library's OSError without errno: a file it could not use (transformers, say)
+        return InvalidInputError(" ".join(str(exc).split()) or type(exc).__name__)
+    name = errno.errorcode.get(exc.errno, "")
+    if name == "ENOENT":
+        return NotFoundError(f"not found{where}: {exc.strerror}; check the path; nothing was recorded")
+    advice = STORAGE_ERRNOS.get(name) or f"{exc.strerror or name}: {UNSUPPORTED}"
+    return StorageError(f"cannot write or read{where}: {advice}; nothing was recorded")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's message as the one line kifmerge prints: credentials redacted, line breaks folded."""
+    return redact(" ".join(str(exc).split("\n")))
 
 
 @contextmanager
@@ -559,11 +594,16 @@ with_fuse_options = option_group("fuse_options", [
 # ---- commands -----------------------------------------------------------------------------
 @app.command()
 @handled
-def init(registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
-    """Create the registry (or upgrade its schema); safe to run twice."""
+def init(
+    force: Annotated[bool, typer.Option("--force", help="Make a registry of a folder that is not empty and is not one "
+                                                      "(refused otherwise, exit 4); kifmerge never deletes files it did not write.")] = False,
+    registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Create the registry (or upgrade its schema); safe to run twice. A folder that is not empty
+    and is not a registry is refused unless --force."""
     from kifmerge import api
 
-    result = api.init(registry)
+    result = api.init(registry, force=force)
     emit(result, json_out, lambda r: print(f"{'created' if r['created'] else 'ready'}: registry at {r['registry']}"))
 
 
@@ -674,7 +714,7 @@ def fuse(
     with progress_bars() as progress:
         result = api.fuse(task, into, **fuse_options, again=again, registry=registry, progress=progress)
     stale = result.get("stale_start")
-    if stale and not json_out:
+    if stale:  # on stderr, so with --json too
         how = ("merged with the head as two task vectors against the base; what the line learned since the task's "
                "start counts once, through the head" if result["method"] in TASK_VECTOR_METHODS else
                "blended unit by unit as usual; what the line learned since may be lost in the units it takes")
@@ -730,6 +770,9 @@ def learn(
     data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} or {messages} (chat template) records.")],
     into: Annotated[str, typer.Option("--into", help="The line to train from and fuse into.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
+    rebase: Annotated[bool, typer.Option("--rebase", help="When the line gained a version while TASK trained, fuse it onto "
+                                                          "the new head anyway (recorded, and warned about); without it "
+                                                          "that fails with exit 6 and records nothing.")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
     train_options: dict = None, fuse_options: dict = None,
 ) -> None:
@@ -737,8 +780,13 @@ def learn(
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.learn(task, data, into, base=base, options=train_options, **fuse_options, registry=registry,
-                           progress=progress)
+        result = api.learn(task, data, into, base=base, options=train_options, **fuse_options, rebase=rebase,
+                           registry=registry, progress=progress)
+    rebased = (result or {}).get("rebased")
+    if rebased:  # on stderr, so with --json too
+        print(f"kifmerge: warning: --rebase: line {into!r} moved to {rebased['head']} while task {task!r} trained from "
+              f"{rebased['trained_from']}; fused onto {rebased['head']} by {result['method']}, so what the line learned "
+              "since may be lost in the units the task takes", file=sys.stderr)
     if result is not None and result.get("reused") and not json_out:
         print(f"kifmerge: task {task!r} was already learned into {result['version']} from the same data and options; "
               "nothing was trained (reused)", file=sys.stderr)

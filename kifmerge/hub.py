@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kifmerge.errors import KifError, NotFoundError
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 # what a base model needs: configs, safetensors weights, tokenizer files; never pickles, ONNX, GGUF
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
 TRUE = {"1", "ON", "YES", "TRUE"}

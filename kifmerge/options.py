@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kifmerge import limits
 from kifmerge.errors import UsageError
 
 
@@ -78,34 +79,35 @@ class FuseParams(BaseModel):
 
 
 class TrainOptions(BaseModel):
-    """One short fine-tuning run and its importance estimation."""
+    """One short fine-tuning run and its importance estimation. Every number is finite and
+    bounded (kifmerge/limits.py): a run that cannot work is refused before any model loads."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     mode: Literal["lora", "full"] = "lora"
-    lora_r: int | None = Field(None, ge=1, description="default 8; a line's later tasks keep its rank")
-    lora_alpha: int | None = Field(None, ge=1, description="default: 2·r")
+    lora_r: int | None = Field(None, ge=1, le=65536, description="default 8; a line's later tasks keep its rank")
+    lora_alpha: int | None = Field(None, ge=1, le=2**31 - 1, description="default: 2·r")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] | None = None
-    epochs: float = Field(1.0, gt=0.0)
-    max_steps: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0.0, description="default: 3e-4 for LoRA, 2e-5 for full")
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(256, ge=8)
-    seed: int = 42
-    max_examples: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0.0, le=limits.MAX_EPOCHS)
+    max_steps: int | None = Field(None, ge=1, le=limits.MAX_STEPS)
+    lr: float | None = Field(None, gt=0.0, le=1e3, description="default: 3e-4 for LoRA, 2e-5 for full")
+    batch_size: int = Field(8, ge=1, le=65536)
+    grad_accum: int = Field(1, ge=1, le=65536)
+    max_length: int = Field(256, ge=8, le=2**20)
+    seed: int = Field(42, ge=0, le=limits.MAX_SEED)
+    max_examples: int | None = Field(None, ge=1, le=limits.MAX_EXAMPLES)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     importance: Literal["first", "mixed", "change"] = "first"
     beta1: float = Field(0.85, ge=0.0, lt=1.0)
     beta2: float = Field(0.85, ge=0.0, lt=1.0)
-    orth_reg: float = Field(0.0, ge=0.0)
+    orth_reg: float = Field(0.0, ge=0.0, le=1e6)
     replay: float = Field(0.0, ge=0.0, lt=1.0)
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup before the linear decay")
+    warmup_steps: int = Field(0, ge=0, le=limits.MAX_STEPS, description="linear learning-rate warmup before the linear decay")
     bf16: bool = Field(False, description="bfloat16 autocast (CPUs with avx512_bf16, recent GPUs); weights stay float32")
     fp16: bool = Field(False, description="float16 autocast with loss scaling (CUDA GPUs only); weights stay float32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, ~30% slower")
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field("none", description="experiment tracker fed by the Trainer")
-    save_steps: int = Field(50, ge=0, description="save a resumable checkpoint every N optimizer steps (0: never)")
+    save_steps: int = Field(50, ge=0, le=limits.MAX_STEPS, description="save a resumable checkpoint every N optimizer steps (0: never)")
     resume: bool = Field(False, description="continue from the newest checkpoint an interrupted run with the same inputs saved")
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kifmerge.checkpoints import read_text
 from kifmerge.errors import InvalidInputError
+from kifmerge.limits import MAX_NESTING, MAX_PLAN_BYTES, MAX_PLAN_STEPS, MAX_PLAN_VALUES, nesting_depth
 from kifmerge.options import FuseParams, TrainOptions
 
 PLAN_FORMAT_VERSION = 1
@@ -35,10 +36,10 @@ class Strict(BaseModel):
 
 
 class EvalSettings(Strict):
-    max_examples: int | None = Field(100, ge=1)
-    max_new_tokens: int = Field(8, ge=1)
-    max_length: int = Field(256, ge=8)
-    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(100, ge=1, le=10**9)
+    max_new_tokens: int = Field(8, ge=1, le=65536)
+    max_length: int = Field(256, ge=8, le=2**20)
+    batch_size: int = Field(16, ge=1, le=65536)
 
 
 class BaseSpec(Strict):
@@ -59,7 +60,7 @@ class AddTaskStep(Strict):
     checkpoint: Path
     profile: Path | None = None
     calibrate: Path | None = None
-    calibrate_batches: int = Field(8, ge=1)
+    calibrate_batches: int = Field(8, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _one_profile_source(self) -> "AddTaskStep":
@@ -107,7 +108,6 @@ class Plan(Strict):
     version: int = PLAN_FORMAT_VERSION
     line: str
     base: BaseSpec | None = None
-    registry: str | None = None
     train: dict[str, Any] = Field(default_factory=dict)
     fuse: dict[str, Any] = Field(default_factory=dict)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -134,7 +134,16 @@ def load_plan(path: str | Path) -> tuple[Plan, Path]:
     """Parse and validate a plan; returns it with relative paths made absolute, and its folder.
     Any problem is one line naming the file and the key (`steps[2].learn.data`)."""
     path = Path(path)
-    raw = _parse(path, read_text(path, "plan file"))
+    raw = _parse(path, read_text(path, "plan file", MAX_PLAN_BYTES))
+    if nesting_depth(raw) > MAX_NESTING:
+        raise InvalidInputError(f"{path}: nested more than {MAX_NESTING} levels deep or holding more than "
+                                f"{MAX_PLAN_VALUES:,} values (YAML aliases expanded), kifmerge's limits (README: Limits)")
+    if isinstance(raw, dict) and "registry" in raw:
+        raise InvalidInputError(f"{path}: registry: a plan cannot choose the registry; give --registry PATH or "
+                                "$KIFMERGE_REGISTRY to `kifmerge run`")
+    if isinstance(raw, dict) and isinstance(raw.get("steps"), list) and len(raw["steps"]) > MAX_PLAN_STEPS:
+        raise InvalidInputError(f"{path}: {len(raw['steps'])} steps; kifmerge's limit is {MAX_PLAN_STEPS} per plan "
+                                "(README: Limits): split it into several plans")
     try:
         plan = Plan.model_validate(raw)
         for number, step in enumerate(plan.steps):  # nested option dicts: validated against their models
@@ -169,8 +178,6 @@ def load_plan(path: str | Path) -> tuple[Plan, Path]:
             body.data = {label: _absolute(folder, file) for label, file in body.data.items()}
     if plan.base and plan.base.path and not _looks_like_hub_id(plan.base.path):
         plan.base.path = str(_absolute(folder, Path(plan.base.path)))
-    if plan.registry:
-        plan.registry = str(_absolute(folder, Path(plan.registry)))
     return plan, folder
 
 
@@ -184,6 +191,15 @@ def _looks_like_hub_id(value: str) -> bool:
 
 
 def _parse(path: Path, text: str) -> Any:
+    """The plan's value; a document nested past the parser's own recursion limit is refused as
+    too deep (exit 4), like one past MAX_NESTING."""
+    try:
+        return _parse_text(path, text)
+    except RecursionError:
+        raise InvalidInputError(f"{path}: nested more than {MAX_NESTING} levels deep, kifmerge's limit (README: Limits)") from None
+
+
+def _parse_text(path: Path, text: str) -> Any:
     if path.suffix == ".toml":
         import tomllib
 

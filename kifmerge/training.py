@@ -58,10 +58,14 @@ def _json_values(path: Path, text: str):
             if position < len(text) and text[position] == "]":
                 return
             line = text.count("\n", 0, position) + 1
+            start = position
             try:
                 value, position = decoder.raw_decode(text, position)
             except json.JSONDecodeError as exc:
                 raise InvalidInputError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise InvalidInputError(f"{path}:{line}: a record nested too deeply") from None
+            _check_record_size(path, line, position - start)
             yield value, line
             position = _skip_space(text, position)
             if position < len(text) and text[position] == ",":
@@ -70,10 +74,23 @@ def _json_values(path: Path, text: str):
                 raise InvalidInputError(f"{path}:{text.count(chr(10), 0, position) + 1}: expected ',' or ']' between records")
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 etc. may sit in a string
         if line.strip():
+            _check_record_size(path, number, len(line))
             try:
                 yield json.loads(line), number
             except json.JSONDecodeError as exc:
                 raise InvalidInputError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise InvalidInputError(f"{path}:{number}: a record nested too deeply") from None
+
+
+def _check_record_size(path: Path, line: int, size: int) -> None:
+    """A record longer than MAX_RECORD_BYTES characters is refused (exit 4) before it is decoded
+    (JSONL) or kept (a JSON array's element)."""
+    from kifmerge.limits import MAX_RECORD_BYTES
+
+    if size > MAX_RECORD_BYTES:
+        raise InvalidInputError(f"{path}:{line}: a record of {size:,} characters; kifmerge's limit is {MAX_RECORD_BYTES:,} "
+                                "(README: Limits)")
 
 
 def _skip_space(text: str, position: int) -> int:

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kifmerge.errors import IntegrityError, NotFoundError
+from kifmerge.errors import IntegrityError, InvalidInputError, NotFoundError
 from kifmerge.faults import fault_point
 from kifmerge.registry.blobs import BlobStore
 from kifmerge.registry.catalog import DB_NAME, Catalog
@@ -73,9 +73,12 @@ class Registry:
         self.blobs = BlobStore(root)
 
     @classmethod
-    def init(cls, root: str | os.PathLike | None = None) -> tuple["Registry", bool]:
-        """Create (or upgrade) the registry; returns it and whether it was new."""
+    def init(cls, root: str | os.PathLike | None = None, *, force: bool = False) -> tuple["Registry", bool]:
+        """Create (or upgrade) the registry; returns it and whether it was new. A folder that
+        exists, is not empty and is not a kifmerge registry is refused (InvalidInputError, exit 4)
+        unless `force`: kifmerge would otherwise take it over, and `gc` clean up in it."""
         root = resolve_root(root, discover=False)  # like `git init`: here, not in a parent
+        check_registry_folder(root, force)
         root.mkdir(parents=True, exist_ok=True)
         created = not (root / DB_NAME).exists()
         registry = cls(root, Catalog.create(root))
@@ -137,3 +140,23 @@ class Registry:
     def blobs_of(self, sha: str) -> list[str]:
         """A weights manifest and the blobs it names (for verify / gc)."""
         return [sha, *self.manifest(sha)["files"].values()]
+
+
+def check_registry_folder(root: Path, force: bool) -> None:
+    """`init` only makes a registry of a new or empty folder, or of one that already is a
+    kifmerge registry (its catalog records kifmerge's schema); `force` overrides."""
+    if root.exists() and not root.is_dir():
+        raise InvalidInputError(f"{root} is a file, not a folder; choose another registry path")
+    if force or not root.is_dir():
+        return
+    if (root / DB_NAME).is_file():
+        if Catalog.is_kifmerge(root):
+            return
+        raise InvalidInputError(f"{root / DB_NAME} is not a kifmerge catalog; choose another registry path, "
+                                "or pass --force to take the folder over")
+    entries = sorted(p.name for p in root.iterdir() if not (p.name.startswith(".") or p.name == "README.md"))
+    if entries:  # hidden files and a README aside: this repository's registry/ ships .gitignore and README.md
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise InvalidInputError(f"{root} is not empty ({shown}) and is not a kifmerge registry; choose a new or empty "
+                                "folder, or pass --force to make a registry of it (kifmerge never deletes files it did "
+                                "not write)")

@@ -33,6 +33,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_input_hashes: dict[tuple, str] = {}
+
+
+def sha256_input(path: Path) -> str:
+    """sha256 of an input file (data a command reads), computed once per process while the file
+    is unchanged: keyed by its resolved path, size, inode, mtime and ctime (any write changes
+    the ctime), so a plan run hashes each data file once however many steps read it. Blobs are
+    never hashed through this (`verify --deep` must read them)."""
+    path = Path(path)
+    info = os.stat(path)
+    key = (str(path.resolve()), info.st_size, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+    if key not in _input_hashes:
+        _input_hashes[key] = sha256_file(path)
+    return _input_hashes[key]
+
+
 class BlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)

@@ -231,6 +231,25 @@ class Catalog:
         done = retry_locked(applied)
         return [fn.__name__ for fn in MIGRATIONS if fn.__name__ not in done]
 
+    @staticmethod
+    def is_kifmerge(root: Path) -> bool:
+        """Whether `root/kifmerge.db` is a kifmerge catalog: SQLite with kifmerge's migration set
+        applied (read only; a file that is not SQLite is not one)."""
+        try:
+            conn = sqlite3.connect(f"file:{Path(root) / DB_NAME}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error:
+            return False
+        try:
+            if not conn.execute("SELECT 1 FROM sqlite_master").fetchone():
+                return True  # empty: an init killed before its schema (kifmerge's own)
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlite_migrations'").fetchone():
+                return False
+            return bool(conn.execute("SELECT 1 FROM _sqlite_migrations WHERE migration_set = ?", [MIGRATION_SET]).fetchone())
+        except sqlite3.Error:
+            return False
+        finally:
+            conn.close()
+
     def is_initialised(self) -> bool:
         """Every migration is applied, except perhaps index-only ones (see `add_missing_indexes`)."""
         return all(name in INDEX_MIGRATIONS for name in self.pending_migrations())

@@ -3,6 +3,7 @@ shape of the public result dicts."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from typing import Any, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from kifmerge.errors import IntegrityError, InvalidInputError, NotFoundError, UsageError
+from kifmerge.limits import MAX_MERGE_SEED, MAX_VERSION
 from kifmerge.registry import Registry
 
 if TYPE_CHECKING:
@@ -20,9 +22,13 @@ if TYPE_CHECKING:
 # progress(description, total) → advance(n=1, *, loss=None) (loss: training steps; an advance
 # without the keyword gets advance(n)); None means silent
 Progress = Callable[[str, int], Callable[[int], None]] | None
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-REF_PATTERN = re.compile(r"^(?P<line>[^@]+)(@(?P<selector>[^@]+))?$")
-VERSION_PATTERN = re.compile(r"^[vV](?P<number>\d+)$")
+# Names (bases, tasks, lines, aliases, data labels) are ASCII identifiers, matched whole
+# (`fullmatch`: no trailing newline slips through as `$` would let it); version numbers are ASCII
+# digits. Non-ASCII letters and digits, whitespace and control characters are refused, so a name
+# is exactly what it looks like.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", re.ASCII)
+REF_PATTERN = re.compile(r"(?P<line>[^@]+)(@(?P<selector>[^@]+))?", re.ASCII)
+VERSION_PATTERN = re.compile(r"[vV](?P<number>[0-9]+)", re.ASCII)
 PROFILE_EXPORT_NAME = "kifmerge-profile.safetensors"  # the line's accumulated profile, re-importable
 LORA_COMPAT_KEYS = ("r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
 
@@ -32,28 +38,32 @@ def start_progress(progress: Progress, description: str, total: int) -> Callable
 
 
 def check_name(name: str, what: str) -> str:
-    if not NAME_PATTERN.match(name or ""):
-        raise UsageError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' (max 100), starting with a letter or digit")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise UsageError(f"invalid {what} name {name!r}: use ASCII letters, digits, '.', '_' or '-' (max 100), starting "
+                         "with a letter or digit")
     return name
 
 
 def parse_ref(ref: str) -> tuple[str, int | str | None]:
     """`LINE@vN` → (LINE, N); `LINE@NAME` → (LINE, "NAME"), an alias; `LINE` → (LINE, None),
     the newest version. Only the syntax is checked here; `resolve_version` looks it up."""
-    match = REF_PATTERN.match(ref or "")
+    match = REF_PATTERN.fullmatch(ref) if isinstance(ref, str) else None
     selector = match.group("selector") if match else None
-    if not match or (selector is not None and not (VERSION_PATTERN.match(selector) or NAME_PATTERN.match(selector))):
+    if (not match or not NAME_PATTERN.fullmatch(match.group("line"))
+            or (selector is not None and not (VERSION_PATTERN.fullmatch(selector) or NAME_PATTERN.fullmatch(selector)))):
         raise UsageError(f"invalid version reference {ref!r}: write LINE, LINE@vN or LINE@ALIAS (e.g. support@v3, support@champion)")
     if selector is None:
         return match.group("line"), None
-    number = VERSION_PATTERN.match(selector)
+    number = VERSION_PATTERN.fullmatch(selector)
+    if number and int(number.group("number")) > MAX_VERSION:
+        raise UsageError(f"invalid version reference {ref!r}: version numbers end at {MAX_VERSION}")
     return match.group("line"), int(number.group("number")) if number else selector
 
 
 def check_alias_name(name: str) -> str:
     """Alias names follow the other names' rules and must not look like a version (`v12`)."""
     check_name(name, "alias")
-    if VERSION_PATTERN.match(name):
+    if VERSION_PATTERN.fullmatch(name):
         raise UsageError(f"invalid alias name {name!r}: it looks like a version number; choose a word such as 'champion'")
     return name
 
@@ -70,6 +80,15 @@ def opened(root: str | os.PathLike | None) -> Iterator[Registry]:
 def fuse_params(**values: Any) -> FuseParams:
     from kifmerge.options import FuseParams, validated  # pydantic: not for the commands that only read the catalog
 
+    seed = values.get("seed")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed <= MAX_MERGE_SEED):
+        raise UsageError(f"invalid fuse option --merge-seed: {seed} is not a whole number from 0 to {MAX_MERGE_SEED}")
+    for name in ("top", "tau", "alpha", "density", "lam"):
+        value = values.get(name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"invalid fuse option --{name}: {value} is not a finite number")
+    if values.get("weights") is not None and not all(math.isfinite(w) for w in values["weights"]):
+        raise UsageError(f"invalid fuse option --weights: {values['weights']} holds a value that is not a finite number")
     return validated(FuseParams, "fuse", values)
 
 

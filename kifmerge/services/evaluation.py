@@ -11,7 +11,8 @@ from typing import Any
 
 from kifmerge.errors import NotFoundError, UsageError
 from kifmerge.registry import Registry
-from kifmerge.registry.blobs import sha256_file
+from kifmerge.limits import MAX_EXAMPLES
+from kifmerge.registry.blobs import sha256_input
 from kifmerge.services.common import (
     Progress,
     base_dir,
@@ -44,6 +45,9 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
         check_name(label, "data label")
     if max_new_tokens < 1 or max_length < 8 or batch_size < 1 or (max_examples is not None and max_examples < 1):
         raise UsageError("--max-new-tokens, --max-length, --batch-size and --max-examples must be positive")
+    if max_new_tokens > 65536 or max_length > 2**20 or batch_size > 65536 or (max_examples or 0) > MAX_EXAMPLES:
+        raise UsageError(f"--max-new-tokens and --batch-size go up to 65536, --max-length to {2**20}, --max-examples to "
+                         f"{MAX_EXAMPLES:,} (README: Limits)")
     settings = {"max_examples": max_examples, "max_new_tokens": max_new_tokens, "max_length": max_length}
     if bf16:  # only when asked: float32 results stored before this option keep matching
         settings["bf16"] = True
@@ -67,7 +71,7 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
                 line, version = resolve_version(reg, ref)
                 number, subject, weights = version["number"], version["weights"], version["weights"]
             name = f"{line}@v{number}"
-        inputs = {label: (load_records(path, max_examples), sha256_file(Path(path))) for label, path in data.items()}
+        inputs = {label: (load_records(path, max_examples), sha256_input(Path(path))) for label, path in data.items()}
         results, rows, model = {}, [], None
         for label, (records, fingerprint) in inputs.items():
             known = None if force else reg.catalog.find_evaluation(subject, fingerprint, settings)

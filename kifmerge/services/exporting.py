@@ -35,7 +35,13 @@ def export(ref: str, out: str | Path, *, merged: bool = False, registry: str | o
         _remove_dead_staging(out)
         staging = Path(out.parent / f".{out.name}.kifmerge-tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        try:
+            staging.mkdir()
+        except FileNotFoundError:  # the folder exists, yet nothing can be made in it: /proc, /sys
+            from kifmerge.errors import StorageError
+
+            raise StorageError(f"cannot write or read ({out.parent}): nothing can be created there (a special file system "
+                               "such as /proc?); choose another output folder; nothing was recorded") from None
         advance = start_progress(progress, f"exporting {line}@v{version['number']}", 2)
         base_model = None  # what an adapter export's config names its base by
         try:

@@ -13,7 +13,7 @@ from kifmerge.errors import ConflictError, InvalidInputError, NotFoundError, Usa
 from kifmerge.faults import fault_point
 from kifmerge.options import FuseParams, TrainOptions, validated
 from kifmerge.registry import Registry
-from kifmerge.registry.blobs import sha256_file
+from kifmerge.registry.blobs import sha256_input
 from kifmerge.services.common import Progress, base_dir, check_name, fuse_params, opened, public_task, public_version
 from kifmerge.services.fusion import as_list, commit_version, stage_version, version_holding
 from kifmerge.services.tasks import StagedTask, commit_task, refuse_existing_task, stage_task
@@ -41,7 +41,8 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
           method: str = "kif", top: float | None = None, tau: float | None = None, scores: str | None = None,
           weights: tuple[float, float, float] | None = None, alpha: float | None = None,
           density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
-          shard_size: str | None = None, dtype: str | None = None, registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
+          shard_size: str | None = None, dtype: str | None = None, rebase: bool = False,
+          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
     """The pipeline step: train TASK from INTO's newest version, then fuse it into INTO.
     Task and version are committed in one transaction: both, or nothing.
 
@@ -49,7 +50,14 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
     when task TASK exists, was trained in INTO on data with the same sha256 and the same
     training options, and its fuse (with the same fuse options) is in INTO's head, that
     version is returned with `reused: true`. The same name with other inputs is refused
-    (ConflictError, exit 6) with what differs."""
+    (ConflictError, exit 6) with what differs.
+
+    Learns run at once: two of the same TASK on one machine take turns (the second waits, then
+    returns the first's result, `reused: true`); on different machines both train and the second
+    to commit returns the first's result. A learn whose line gained a version while it trained
+    (its task started from a head that is no longer the head) fails with exit 6 naming both, and
+    leaves nothing behind, unless `rebase`: then it is fused onto the new head and the result and
+    the `fuse` event record `rebased: {"trained_from", "head"}` (and `stale_start`)."""
     from kifmerge.training import wait_for_main_process
 
     opts = validated(TrainOptions, "train", options or {})
@@ -62,18 +70,88 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
         previous = _previous_learn(reg, task, Path(data), into, base, opts, params)
         if previous is not None:
             return previous if int(os.environ.get("RANK", "0")) == 0 else None
-        with _trained_task(reg, task, Path(data), into, base, opts, progress) as staged:
-            if staged is not None:
-                fault_point("learn.task-staged")
-                version = stage_version(reg, staged.row, staged.profile_row["scores"], into, params, progress)
-                fault_point("learn.version-staged")
-                with reg.catalog.transaction():
-                    commit_task(reg, staged)
-                    fault_point("learn.task-row")
-                    commit_version(reg, version)
-                result = {**version.public(), "trained": staged.public(), "reused": False}
+        with _learn_lock(reg, task):
+            previous = _previous_learn(reg, task, Path(data), into, base, opts, params)  # the learn we waited for
+            if previous is not None:
+                return previous if int(os.environ.get("RANK", "0")) == 0 else None
+            with _trained_task(reg, task, Path(data), into, base, opts, progress) as staged:
+                if staged is not None:
+                    fault_point("learn.task-staged")
+                    result = _fuse_learned(reg, staged, task, Path(data), into, base, opts, params, rebase, progress)
     wait_for_main_process()
     return result
+
+
+class _TaskLanded(Exception):
+    """Inside the commit: task TASK was committed by another learn meanwhile."""
+
+
+def _fuse_learned(reg: Registry, staged: StagedTask, task: str, data: Path, into: str, base: str | None,
+                  opts: TrainOptions, params: FuseParams, rebase: bool, progress: Progress) -> dict[str, Any]:
+    """Fuse the trained task into the line and commit both, unless the line moved since the
+    training started (exit 6; with `rebase`, onto the new head) or an identical learn committed
+    TASK meanwhile (its result, `reused: true`)."""
+    from kifmerge.services.fusion import REBASE_ATTEMPTS
+
+    started = staged.row["trained_from"]  # LINE@vN, N = 0 for a new line
+    for attempt in range(1, REBASE_ATTEMPTS + 1):
+        if reg.catalog.find("tasks", task) is not None:
+            return _previous_learn(reg, task, data, into, base, opts, params)
+        head = reg.catalog.head(into)
+        now_at = f"{into}@v{head['number'] if head else 0}"
+        if now_at != started and not rebase:
+            raise ConflictError(f"line {into!r} moved to {now_at} while task {task!r} trained from {started}; nothing was "
+                                f"recorded. Run the command again to train from {now_at}, or pass --rebase to fuse the "
+                                "task onto the new head anyway",
+                                details={"error": "conflict", "reason": "line-moved", "task": task, "line": into,
+                                         "trained_from": started, "head": now_at})
+        version = stage_version(reg, staged.row, staged.profile_row["scores"], into, params, progress)
+        if now_at != started:
+            version.notes["rebased"] = {"trained_from": started, "head": now_at}
+        fault_point("learn.version-staged")
+        try:
+            with reg.catalog.transaction():
+                if reg.catalog.find("tasks", task) is not None:
+                    raise _TaskLanded
+                commit_task(reg, staged)
+                fault_point("learn.task-row")
+                commit_version(reg, version)
+            return {**version.public(), "trained": staged.public(), "reused": False}
+        except _TaskLanded:
+            return _previous_learn(reg, task, data, into, base, opts, params)
+        except ConflictError:  # the line moved between staging and commit
+            if not rebase or attempt == REBASE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _learn_lock(reg: Registry, task: str) -> Iterator[None]:
+    """One `learn` of TASK at a time on this machine (a lock file in the system's temporary
+    folder, keyed by the registry and the task; nothing is written into the registry): a second
+    identical learn waits and then returns the first's result instead of training again. Not
+    under torchrun / accelerate, whose ranks must train together."""
+    import fcntl
+    import hashlib
+    import sys
+    import tempfile
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    folder = Path(tempfile.gettempdir()) / "kifmerge-locks"
+    folder.mkdir(mode=0o1777, exist_ok=True)
+    key = hashlib.sha256(f"{reg.root.resolve()}\0{task}".encode()).hexdigest()[:24]
+    with open(folder / f"learn-{key}", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kifmerge: another `learn` of task {task!r} is running on this registry; waiting for it", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # Training options skipped when matching a previous learn: `lr` is compared as the effective
@@ -98,7 +176,7 @@ def _previous_learn(reg: Registry, task: str, data: Path, line: str, base: str |
         raise ConflictError(f"task {task!r} already exists (registered with add-task, not learned); {choose}")
     if not data.is_file():
         raise NotFoundError(f"data file not found: {data}")
-    sha = sha256_file(data)
+    sha = sha256_input(data)
     if sha != config["data"]["sha256"]:
         raise ConflictError(f"task {task!r} already exists, trained on other data ({config['data'].get('path')}, "
                             f"sha256 {config['data']['sha256'][:12]}…; {data} has {sha[:12]}…); {choose}")
@@ -170,7 +248,7 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
     train_set, val_set = split_records(records, opts.val_fraction, opts.seed)
     replayed = _replay_examples(reg, line, opts, len(train_set))
     folder = base_dir(reg, base_row)
-    data_sha = sha256_file(data)
+    data_sha = sha256_input(data)
     start = f"{line}@v{head['number']}" if head else f"base:{base_row['name']}:{base_row['fingerprint']}"
     checkpoints = resume_folder(reg.blobs.staging, resume_key(task, start, data_sha, opts)) if opts.save_steps else None
     staging = reg.blobs.staging_dir()
@@ -232,7 +310,7 @@ def _replay_examples(reg: Registry, line: str, opts: TrainOptions, n_train: int)
         if not data:
             continue
         path = Path(data["path"])
-        if not path.is_file() or sha256_file(path) != data["sha256"]:
+        if not path.is_file() or sha256_input(path) != data["sha256"]:
             raise InvalidInputError(f"--replay needs the data of task {task['name']!r} ({path}), which is missing or "
                                     "changed since it was trained; restore it or train without --replay")
         pool.extend(load_records(path))

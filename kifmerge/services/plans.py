@@ -2,7 +2,8 @@
 the steps in order, skipping those already done.
 
 A step's *fingerprint* hashes what it is (its kind, its fields with the plan's defaults
-merged in) and what it reads (the sha256 of its data, profile and checkpoint files). A
+merged in) and what it reads (the sha256 of its data and profile files, each hashed once per
+run; a checkpoint's large weight files by size and mtime, so a dry run reads nothing large). A
 finished step records a `plan.step` event with its fingerprint, and a rerun skips it: a plan
 killed halfway resumes at the step that did not finish. A step whose effect is in the
 registry without the event (killed between its commit and the event) is recognised by the
@@ -23,8 +24,8 @@ from kifmerge.errors import ConflictError, InvalidInputError, NotFoundError
 from kifmerge.faults import fault_point
 from kifmerge.plans import AddTaskStep, EvalStep, FuseStep, LearnStep, Plan, load_plan
 from kifmerge.registry import Registry, resolve_root
-from kifmerge.registry.blobs import sha256_file
-from kifmerge.services.common import Progress, check_name, parse_ref
+from kifmerge.registry.blobs import sha256_input
+from kifmerge.services.common import Progress, check_name, fuse_params, parse_ref
 
 FUSE_KWARGS = {"method": "method", "top": "top", "tau": "tau", "weights": "weights", "alpha": "alpha",
                "density": "density", "lam": "lam", "seed": "merge_seed", "shard_size": "shard_size", "dtype": "dtype"}
@@ -49,7 +50,7 @@ def run_plan(path: str | Path, *, dry_run: bool = False, registry: str | os.Path
              progress: Progress = None, on_step: Callable[[PlannedStep], None] | None = None) -> dict[str, Any]:
     """Validate PLAN and every reference in it, then (unless `dry_run`) run its pending steps."""
     plan, _ = load_plan(path)
-    root = registry or plan.registry or resolve_root(None)  # found once: checked and run against the same one
+    root = registry or resolve_root(None)  # found once: checked and run against the same one (a plan cannot name it)
     check_name(plan.line, "line")
     reg = _open_or_none(root)
     try:
@@ -123,11 +124,17 @@ def _head_number(root, line: str) -> int:
         reg.close()
 
 
-def _fuse_kwargs(plan: Plan, body: LearnStep | FuseStep) -> dict[str, Any]:
+def _fuse_kwargs(plan: Plan, body: LearnStep | FuseStep, as_params: bool = False) -> dict[str, Any]:
+    """The step's fuse options as `fuse()`'s keyword arguments (`as_params`: as FuseParams names)."""
     chosen = {**plan.fuse, **body.fuse}
     unknown = set(chosen) - set(FUSE_KWARGS)
     if unknown:
         raise InvalidInputError(f"fuse option {sorted(unknown)[0]!r} cannot be set in a plan")
+    if as_params:  # what FuseParams validates (the others are checked by the fuse itself)
+        from kifmerge.options import FuseParams
+
+        return {key: (tuple(value) if isinstance(value, list) else value) for key, value in chosen.items()
+                if key in FuseParams.model_fields}
     return {FUSE_KWARGS[key]: (tuple(value) if isinstance(value, list) else value) for key, value in chosen.items()}
 
 
@@ -152,9 +159,7 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
     versions_by_task = {v["task"]: v for v in catalog.rows("versions", "line = ?", [plan.line])} if line_row else {}
     known_tasks = {row["name"]: row for row in catalog.rows("tasks")} if catalog else {}
     planned_tasks: set[str] = set()
-    base_known = bool(plan.base and ((catalog and catalog.find("bases", plan.base.name)) or plan.base.path))
-    if plan.base and plan.base.path and not base_known:
-        raise NotFoundError(f"base model folder not found: {plan.base.path}")
+    base_model = _check_base(plan, catalog, line_row)
     weight_bytes = _weights_bytes(reg, line_row and catalog.head(plan.line))
     out: list[PlannedStep] = []
     for index, step in enumerate(plan.steps):
@@ -168,6 +173,7 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
             _exists(body.data, where, "data file")
             if head == 0 and not line_row and not plan.base:
                 raise InvalidInputError(f"{where}: the line {plan.line!r} does not exist yet; give the plan a `base`")
+            _as_run(where, _check_learn, plan, body, line_row, catalog)
             fingerprint = _fingerprint(step.kind, body, {"train": {**plan.train, **body.train},
                                                          "fuse": {**plan.fuse, **body.fuse}}, [body.data])
             done = fingerprint in finished or _learned(known_tasks.get(body.task), versions_by_task.get(body.task), body, where)
@@ -184,8 +190,8 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
                     _exists(extra, where, "file")
             if not plan.base:
                 raise InvalidInputError(f"{where}: add-task needs the plan's `base`")
-            files = sorted(p for p in body.checkpoint.rglob("*") if p.is_file()) if body.checkpoint.is_dir() else [body.checkpoint]
-            fingerprint = _fingerprint(step.kind, body, {}, [*files, *[p for p in (body.profile, body.calibrate) if p]])
+            files = _as_run(where, _check_add_task, body, base_model)
+            fingerprint = _fingerprint(step.kind, body, {}, [p for p in (body.profile, body.calibrate) if p], weights=files)
             existing = known_tasks.get(body.task)
             if existing and fingerprint not in finished and existing.get("source") != str(body.checkpoint.resolve()):
                 raise ConflictError(f"{where}: task {body.task!r} already exists and was not made by this step; rename it")
@@ -195,6 +201,7 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
         elif isinstance(body, FuseStep):
             if body.task not in known_tasks and body.task not in planned_tasks:
                 raise NotFoundError(f"{where}: task {body.task!r} is neither in the registry nor made by an earlier step")
+            _as_run(where, _check_fuse, plan, body, known_tasks.get(body.task), line_row, catalog)
             fingerprint = _fingerprint(step.kind, body, {"fuse": {**plan.fuse, **body.fuse}}, [])
             done = fingerprint in finished or body.task in versions_by_task
             estimate = {"weights_bytes": weight_bytes}
@@ -202,7 +209,8 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
             head += 0 if done else 1
         else:
             assert isinstance(body, EvalStep)
-            for file in body.data.values():
+            for label, file in body.data.items():
+                _named(label, where, "data label")
                 _exists(file, where, "data file")
             ref = body.ref or plan.line
             line, number = _parse_future_ref(ref, where)
@@ -231,22 +239,128 @@ def _parse_future_ref(ref: str, where: str) -> tuple[str, int | str | None]:
         raise type(exc)(f"{where}: {exc}") from None
 
 
-def _named(name: str, where: str) -> None:
+def _named(name: str, where: str, what: str = "task") -> None:
     try:
-        check_name(name, "task")
+        check_name(name, what)
     except Exception as exc:  # noqa: BLE001
         raise type(exc)(f"{where}: {exc}") from None
 
 
 def _exists(path: Path, where: str, what: str) -> None:
-    if not path.exists():
-        raise NotFoundError(f"{where}: {what} not found: {path}")
+    """As the run will find it: a checkpoint is a folder, any other input a regular file (a
+    device, a FIFO or a folder is refused here, not when the step runs)."""
+    if what == "checkpoint":
+        if not path.is_dir():
+            raise NotFoundError(f"{where}: checkpoint not found: {path}" + (" (not a folder)" if path.exists() else ""))
+    elif not path.is_file():
+        raise NotFoundError(f"{where}: {what} not found: {path}" + (" (not a regular file)" if path.exists() else ""))
+
+
+def _as_run(where: str, check: Callable, *args: Any) -> Any:
+    """Run one of the checks the step's command makes, its error naming the step."""
+    from kifmerge.errors import KifError
+
+    try:
+        return check(*args)
+    except KifError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+
+
+def _check_base(plan: Plan, catalog, line_row: dict | None):
+    """The plan's base as the run will use it: registered (its folder still the one registered,
+    or a copy in the registry), or registered by the run from `base.path` (a model folder whose
+    config and tensor headers read, or a hub id). Returns the opened model, or None when only the
+    run can open it (a hub id, a registered copy). Headers only: no weights read, nothing hashed."""
+    from kifmerge.checkpoints import open_model
+    from kifmerge.errors import IntegrityError, UsageError
+    from kifmerge.hub import looks_like_hub_id
+
+    if plan.base is None:
+        return None
+    check_name(plan.base.name, "base")
+    if line_row is not None and line_row["base"] != plan.base.name:
+        raise UsageError(f"base: line {plan.line!r} is built on base {line_row['base']!r}, not {plan.base.name!r}")
+    row = catalog.find("bases", plan.base.name) if catalog else None
+    if row is None:
+        if not plan.base.path:
+            raise NotFoundError(f"base: {plan.base.name!r} is not in the registry and the plan gives no `path` to register "
+                                "it from; add `path:` or register it with `kifmerge base add`")
+        if looks_like_hub_id(plan.base.path):
+            return None
+        return open_model(plan.base.path)
+    folder = Path(row["path"])
+    if folder.is_dir():
+        try:
+            model = open_model(folder)
+            if model.fingerprint == row["fingerprint"]:
+                return model
+        except (NotFoundError, InvalidInputError):
+            pass
+    if not row.get("weights"):
+        raise IntegrityError(f"base {row['name']}: folder {folder} is missing or changed since it was registered "
+                             "(re-register it, or register with --copy to keep a copy in the registry)")
+    return None
+
+
+def _check_learn(plan: Plan, body: LearnStep, line_row: dict | None, catalog) -> None:
+    """What `learn` checks before training: the mode against the line's, the LoRA shape options
+    against its adapter, the fuse options, the tracker and precision."""
+    from kifmerge.errors import UsageError
+    from kifmerge.options import TrainOptions, validated
+
+    options = validated(TrainOptions, "train", {**plan.train, **body.train})
+    fuse_params(**_fuse_kwargs(plan, body, as_params=True))
+    if line_row is not None:
+        if line_row["kind"] != options.mode:
+            raise UsageError(f"line {plan.line!r} holds {line_row['kind']} versions; train it with mode {line_row['kind']}")
+        head = catalog.head(plan.line)
+        if head is not None and options.mode == "lora":
+            from kifmerge.services.learning import _check_rank_options
+
+            _check_rank_options(head["adapter_config"], options, plan.line)
+    if options.report_to != "none" or options.fp16:
+        from kifmerge.preflight import check_training_environment
+
+        check_training_environment(options)
+
+
+def _check_add_task(body: AddTaskStep, base_model) -> list[Path]:
+    """What `add-task` checks before storing anything, from file headers (no weights read, no
+    pickles): the checkpoint's kind and tensors, against the base when it can be opened, and the
+    profile against the checkpoint's units. Returns the files the step reads (its fingerprint's)."""
+    from kifmerge.checkpoints import ADAPTER_CONFIG, open_checkpoint, validate_against_base
+    from kifmerge.profiles import read_profile
+
+    ckpt = open_checkpoint(body.checkpoint)
+    if base_model is not None:
+        validate_against_base(ckpt, base_model)
+    if body.profile:
+        read_profile(body.profile, ckpt.layout)
+    if body.calibrate:
+        from kifmerge.training import load_records
+
+        load_records(body.calibrate)
+    side = [ADAPTER_CONFIG] if ckpt.kind == "lora" else ["config.json", "generation_config.json", "model.safetensors.index.json"]
+    return sorted({*ckpt.tensors.files.values(), *[ckpt.path / n for n in side if (ckpt.path / n).is_file()]})
+
+
+def _check_fuse(plan: Plan, body: FuseStep, task_row: dict | None, line_row: dict | None, catalog) -> None:
+    """What `fuse` checks before computing: its options, and for a task already registered its
+    profile and that its base and kind are the line's."""
+    fuse_params(**_fuse_kwargs(plan, body, as_params=True))
+    if task_row is None:
+        return
+    if catalog.find("profiles", task_row["name"]) is None:
+        raise InvalidInputError(f"task {task_row['name']!r} has no importance profile; it cannot be fused")
+    if line_row is not None and (line_row["base"], line_row["kind"]) != (task_row["base"], task_row["kind"]):
+        raise InvalidInputError(f"line {plan.line!r} holds {line_row['kind']} versions of base {line_row['base']!r}; "
+                                f"task {task_row['name']!r} is {task_row['kind']} on base {task_row['base']!r}")
 
 
 def _learned(task_row: dict | None, version: dict | None, body: LearnStep, where: str) -> bool:
     if task_row is None:
         return False
-    if task_row.get("data_fingerprint") != sha256_file(body.data) or version is None:
+    if task_row.get("data_fingerprint") != sha256_input(body.data) or version is None:
         raise ConflictError(f"{where}: task {body.task!r} already exists and was not made by this step; rename it")
     return True
 
@@ -258,17 +372,35 @@ def _finished_fingerprints(catalog, line: str) -> set[str]:
             for row in catalog.rows("events", "action = ? and subject = ?", ["plan.step", line])}
 
 
-def _fingerprint(kind: str, body, settings: dict[str, Any], files: list[Path]) -> str:
+SMALL_FILE = 16 * 1024 * 1024  # a checkpoint's files larger than this enter a fingerprint by size and mtime, unread
+
+
+def _fingerprint(kind: str, body, settings: dict[str, Any], files: list[Path], weights: list[Path] = ()) -> str:
+    """The step's identity: its fields and settings, the sha256 of the files it reads (data and
+    profiles, bounded by the data limit; each hashed once per process: `sha256_input`), and of a
+    checkpoint's files (`weights`) those up to 16 MiB, the larger ones by size and mtime (a dry
+    run hashes nothing large)."""
     fields = json.loads(body.model_dump_json(by_alias=True))
-    digest = {str(p): sha256_file(p) for p in files if p.is_file()}
+    digest = {str(p): sha256_input(p) for p in files if p.is_file()}
+    for p in weights:
+        info = p.stat()
+        digest[str(p)] = sha256_input(p) if info.st_size <= SMALL_FILE else f"size {info.st_size} mtime {info.st_mtime_ns}"
     text = json.dumps({"kind": kind, "fields": fields, "settings": settings, "files": digest}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+_record_counts: dict[tuple, int] = {}
+
+
 def _count_records(path: Path) -> int:
+    """Records in a data file (validated as the run will read it), read once per process."""
     from kifmerge.training import load_records
 
-    return len(load_records(path))
+    info = path.stat()
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    if key not in _record_counts:
+        _record_counts[key] = len(load_records(path))
+    return _record_counts[key]
 
 
 def _weights_bytes(reg: Registry | None, version: dict | None) -> int | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -28,8 +30,10 @@ from kifmerge.services.common import (
 )
 
 
-def init(registry: str | os.PathLike | None = None) -> dict[str, Any]:
-    reg, created = Registry.init(registry)
+def init(registry: str | os.PathLike | None = None, *, force: bool = False) -> dict[str, Any]:
+    """Create the registry, or upgrade its schema. A non-empty folder that is not a registry is
+    refused (exit 4) unless `force`."""
+    reg, created = Registry.init(registry, force=force)
     try:
         return {"registry": str(reg.root.resolve()), "created": created}
     finally:
@@ -244,16 +248,27 @@ def _layout_problem(reg: Registry, profile_sha: str, weights_sha: str, kind: str
     return None
 
 
+# the only names gc deletes: content hashes under blobs/ (blobs/ab/cdef…, 64 hex digits in all) and
+# kifmerge's own staging names under tmp/ (work-PID-…, blob-PID-… from tempfile; resume-KEY)
+BLOB_DIR_NAME = re.compile(r"[0-9a-f]{2}\Z")
+BLOB_FILE_NAME = re.compile(r"[0-9a-f]{62}\Z")
+STAGING_NAME = re.compile(r"(?:work|blob)-[0-9]+-[a-z0-9_]+\Z|resume-[0-9a-f]{20}\Z")
+
+
 def gc(*, dry_run: bool = False, grace_s: float = 3600.0, registry: str | os.PathLike | None = None) -> dict[str, Any]:
     """Delete blobs no row references and staging leftovers (`tmp/`: files and build folders of
     killed commands), older than `grace_s` (so a command that has stored blobs but not yet
-    committed its rows keeps them). A folder's age is that of the newest file in it."""
+    committed its rows keeps them). A folder's age is that of the newest file in it. Only names
+    kifmerge writes are candidates (a file it did not write is never deleted, even in a folder
+    that was not empty when `init --force` made a registry of it); `kept_foreign` counts the others."""
+    if not (grace_s >= 0 and math.isfinite(grace_s)):
+        raise UsageError(f"--grace must be a finite number of seconds >= 0, got {grace_s}")
     with opened(registry) as reg:
         needed = set(_referenced_blobs(reg))
         cutoff = time.time() - grace_s
         removed, freed = [], 0
-        candidates = [reg.blobs.path_of(sha) for sha in reg.blobs.all_shas() - needed]
-        candidates += list(reg.blobs.staging.iterdir()) if reg.blobs.staging.is_dir() else []
+        candidates, foreign = _own_files(reg)
+        candidates = [path for path in candidates if path.parent.name + path.name not in needed or path.parent == reg.blobs.staging]
         for path in sorted(candidates):
             if _newest_mtime(path) > cutoff:
                 continue
@@ -269,7 +284,31 @@ def gc(*, dry_run: bool = False, grace_s: float = 3600.0, registry: str | os.Pat
             fault_point("gc.before-event")
             with reg.catalog.transaction():
                 reg.catalog.event("gc", str(reg.root), {"removed": len(removed), "bytes": freed})
-        return {"removed": removed, "bytes_freed": freed, "dry_run": dry_run, "kept_blobs": len(needed)}
+        return {"removed": removed, "bytes_freed": freed, "dry_run": dry_run, "kept_blobs": len(needed),
+                "kept_foreign": foreign}
+
+
+def _own_files(reg: Registry) -> tuple[list[Path], int]:
+    """The blob files and staging entries whose names kifmerge writes (symbolic links never:
+    they point elsewhere), and how many other entries `blobs/` and `tmp/` hold."""
+    own, foreign = [], 0
+    if reg.blobs.blobs.is_dir() and not reg.blobs.blobs.is_symlink():
+        for folder in reg.blobs.blobs.iterdir():
+            if not (BLOB_DIR_NAME.match(folder.name) and folder.is_dir() and not folder.is_symlink()):
+                foreign += 1
+                continue
+            for path in folder.iterdir():
+                if BLOB_FILE_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+                    own.append(path)
+                else:
+                    foreign += 1
+    if reg.blobs.staging.is_dir() and not reg.blobs.staging.is_symlink():
+        for path in reg.blobs.staging.iterdir():
+            if STAGING_NAME.match(path.name) and not path.is_symlink():
+                own.append(path)
+            else:
+                foreign += 1
+    return own, foreign
 
 
 def _newest_mtime(path: Path) -> float:

@@ -12,7 +12,7 @@ from kifmerge.errors import ConflictError, UsageError
 from kifmerge.faults import fault_point
 from kifmerge.options import TrainOptions, validated
 from kifmerge.registry import Registry
-from kifmerge.registry.blobs import sha256_file
+from kifmerge.registry.blobs import sha256_input
 from kifmerge.services.common import Progress, base_dir, check_name, now, open_base, opened, public_task, start_progress
 
 
@@ -41,7 +41,7 @@ def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Pat
                 extra = {"estimator": f"calibrated-{opts.importance}",
                          "training_config": {"calibration": {"data": str(Path(calibrate).resolve()), "batches": calibrate_batches,
                                                              **opts.model_dump(include={"importance", "beta1", "beta2", "batch_size", "max_length"})}},
-                         "data_fingerprint": sha256_file(Path(calibrate)) if Path(calibrate).is_file() else None}
+                         "data_fingerprint": sha256_input(Path(calibrate)) if Path(calibrate).is_file() else None}
                 folder = base_dir(reg, base_row)
 
                 def profile(ckpt):  # runs after the checkpoint has been validated against the base
