@@ -391,3 +391,37 @@ def test_nothing_but_the_mlflow_commands_imports_mlflow(tmp_path):
     code = ("import sys, kifmerge.cli, kifmerge.api, kifmerge.services.mlflow_sync, kifmerge.preflight; "
             "kifmerge.api.__dir__(); sys.exit('mlflow' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_a_password_in_the_tracking_uri_appears_in_no_output(reg, env, monkeypatch):
+    """Issue 23: credentials written into --tracking-uri (`http://user:PASSWORD@host`) reach the
+    server (requests sends them) but no output channel: stdout, stderr, --json, the tables, the
+    registry's events, nor anything MLflow stores (run tags, params, the registered model's and
+    its versions' tags and descriptions); error paths included."""
+    for key in MLFLOW_ENV:
+        monkeypatch.delenv(key, raising=False)  # the credentials come from the URI alone
+    host = env.uri.removeprefix("http://")
+    secret_uri = f"http://{USER}:{PASSWORD}@{host}"
+    before = catalog_dump(reg)
+    seen = []
+    pushed = reg("mlflow", "push", "main@v1", "--model", "kif-secret", "--tracking-uri", secret_uri, "--json")
+    assert json.loads(pushed.stdout)["tracking_uri"] == f"http://{USER}:***@{host}"
+    table = reg("mlflow", "sync", "main", "--model", "kif-secret", "--tracking-uri", secret_uri)
+    assert f"{USER}:***@" in table.stdout.replace("\n", "")
+    seen += [pushed.stdout, pushed.stderr, table.stdout, table.stderr]
+    for uri, code in ((f"http://{USER}:{PASSWORD}@127.0.0.1:{free_port()}", 8),    # unreachable
+                      (f"http://{USER}:{PASSWORD}x@{host}", 8),                       # refused credentials
+                      (f"http://{USER}:{PASSWORD}@{host}/no/such/path", 8)):          # not an MLflow server there
+        failed = reg("mlflow", "push", "main@v1", "--model", "kif-secret", "--tracking-uri", uri, "--json", code=code)
+        assert failed.stderr.count("\n") == 1 and "***" in failed.stderr, failed.stderr
+        seen += [failed.stdout, failed.stderr]
+    assert not any(PASSWORD in text for text in seen), [text for text in seen if PASSWORD in text]
+    assert catalog_dump(reg) == before and not any(PASSWORD in row for row in before)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    client = env.client()
+    stored = [client.get_registered_model("kif-secret")]
+    stored += versions_of(client, "kif-secret")
+    experiment = client.get_experiment_by_name("kifmerge")
+    stored += [(run.data.tags, run.data.params, run.info.artifact_uri) for run in client.search_runs([experiment.experiment_id])]
+    assert PASSWORD not in repr(stored)
