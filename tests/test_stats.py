@@ -146,11 +146,11 @@ def test_interval_rounds_to_six_decimals():
 
 
 def test_refusals_name_what_is_wrong():
-    with pytest.raises(ValueError, match="2 tasks of scores but 1 of indices"):
+    with pytest.raises(ValueError, match="^2 tasks of scores but 1 of indices$"):
         task_means([[1, 0], [0, 1]], resample_indices([2], 10))
-    with pytest.raises(ValueError, match="a task has 4 scored examples, the resample expects 5"):
+    with pytest.raises(ValueError, match="^a task has 4 scored examples, the resample expects 5$"):
         task_means([np.ones(4)], resample_indices([5], 10))
-    with pytest.raises(ValueError, match="backward transfer needs at least two tasks"):
+    with pytest.raises(ValueError, match="^backward transfer needs at least two tasks$"):
         backward_transfer([[1]], [[1]], resample_indices([1], 10))
     # a reference with fewer tasks than the final row is refused, not silently cut short
     with pytest.raises(ValueError):
