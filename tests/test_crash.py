@@ -1,8 +1,9 @@
 """Crash safety: `add-task`, `fuse`, `learn`, `export` and `gc` run as real processes and are
 killed with SIGKILL at named points of their write paths (KIFMERGE_FAULT_POINT, see
-kifmerge/faults.py), including between two blocks of a shard being written (`fuse.block-written#N`)
-— never after a measured delay, which lands elsewhere on a busier or quieter machine. After every kill the registry must verify clean, hold
-the change whole or not at all, re-run to the same result, and gc back to no garbage.
+kifmerge/faults.py), including between two blocks of a shard being written
+(`fuse.block-written#N`); never after a measured delay, which lands elsewhere on a busier or a
+quieter machine. After every kill the registry must verify clean, hold the change whole or not
+at all, re-run to the same result, and gc back to no garbage.
 
 CI runs the cheap commands at every point and `learn` at two; `-m slow` runs the full matrix."""
 
