@@ -1223,6 +1223,11 @@ def run_plan(
     with progress_bars() as progress:
         result = run(plan, dry_run=dry_run, registry=registry, progress=progress,
                      on_step=None if dry_run or QUIET.get() else announce)
+    for step in result["steps"]:  # as `fuse` warns, on stderr (so with --json too)
+        stale = (step.get("result") or {}).get("stale_start")
+        if stale:
+            print(f"kifmerge: warning: step {step['step']}: task {step['subject']!r} was trained from "
+                  f"{stale['trained_from']}, not from the head {stale['head']}", file=sys.stderr)
     emit(result, json_out, render_plan)
 
 

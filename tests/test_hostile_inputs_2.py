@@ -542,7 +542,36 @@ def test_two_identical_learns_at_once_train_once(cli, parity_line):
     assert [v["version"] for v in cli.json("history", "main")] == ["main@v1", "main@v2"]
 
 
-def test_a_stale_start_is_warned_about_with_json_too(cli, two_versions):
-    result = cli("fuse", "late", "--into", "main", "--json")
-    assert json.loads(result.stdout)["stale_start"] == {"trained_from": "main@v1", "head": "main@v2"}
-    assert "warning: task 'late' was trained from main@v1, not from the head main@v2" in result.stderr
+def test_a_stale_start_is_warned_about_with_json_too(cli, two_versions, tmp_path):
+    plan = write_plan(tmp_path, {"line": "main", "steps": [{"fuse": {"task": "late"}}]})
+    result = cli("run", plan, "--json", "--quiet")
+    assert json.loads(result.stdout)["steps"][0]["result"]["stale_start"] == {"trained_from": "main@v1", "head": "main@v2"}
+    assert "warning: step 0: task 'late' was trained from main@v1, not from the head main@v2" in result.stderr
+    result = cli("fuse", "late", "--into", "main", "--again", "--json")
+    assert json.loads(result.stdout)["stale_start"] == {"trained_from": "main@v1", "head": "main@v3"}
+    assert "warning: task 'late' was trained from main@v1, not from the head main@v3" in result.stderr
+
+
+def test_an_identical_learn_that_committed_meanwhile_is_returned(cli, parity_line, monkeypatch):
+    """Without the machine-local lock (learns on two machines sharing the registry): both train,
+    and the one that commits second returns the first's version instead of "already exists"."""
+    import contextlib
+
+    import kifmerge.services.learning as learning
+    import kifmerge.training as training
+    from kifmerge import api
+
+    monkeypatch.setattr(learning, "_learn_lock", lambda reg, task: contextlib.nullcontext())
+    real, other, started = training.run_training, [], []
+
+    def run_training(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not started:  # the other machine's identical learn finishes first
+            started.append(True)
+            other.append(api.learn("twin", parity_line["vowel"], "main", options={"max_steps": 1}, registry=cli.registry))
+        return result
+
+    monkeypatch.setattr(training, "run_training", run_training)
+    mine = cli.json("learn", "twin", "--data", parity_line["vowel"], "--into", "main", "--max-steps", "1", "--quiet")
+    assert other[0]["reused"] is False and mine["reused"] is True and mine["version"] == other[0]["version"] == "main@v2"
+    assert [v["version"] for v in cli.json("history", "main")] == ["main@v1", "main@v2"]

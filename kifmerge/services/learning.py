@@ -139,10 +139,15 @@ def _learn_lock(reg: Registry, task: str) -> Iterator[None]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         yield
         return
-    folder = Path(tempfile.gettempdir()) / "kifmerge-locks"
-    folder.mkdir(mode=0o1777, exist_ok=True)
     key = hashlib.sha256(f"{reg.root.resolve()}\0{task}".encode()).hexdigest()[:24]
-    with open(folder / f"learn-{key}", "a+") as handle:
+    try:  # one folder per user: another user's cannot refuse us
+        folder = Path(tempfile.gettempdir()) / f"kifmerge-locks-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        handle = open(folder / f"learn-{key}", "a+")
+    except OSError:  # no usable temporary folder: the commit-time check still returns one result
+        yield
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -249,10 +249,11 @@ def _layout_problem(reg: Registry, profile_sha: str, weights_sha: str, kind: str
 
 
 # the only names gc deletes: content hashes under blobs/ (blobs/ab/cdef…, 64 hex digits in all) and
-# kifmerge's own staging names under tmp/ (work-PID-…, blob-PID-… from tempfile; resume-KEY)
+# kifmerge's own staging names under tmp/ (work-PID-…, blob-PID-… from tempfile: the prefix, then
+# letters, digits, '_' and '-' only; resume-KEY)
 BLOB_DIR_NAME = re.compile(r"[0-9a-f]{2}\Z")
 BLOB_FILE_NAME = re.compile(r"[0-9a-f]{62}\Z")
-STAGING_NAME = re.compile(r"(?:work|blob)-[0-9]+-[a-z0-9_]+\Z|resume-[0-9a-f]{20}\Z")
+STAGING_NAME = re.compile(r"(?:work|blob)-[A-Za-z0-9_-]+\Z|resume-[0-9a-f]{20}\Z")
 
 
 def gc(*, dry_run: bool = False, grace_s: float = 3600.0, registry: str | os.PathLike | None = None) -> dict[str, Any]:
