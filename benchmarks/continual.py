@@ -57,7 +57,8 @@ SMOLLM2 = Path(os.environ.get("KIFMERGE_MODELS") or "~/.cache/kifmerge/models").
 ORDERS = {4: "dbpedia amazon yahoo agnews", 5: "dbpedia amazon agnews yahoo", 6: "yahoo amazon agnews dbpedia"}
 DEFAULT_METHOD = "kif"
 REPLICATES = 2000
-ALPHA_ORDER = "order4"  # linear-best's α is chosen on this order and carried to the others
+ALPHA_ORDER = "order4"
+VALIDATION_EXAMPLES = 100  # per task, after the reported dev examples  # linear-best's α is chosen on this order and carried to the others
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,15 @@ METHODS = {
                    "seed 0), re-factored to rank r", {"method": "dare-linear", "density": 0.5}),
     "magmax": Method("MagMax: per ΔW entry the larger-magnitude of the head's and the task's update (sign kept), "
                      "re-factored to rank r", {"method": "magmax"}),
+    "tasl-lora": Method("the TaSL authors' LoRA rule (skill_consolidation_TasLoRA.py): softmax over min–max normalised "
+                        "rank-unit scores, τ 0.25, line profile 0.3·new + 0.7·old, scores from the second-order "
+                        "'param_mix' sensitivity |θg − ½(θg)²| (--importance mixed) for every task",
+                        {"method": "kif-adaptive", "tau": 0.25}, {"importance": "mixed"}),
+    "kif-element": Method("element-level importance-weighted interpolation: head + w ⊙ Δ per LoRA factor element, "
+                          "w = I_new^½ / (I_new^½ + I_line^½), element scores Ī·Ū from training (mean-1 normalised, "
+                          "the line's a running mean)", {"method": "kif-element"}),
+    "validated": Method("linear with α chosen per fuse from 0.3/0.5/0.7 by the mean exact match on 100 validation examples "
+                        "of every task so far (dev examples 301–400, never reported)", {"method": "validated"}),
     "replay": Method("SeqLoRA with 2 % of each training set drawn from the line's earlier tasks (--replay 0.02)",
                      SEQ, later={"replay": 0.02}),
     "kif-adaptive-rank": Method("KIF softmax rule over rank-normalised profiles (--scores rank), τ 0.25",
@@ -105,6 +115,7 @@ class TaskFiles:
     name: str
     train: Path
     dev: Path
+    val: Path | None = None  # validation examples (validated fuses); default: dev examples after the reported ones
 
 
 def builtin_sequence(order: int) -> list[TaskFiles]:
@@ -112,11 +123,12 @@ def builtin_sequence(order: int) -> list[TaskFiles]:
 
 
 def sequence_from_file(path: Path) -> tuple[str, list[TaskFiles]]:
-    """{"name": …, "tasks": [{"name", "train", "dev"}, …]}; paths relative to the file."""
+    """{"name": …, "tasks": [{"name", "train", "dev", "val" (optional)}, …]}; paths relative to the file."""
     spec = json.loads(path.read_text())
-    tasks = [TaskFiles(t["name"], (path.parent / t["train"]).resolve(), (path.parent / t["dev"]).resolve()) for t in spec["tasks"]]
+    tasks = [TaskFiles(t["name"], (path.parent / t["train"]).resolve(), (path.parent / t["dev"]).resolve(),
+                       (path.parent / t["val"]).resolve() if t.get("val") else None) for t in spec["tasks"]]
     for task in tasks:
-        for file in (task.train, task.dev):
+        for file in (task.train, task.dev, *([task.val] if task.val else [])):
             if not file.is_file():
                 sys.exit(f"{path}: task {task.name!r}: {file} not found")
     if len({t.name for t in tasks}) != len(tasks) or len(tasks) < 2:
@@ -187,7 +199,26 @@ class Experiment:
         if self.task_exists(name):
             return
         log(f"seed {self.seed}: train {name} from {line if self.versions(line) else 'the base'}")
-        self.timed(f"train:{name}", lambda: self.api.train(name, data, line, base="smollm2", options=options, registry=self.registry))
+        val = self.validation_file(data)
+        self.timed(f"train:{name}", lambda: self.api.train(name, data, line, base="smollm2", options=options, val=val,
+                                                           registry=self.registry))
+
+    def validation_file(self, train: Path) -> Path | None:
+        """The task's validation examples (for validated fuses): dev examples after the ones
+        reported, VALIDATION_EXAMPLES of them; none for the mixed multi-task data."""
+        task = next((t for t in self.tasks if t.train == train), None)
+        if task is None or task.val:
+            return task.val if task else None
+        out = self.registry.parent / "validation" / f"{task.name}.jsonl"
+        if not out.exists():
+            from kifmerge.training import load_records
+
+            records = load_records(task.dev)[self.args.eval_examples: self.args.eval_examples + VALIDATION_EXAMPLES]
+            if not records:
+                return None  # a dev file with no examples beyond the reported ones: no validation
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return out
 
     def build(self, method: str) -> None:
         """Teach the method's line the sequence task by task. A training is named by a digest of
@@ -633,6 +664,11 @@ def main() -> None:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         sys.exit(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    from kifmerge.fusion.methods import METHODS as RULES  # every row fuses with a rule of kifmerge's registry
+
+    unregistered = [m for m in args.methods if METHODS[m].fuse and METHODS[m].fuse["method"] not in RULES]
+    if unregistered:
+        sys.exit(f"row {unregistered[0]!r} fuses with {METHODS[unregistered[0]].fuse['method']!r}, which is not a kifmerge method")
     if args.sequence:
         name, tasks = sequence_from_file(args.sequence)
     else:

@@ -16,6 +16,7 @@ import re
 import sqlite3
 import sys
 import typing
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional
@@ -23,6 +24,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 
 from kifmerge.errors import KifError
+from kifmerge.fusion import methods
 from kifmerge.redact import redact
 
 app = typer.Typer(
@@ -43,6 +45,7 @@ RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", envvar="KIFME
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", envvar="KIFMERGE_DEBUG")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress on stderr (neither bars nor log records).")]
+_PYTHON_SHOWWARNING = warnings.showwarning
 QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("kifmerge_quiet", default=False)  # --quiet, while a command runs
 LOG_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("kifmerge_log_progress", default=False)  # see model_command
 ALLOW_PICKLE_HELP = ("Accept pickle *.bin weights: loaded with torch.load(weights_only=True), which runs no code, "
@@ -60,6 +63,21 @@ def global_options(
     json_out: JsonOpt = False, debug: DebugOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """The options every command takes, accepted before the command too (see `handled`)."""
+    from kifmerge.precision import PrecisionWarning
+
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("always", category=PrecisionWarning)  # every command says it, not only the first in a process
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """kifmerge's own warnings (a PrecisionWarning: --bf16 falling back) as one line on stderr,
+    in --json mode too; anyone else's as Python shows them."""
+    from kifmerge.precision import PrecisionWarning
+
+    if issubclass(category, PrecisionWarning):
+        print(f"kifmerge: warning: {message}", file=sys.stderr)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
 
 def _apply_global_options(ctx: typer.Context | None, kwargs: dict[str, Any], quiet: bool) -> bool:
@@ -149,7 +167,8 @@ STORAGE_ERRNOS = {"ENOSPC": "the disk is full; free space and run it again",
                   "EXDEV": "the path is on another file system than the registry; choose a path on the same disk",
                   "EIO": "the disk reported an I/O error; check the disk and run it again",
                   "EMFILE": "too many open files; raise the limit (ulimit -n) and run it again",
-                  "ENFILE": "too many open files in the system; run it again later"}
+                  "ENFILE": "too many open files in the system; run it again later",
+                  "EPIPE": "the output was closed before kifmerge finished writing it (a pipe into `head`?)"}
 # anything else the file system refuses (EINVAL, EOPNOTSUPP: /proc and other special file systems, …)
 UNSUPPORTED = "the file system does not support this there (a special file system such as /proc?); choose another path"
 
@@ -397,7 +416,7 @@ def _score_line(metrics: dict) -> str:
 
 
 TASK_KEYS = {"type", "name", "base", "kind", "trained_from", "data_fingerprint", "source", "created", "metrics", "profile",
-             "weights", "adapter_config", "training_config", "fused_into"}
+             "weights", "adapter_config", "training_config", "fused_into", "validation"}
 ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "task_type")
 
 
@@ -414,6 +433,8 @@ def render_task(result: dict) -> None:
         ("adapter", _brief({k: adapter[k] for k in ADAPTER_KEYS if adapter.get(k) not in (None, False)}) if adapter else None),
         ("options", _brief(training) if training else None),
         ("fused into", ", ".join(result.get("fused_into") or []) or None),
+        ("validation", f"{result['validation']['records']} examples from {result['validation']['source']}"
+                       if result.get("validation") else None),
         ("weights", _brief(result.get("weights"))),
         ("created", _brief(result.get("created"))),
     ], result, TASK_KEYS)
@@ -488,16 +509,18 @@ def _cell(value: Any) -> str:
     return _brief(value)
 
 
-def _float_list(text: str | None, count: int, option: str) -> tuple[float, ...] | None:
+def _float_list(text: str | None, count: int | None, option: str) -> tuple[float, ...] | None:
+    """Comma-separated numbers: exactly `count` of them, or any number (None)."""
     from kifmerge.errors import UsageError
 
     if text is None:
         return None
+    how_many = f"{count} comma-separated numbers" if count else "comma-separated numbers"
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise UsageError(f"{option} takes {count} comma-separated numbers, got {text!r}") from None
-    if len(values) != count:
+        raise UsageError(f"{option} takes {how_many}, got {text!r}") from None
+    if count is not None and len(values) != count:
         raise UsageError(f"{option} takes {count} comma-separated numbers, got {len(values)}")
     return values
 
@@ -565,7 +588,10 @@ with_train_options = option_group("train_options", [
     _train(None, "--orth-reg", help="LoRA orthogonality regulariser λ (default: 0, off).", kind=Optional[float]),
     _train(None, "--replay", help="Fraction of examples replayed from the line's earlier tasks (default: 0).", kind=Optional[float]),
     _train(None, "--warmup-steps", help="Linear learning-rate warmup steps before the linear decay (default: 0).", kind=Optional[int]),
-    _train(False, "--bf16", help="bfloat16 autocast for the forward/backward (weights and importance stay float32).", kind=bool),
+    _train(False, "--bf16", help="bfloat16 autocast for the forward/backward (weights and importance stay float32). On a "
+                                 "CPU without native bf16 (no avx512_bf16/amx_bf16) it falls back to float32 with a warning.", kind=bool),
+    _train(False, "--bf16-force", help="Use bf16 even where it is not native (measured 34× slower than float32 on an AVX2 CPU).",
+           kind=bool),
     _train(False, "--fp16", help="float16 autocast with loss scaling (CUDA GPUs only; excludes --bf16).", kind=bool),
     _train(False, "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, slower steps.", kind=bool),
     _train(None, "--report-to", help="Experiment tracker fed by the Trainer: tensorboard | mlflow | wandb | none (default: none; "
@@ -577,7 +603,7 @@ with_train_options = option_group("train_options", [
 ], _split_modules)
 
 with_fuse_options = option_group("fuse_options", [
-    _fusion("kif", "--method", help="kif | kif-adaptive | linear | task-arithmetic | ties | dare-linear | dare-ties | magmax", kind=str),
+    _fusion("kif", "--method", help=f"A fusion method: {methods.help_text()}.", kind=str),
     _fusion(None, "--top", help="Fraction of units counted important (kif; default: 0.2).", kind=Optional[float]),
     _fusion(None, "--tau", help="Softmax temperature (kif-adaptive; default: 0.25).", kind=Optional[float]),
     _fusion(None, "--scores", help="kif-adaptive compares minmax-normalised scores or their ranks: minmax | rank (default: minmax).", kind=Optional[str]),
@@ -586,9 +612,16 @@ with_fuse_options = option_group("fuse_options", [
     _fusion(None, "--density", help="Task-vector entries kept (ties, dare; default: 0.5).", kind=Optional[float]),
     _fusion(None, "--lam", help="Scale of the merged task vector (baselines; default: 1).", kind=Optional[float]),
     _fusion(None, "--merge-seed", help="Seed of DARE's random drops (default: 0).", kind=Optional[int]),
+    _fusion(None, "--power", help="Exponent on the element scores (kif-element; 0: a plain 0.5 average; default: 0.5).",
+            kind=Optional[float]),
+    _fusion(None, "--grid", help="α values tried by --method validated, each scored on the tasks' validation examples "
+                                 "(default: 0.3,0.5,0.7).", kind=Optional[str]),
+    _fusion(None, "--val-examples", help="Validation examples scored per task (validated, --max-regression; default: 100).",
+            kind=Optional[int]),
     _fusion(None, "--shard-size", help="Largest output shard, e.g. 5GB or 500MB (default: 5GB).", kind=Optional[str]),
     _fusion(None, "--dtype", help="Output dtype: float32 | float16 | bfloat16 (default: the task's).", kind=Optional[str]),
-], lambda options: {**options, "weights": _float_list(options["weights"], 3, "--weights")})
+], lambda options: {**options, "weights": _float_list(options["weights"], 3, "--weights"),
+                    "grid": _float_list(options["grid"], None, "--grid")})
 
 
 # ---- commands -----------------------------------------------------------------------------
@@ -680,6 +713,8 @@ def add_task(
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Calibration max tokens (default: 256).")] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="first | mixed (default: first).")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP + ".")] = False,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation examples of the task, stored with it: for fuse "
+                                                              "--method validated and --max-regression.")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Register a checkpoint trained elsewhere, validated against its base, with its profile
@@ -690,11 +725,10 @@ def add_task(
         result = api.add_task(task, checkpoint, base=base, profile=profile, line=line, calibrate=calibrate,
                               calibrate_batches=calibrate_batches,
                               calibrate_options={"batch_size": batch_size, "max_length": max_length, "importance": importance},
-                              allow_pickle=allow_pickle, registry=registry, progress=progress)
+                              allow_pickle=allow_pickle, val=val, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 
 
-TASK_VECTOR_METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties", "magmax")
 
 
 @app.command()
@@ -706,17 +740,22 @@ def fuse(
     into: Annotated[str, typer.Option("--into", help="The line to fuse into (created when new).")],
     again: Annotated[bool, typer.Option("--again", help="Fuse TASK even when the line already holds it; without it "
                                                         "that is refused (exit 6), so a retried step cannot fuse twice.")] = False,
+    max_regression: Annotated[Optional[float], typer.Option(
+        "--max-regression", help="Quality gate: refuse the version (exit 6, nothing written) when a task the line holds "
+                                 "would lose more than POINTS of exact match on its validation examples (--val) against "
+                                 "the head.", metavar="POINTS")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, fuse_options: dict = None,
 ) -> None:
     """Fuse TASK into LINE unit by unit → a new immutable version."""
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.fuse(task, into, **fuse_options, again=again, registry=registry, progress=progress)
+        result = api.fuse(task, into, **fuse_options, again=again, max_regression=max_regression, registry=registry,
+                          progress=progress)
     stale = result.get("stale_start")
     if stale:  # on stderr, so with --json too
         how = ("merged with the head as two task vectors against the base; what the line learned since the task's "
-               "start counts once, through the head" if result["method"] in TASK_VECTOR_METHODS else
+               "start counts once, through the head" if methods.METHODS[result["method"]].family == methods.TASK_VECTOR else
                "blended unit by unit as usual; what the line learned since may be lost in the units it takes")
         print(f"kifmerge: warning: task {task!r} was trained from {stale['trained_from']}, not from the head "
               f"{stale['head']}; fused by {result['method']} ({how})", file=sys.stderr)
@@ -749,13 +788,15 @@ def train(
     data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} or {messages} (chat template) records.")],
     line: Annotated[str, typer.Option("--line", help="Train from this line's newest version.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation examples of the task, stored with it (same formats "
+                                                              "as --data): for fuse --method validated and --max-regression.")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, train_options: dict = None,
 ) -> None:
     """Fine-tune from LINE's newest version, record each unit's importance, register TASK."""
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.train(task, data, line, base=base, options=train_options, registry=registry, progress=progress)
+        result = api.train(task, data, line, base=base, options=train_options, val=val, registry=registry, progress=progress)
     if result is not None:
         emit(result, json_out, render_mapping)
 
@@ -773,6 +814,12 @@ def learn(
     rebase: Annotated[bool, typer.Option("--rebase", help="When the line gained a version while TASK trained, fuse it onto "
                                                           "the new head anyway (recorded, and warned about); without it "
                                                           "that fails with exit 6 and records nothing.")] = False,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation examples of the task, stored with it: for fuse "
+                                                              "--method validated and --max-regression.")] = None,
+    max_regression: Annotated[Optional[float], typer.Option(
+        "--max-regression", help="Quality gate: refuse the version (exit 6; neither task nor version is recorded) when a "
+                                 "task the line holds would lose more than POINTS of exact match on its validation "
+                                 "examples against the head.", metavar="POINTS")] = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
     train_options: dict = None, fuse_options: dict = None,
 ) -> None:
@@ -780,8 +827,8 @@ def learn(
     from kifmerge import api
 
     with progress_bars() as progress:
-        result = api.learn(task, data, into, base=base, options=train_options, **fuse_options, rebase=rebase,
-                           registry=registry, progress=progress)
+        result = api.learn(task, data, into, base=base, options=train_options, **fuse_options, rebase=rebase, val=val,
+                           max_regression=max_regression, registry=registry, progress=progress)
     rebased = (result or {}).get("rebased")
     if rebased:  # on stderr, so with --json too
         print(f"kifmerge: warning: --rebase: line {into!r} moved to {rebased['head']} while task {task!r} trained from "
@@ -817,7 +864,9 @@ def eval_(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer generated.")] = 8,
     max_length: Annotated[int, typer.Option("--max-length", help="Max prompt tokens (middle truncated).")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together (batched by length).")] = 16,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Generate under bfloat16 autocast (stored as its own setting).")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Generate under bfloat16 autocast (stored as its own setting); on a CPU "
+                                                      "without native bf16 it falls back to float32 with a warning.")] = False,
+    bf16_force: Annotated[bool, typer.Option("--bf16-force", help="Use bf16 even where it is not native (much slower).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Evaluate again even when a stored result matches.")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
@@ -826,8 +875,8 @@ def eval_(
 
     with progress_bars() as progress:
         result = api.evaluate(ref, _labelled_files(data), max_examples=max_examples, max_new_tokens=max_new_tokens,
-                              max_length=max_length, batch_size=batch_size, bf16=bf16, force=force, registry=registry,
-                              progress=progress)
+                              max_length=max_length, batch_size=batch_size, bf16=bf16, bf16_force=bf16_force, force=force,
+                              registry=registry, progress=progress)
     emit(result, json_out, render_eval)
 
 

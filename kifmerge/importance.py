@@ -101,6 +101,16 @@ class ImportanceAccumulator:
     def element_scores(self) -> dict[str, torch.Tensor]:
         return {n: self.ipt[n] * self.unc[n] for n in self.params}
 
+    def lora_element_scores(self) -> dict[str, torch.Tensor]:
+        """Element scores Ī·Ū of every LoRA factor, keyed as the tensor is saved in an adapter
+        (`…q_proj.lora_A.weight`, without peft's adapter name)."""
+        out = {}
+        for name, score in self.element_scores().items():
+            match = LORA_PARAM.match(name)
+            if match:
+                out[f"{match['module']}.lora_{match['factor']}.weight"] = score
+        return out
+
     def unit_scores(self, kind: str) -> dict[str, torch.Tensor]:
         """Raw unit scores per group, keyed as in the profile format: the adapted module name
         as it prefixes `.lora_A.weight` in saved adapters (`lora`), or the parameter name (`full`)."""

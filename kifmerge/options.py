@@ -20,7 +20,7 @@ class FuseParams(BaseModel):
     """Fusion parameters (DESIGN.md defaults)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    method: Literal["kif", "kif-adaptive", "linear", "task-arithmetic", "ties", "dare-linear", "dare-ties", "magmax"] = "kif"
+    method: str = Field("kif", description="a fusion method of the registry (kifmerge/fusion/methods.py)")
     top: float = Field(0.2, gt=0.0, le=1.0, description="fraction of units counted important")
     tau: float = Field(0.25, gt=0.0, description="softmax temperature of kif-adaptive")
     scores: Literal["minmax", "rank"] = Field("minmax", description="kif-adaptive: compare min–max normalised scores or their ranks")
@@ -29,6 +29,10 @@ class FuseParams(BaseModel):
     density: float = Field(0.5, gt=0.0, le=1.0, description="fraction of task-vector entries kept (ties, dare)")
     lam: float = Field(1.0, gt=0.0, description="scale of the merged task vector (baselines)")
     seed: int = Field(0, description="seed of DARE's random drops")
+    power: float = Field(0.5, ge=0.0, le=8.0, description="kif-element: exponent on the element scores (0: plain 0.5 average)")
+    grid: tuple[float, ...] = Field((0.3, 0.5, 0.7), min_length=1, max_length=21,
+                                    description="validated: the α values tried, each scored on validation examples")
+    val_examples: int = Field(100, ge=1, le=100_000, description="validation examples scored per task (validated, --max-regression)")
     shard_size: str = Field("5GB", description="largest output shard, as the hub writes it: 5GB, 500MB, 200KB")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="output dtype (default: the task's)")
     profile_weights: tuple[float, float] = (0.3, 0.7)
@@ -44,6 +48,22 @@ class FuseParams(BaseModel):
     def shard_bytes(self) -> int:
         number, unit = SIZE.match(self.shard_size).groups()
         return int(float(number) * SIZE_UNITS[unit.upper()])
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        from kifmerge.fusion.methods import METHODS, help_text
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}: choose {help_text()}")
+        return value
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 <= a <= 1.0 for a in value) or len(set(value)) != len(value):
+            raise ValueError("give distinct α values in [0, 1], e.g. 0.3,0.5,0.7")
+        return value
 
     @field_validator("weights", "profile_weights")
     @classmethod
@@ -62,20 +82,13 @@ class FuseParams(BaseModel):
         return {**chosen, "dtype": self.dtype} if self.dtype else chosen
 
     def _method_parameters(self) -> dict[str, Any]:
-        if self.method == "kif":
-            return {"top": self.top, "weights": list(self.weights), "profile_weights": list(self.profile_weights)}
-        if self.method == "linear":
-            return {"alpha": self.alpha, "profile_weights": list(self.profile_weights)}
-        if self.method == "magmax":  # a per-entry selection: no weights, no density
-            return {"lam": self.lam, "profile_weights": list(self.profile_weights)}
-        if self.method in ("task-arithmetic", "ties", "dare-linear", "dare-ties"):
-            chosen = {"alpha": self.alpha, "lam": self.lam, "profile_weights": list(self.profile_weights)}
-            if self.method != "task-arithmetic":
-                chosen["density"] = self.density
-            if self.method.startswith("dare"):
-                chosen["seed"] = self.seed
-            return chosen
-        return {"tau": self.tau, "scores": self.scores, "profile_weights": list(self.profile_weights)}
+        """The parameters the method's registry entry reads (kifmerge/fusion/methods.py), and the
+        profile weights every fuse uses; tuples as lists (JSON)."""
+        from kifmerge.fusion.methods import METHODS
+
+        chosen = {name: getattr(self, name) for name in METHODS[self.method].parameters}
+        chosen["profile_weights"] = self.profile_weights
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in chosen.items()}
 
 
 class TrainOptions(BaseModel):
@@ -136,4 +149,18 @@ def validated(model: type[BaseModel], what: str, values: dict[str, Any]) -> Any:
         if not first["loc"]:  # a rule across options
             raise UsageError(f"invalid {what} options: {first['msg'].removeprefix('Value error, ')}") from None
         option = "--" + ".".join(map(str, first["loc"])).replace("_", "-")
-        raise UsageError(f"invalid {what} option {option}: {first['msg']}") from None
+        raise UsageError(f"invalid {what} option {option}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def training_options(options: dict[str, Any] | None, what: str = "train") -> "TrainOptions":
+    """Validated training options as they will run: `bf16` only where this machine runs it
+    natively, unless `bf16_force` (not an option of the run itself, so not recorded)."""
+    values = dict(options or {})
+    force = bool(values.pop("bf16_force", False))
+    opts = validated(TrainOptions, what, values)
+    if opts.bf16:
+        from kifmerge.precision import resolve_bf16
+
+        if not resolve_bf16(True, force, what="training"):
+            opts = opts.model_copy(update={"bf16": False})
+    return opts

@@ -4,6 +4,12 @@ File format (safetensors, never pickle): keys are unit-group names, values 1-D f
 tensors of raw unit scores, metadata `{"format": "kifmerge-profile", "version": "1",
 "unit": "lora-rank" | "tensor"}`. In memory a profile is the flat vector of all unit scores
 in layout order (`UnitLayout.offsets`), which is what the fusion rules consume.
+
+Element level (optional, same file): keys `element:<tensor name>` hold one score per
+parameter element, shaped like the checkpoint's tensor, float16 (`kifmerge train` records
+them for LoRA adapters: the adapter's size, at half its bytes). They are normalised to mean 1
+over the whole checkpoint, so two tasks' scores compare element by element; a reader that
+does not know them ignores them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from kifmerge.units import UnitLayout
 
 FORMAT = "kifmerge-profile"
 VERSION = "1"
+ELEMENT = "element:"  # key prefix of element-level scores
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
@@ -53,7 +60,7 @@ def read_profile(path: str | Path, layout: UnitLayout) -> torch.Tensor:
     try:
         with safe_open(path, framework="pt") as handle:
             meta = handle.metadata() or {}
-            groups = {name: handle.get_tensor(name) for name in handle.keys()}
+            groups = {name: handle.get_tensor(name) for name in handle.keys() if not name.startswith(ELEMENT)}
     except SafetensorError as exc:
         raise InvalidInputError(f"profile {path} is not a safetensors file ({exc})") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -77,9 +84,48 @@ def read_profile(path: str | Path, layout: UnitLayout) -> torch.Tensor:
     return flatten(groups, layout)
 
 
-def write_profile(path: str | Path, flat: torch.Tensor, layout: UnitLayout, extra_meta: dict[str, str] | None = None) -> None:
+def write_profile(path: str | Path, flat: torch.Tensor, layout: UnitLayout, extra_meta: dict[str, str] | None = None,
+                  elements: dict[str, torch.Tensor] | None = None) -> None:
     meta = {"format": FORMAT, "version": VERSION, "unit": layout.unit, **(extra_meta or {})}
-    save_file(unflatten(flat.to(torch.float32), layout), str(path), metadata=meta)
+    tensors = unflatten(flat.to(torch.float32), layout)
+    if elements:
+        tensors.update({ELEMENT + name: score.to(torch.float16).contiguous() for name, score in normalise_elements(elements).items()})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def normalise_elements(elements: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Non-negative scores scaled to mean 1 over all elements (all zeros: all ones, no signal),
+    float32, and clipped at float16's largest value ÷ 2 so that they store in float16."""
+    total = sum(float(t.to(torch.float64).clamp_min(0).sum()) for t in elements.values())
+    count = sum(t.numel() for t in elements.values())
+    if not total > 0 or count == 0:
+        return {name: torch.ones_like(t, dtype=torch.float32) for name, t in elements.items()}
+    scale = count / total
+    return {name: (t.to(torch.float64).clamp_min(0) * scale).clamp_max(32000.0).to(torch.float32) for name, t in elements.items()}
+
+
+def read_elements(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
+    """A profile's element-level scores (float32) checked against the checkpoint's tensor
+    shapes, or None when the profile has none for every tensor."""
+    with safe_open(str(path), framework="pt") as handle:
+        names = [name for name in handle.keys() if name.startswith(ELEMENT)]
+        if not names:
+            return None
+        found = {name[len(ELEMENT):]: handle.get_tensor(name) for name in names}
+    if set(found) != set(shapes):
+        return None
+    for name, score in found.items():
+        if tuple(score.shape) != tuple(shapes[name]) or not bool(torch.isfinite(score).all()) or bool((score < 0).any()):
+            raise InvalidInputError(f"profile {path}: element scores of {name} do not fit the tensor (shape {list(score.shape)})")
+    return {name: score.to(torch.float32) for name, score in found.items()}
+
+
+def accumulate_elements(line: dict[str, torch.Tensor], new: dict[str, torch.Tensor], tasks_before: int) -> dict[str, torch.Tensor]:
+    """The line's element scores after a fuse: the running mean over the tasks it holds
+    (`tasks_before` of them in `line`), each task's scores normalised first."""
+    line, new = normalise_elements(line), normalise_elements(new)
+    n = max(tasks_before, 1)
+    return {name: (n * line[name] + new[name]) / (n + 1) for name in new}
 
 
 

@@ -600,8 +600,13 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
         fault_point("train.checkpoint-saved")
         layout = open_checkpoint(checkpoint).layout
         profile = out_dir / "profile.safetensors"
+        elements = None
+        if options.mode == "lora":  # element-level scores travel with the profile (the adapter's size, float16)
+            shapes = {name: tuple(shape) for name, shape in open_checkpoint(checkpoint).tensors.shapes.items()}
+            elements = {name: score for name, score in accumulator.lora_element_scores().items() if name in shapes}
+            elements = elements if set(elements) == set(shapes) else None
         write_profile(profile, from_unit_scores(accumulator.unit_scores(options.mode), layout), layout,
-                      {"estimator": options.importance, "steps": str(accumulator.steps)})
+                      {"estimator": options.importance, "steps": str(accumulator.steps)}, elements=elements)
         result = TrainResult(checkpoint, profile, metrics)
     return result
 

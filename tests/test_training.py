@@ -338,9 +338,12 @@ def test_a_line_keeps_its_kind_and_rank(cli, tmp_path, llama_dir, parity):
     assert "r=4" in cli("train", "t", "--data", parity, "--line", "line", "--lora-r", "8", code=2).stderr
 
 
-def test_warmup_and_bf16_reach_the_trainer_and_bf16_eval_is_its_own_setting(cli, tmp_path, llama_dir, parity):
+def test_warmup_and_bf16_reach_the_trainer_and_bf16_eval_is_its_own_setting(cli, tmp_path, llama_dir, parity, monkeypatch):
     """--warmup-steps holds the first steps' learning rate below --lr; --bf16 trains under
     autocast and is recorded; `eval --bf16` is stored apart from the float32 result."""
+    from kifmerge import precision
+
+    monkeypatch.setattr(precision, "bf16_support", lambda: (True, "a CPU with avx512_bf16 (test)"))
     cli("base", "add", "llama", llama_dir)
     cli("train", "warm", "--data", parity, "--line", "main", "--base", "llama", "--max-steps", "3", "--lr", "1e-3",
         "--warmup-steps", "2", "--bf16")
@@ -352,6 +355,29 @@ def test_warmup_and_bf16_reach_the_trainer_and_bf16_eval_is_its_own_setting(cli,
     assert bf16["settings"]["bf16"] is True and "bf16" not in fp32["settings"]
     assert not bf16["results"]["parity"]["reused"]
     assert cli.json("eval", "main", "--data", f"parity={parity}", "--max-examples", "4", "--bf16")["results"]["parity"]["reused"]
+
+
+def test_bf16_falls_back_to_float32_where_it_is_not_native_unless_forced(cli, tmp_path, llama_dir, parity, monkeypatch):
+    """Without native bf16 (an AVX2-only CPU, where a bf16 matmul ran 34× slower) `--bf16` trains
+    and evaluates in float32, records that, and says so in one line on stderr, in --json mode
+    too; `--bf16-force` keeps bf16."""
+    from kifmerge import precision
+
+    monkeypatch.setattr(precision, "bf16_support", lambda: (False, "CPU AVX2 without avx512_bf16 or amx_bf16"))
+    cli("base", "add", "llama", llama_dir)
+    done = cli("train", "plain", "--data", parity, "--line", "main", "--base", "llama", "--max-steps", "2", "--bf16", "--json")
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("kifmerge: warning: --bf16 ignored for training: CPU AVX2")
+    assert "34×" in warnings[0] and "--bf16-force" in warnings[0]
+    assert cli.json("show", "plain")["training_config"]["bf16"] is False
+    cli("train", "forced", "--data", parity, "--line", "main", "--base", "llama", "--max-steps", "2", "--bf16", "--bf16-force")
+    assert cli.json("show", "forced")["training_config"]["bf16"] is True
+    cli("fuse", "plain", "--into", "main")
+    evaluated = cli("eval", "main", "--data", f"parity={parity}", "--max-examples", "2", "--bf16", "--json")
+    assert "bf16" not in json.loads(evaluated.stdout)["settings"]
+    assert "--bf16 ignored for evaluation" in evaluated.stderr
+    forced = cli.json("eval", "main", "--data", f"parity={parity}", "--max-examples", "2", "--bf16", "--bf16-force")
+    assert forced["settings"]["bf16"] is True
 
 
 def test_warmup_schedule_ramps_up_then_decays():

@@ -370,3 +370,22 @@ class LoraDeltaFusion:
         over all modules and at the worst module."""
         relative = math.sqrt(self.cut / self.total) if self.total > 0 else 0.0
         return {"rank": self.rank, "relative_error": round(relative, 6), "worst_module_relative_error": round(self.worst, 6)}
+
+
+class ElementBlend:
+    """Element-level rules (kif-element): `old + w ⊙ (new − old)` with one weight per element,
+    given per tensor (computed by the rule from the line's and the task's element scores)."""
+
+    def __init__(self, old: TensorSource, new: TensorSource, weights: dict[str, torch.Tensor]):
+        self.sources, self.weights = [old, new], weights
+
+    def prepare(self, name: str, mapper: Callable) -> torch.Tensor:
+        return self.weights[name]
+
+    def block(self, name: str, rows: tuple[int, int], inputs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        old, new = (t.to(torch.float32) for t in inputs)
+        return torch.lerp(old, new, weights[rows[0]:rows[1]].reshape(new.shape))
+
+    def summary(self) -> dict:
+        count = sum(w.numel() for w in self.weights.values())
+        return {"elements": count, "new_weight_mean": round(sum(float(w.sum()) for w in self.weights.values()) / max(count, 1), 6)}

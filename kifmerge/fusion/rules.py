@@ -67,6 +67,17 @@ def linear(p_old: torch.Tensor, p_new: torch.Tensor, *, alpha: float = 0.5) -> t
     return torch.full(p_new.shape, alpha, dtype=torch.float32), torch.full(p_new.shape, 1.0 - alpha, dtype=torch.float32)
 
 
+def element_weights(i_line: torch.Tensor, i_new: torch.Tensor, *, power: float = 0.5) -> torch.Tensor:
+    """Per-element weight of the new task, `I_new^p / (I_new^p + I_line^p)`: the interpolation
+    `W_old + w·(W_new − W_old)` that Fisher merging is when the scores are Fisher information
+    and p = 1 (CoFiMA's continual form), tempered by p (p = 0: 0.5 everywhere). An element
+    neither scored takes 0.5."""
+    a = i_new.to(torch.float32).clamp_min(0).pow(power)
+    b = i_line.to(torch.float32).clamp_min(0).pow(power)
+    total = a + b
+    return torch.where(total > 0, a / total.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(a, 0.5))
+
+
 def blend(w_old: torch.Tensor, w_new: torch.Tensor, c_new: torch.Tensor, c_old: torch.Tensor, axis: int | None,
           out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`c_new·W_new + c_old·W_old` in float32, unit coefficients broadcast along `axis`

@@ -27,16 +27,18 @@ from kifmerge.faults import fault_point
 DB_NAME = "kifmerge.db"
 BUSY_TIMEOUT_MS = 30_000
 LOCK_ATTEMPTS = 12  # on top of the busy timeout: for the SQLITE_BUSY cases that skip it
-JSON_COLUMNS = {"config", "params", "metrics", "timings", "training_config", "adapter_config", "payload", "layout", "settings"}
+JSON_COLUMNS = {"config", "params", "metrics", "timings", "training_config", "adapter_config", "payload", "layout", "settings",
+                "validation"}
 
 # every table's primary key (Catalog.get / find / insert); a migration adding a table adds it here
 PRIMARY_KEYS = {"bases": ("name",), "tasks": ("name",), "profiles": ("task",), "lines": ("name",), "versions": ("id",),
                 "events": ("id",), "evaluations": ("id",), "aliases": ("line", "name")}
 MIGRATION_SET = "kifmerge"
 MIGRATIONS: list = []  # the schema's migrations, in order: functions of a sqlite_utils.Database
-# migrations that only add indexes: a registry without them is complete, only slower, so opening
-# it applies them (best effort) instead of asking for `kifmerge init`
-INDEX_MIGRATIONS = {"m005_indexes"}
+# migrations that only add indexes or nullable columns: a registry without them is complete (only
+# slower, or without the new optional data), so opening it applies them (best effort) instead of
+# asking for `kifmerge init`; code that predates them reads such a registry as before
+INDEX_MIGRATIONS = {"m005_indexes", "m006_task_validation"}
 
 
 def migration(fn):
@@ -141,6 +143,12 @@ def m005_indexes(db) -> None:
     db["versions"].create_index(["task"], if_not_exists=True)
     db["events"].create_index(["subject"], if_not_exists=True)
     db["tasks"].create_index(["created"], if_not_exists=True)
+
+
+@migration
+def m006_task_validation(db) -> None:
+    """A task's validation examples (`--val FILE`): {blob, records, data_fingerprint, source}."""
+    db["tasks"].add_column("validation", str)
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:

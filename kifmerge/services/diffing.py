@@ -9,10 +9,10 @@ import os
 from typing import Any
 
 from kifmerge.errors import InvalidInputError, UsageError
+from kifmerge.fusion.methods import METHODS
 from kifmerge.registry import Registry
 from kifmerge.services.common import opened, resolve_version
 
-UNIT_RULES = ("kif", "kif-adaptive", "linear")  # methods whose per-unit coefficients `diff` can recompute
 FATES = ("kept", "replaced", "blended")
 
 
@@ -94,7 +94,9 @@ def _steps(reg: Registry, layout, line: str, a: int, b: int) -> list[dict[str, A
     low, high = sorted((a, b))
     out = []
     for row in reg.catalog.rows("versions", "line = ? and number > ? and number <= ?", [line, low, high], order_by="number"):
-        fates = _fates(reg, layout, line, row) if row["method"] in UNIT_RULES else None
+        # the methods whose per-unit coefficients can be recomputed (a data rule: its unit rule at the recorded α)
+        recomputable = row["method"] in METHODS and METHODS[row["method"]].coefficients is not None
+        fates = _fates(reg, layout, line, row) if recomputable else None
         out.append({"version": f"v{row['number']}", "number": row["number"],
                     "parent": f"v{row['parent']}" if row["parent"] else None, "task": row["task"],
                     "method": row["method"], "params": row["params"],

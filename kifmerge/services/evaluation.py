@@ -29,7 +29,7 @@ TASK_PREFIX = "task:"  # `task:NAME`: a registered task's own weights, before an
 
 
 def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None = 100, max_new_tokens: int = 8,
-             max_length: int = 256, batch_size: int = 16, bf16: bool = False, force: bool = False,
+             max_length: int = 256, batch_size: int = 16, bf16: bool = False, bf16_force: bool = False, force: bool = False,
              registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
     """Generate greedy answers of LINE@vN (`@v0`: the base, zero-shot), or of `task:NAME` (a
     registered task's own weights: base + its adapter merged, or its full weights), for each
@@ -37,6 +37,7 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
     and settings is reused unless `force` (so a version whose weights are its task's, such as
     a line's first version, reuses the task's evaluation, and the other way round)."""
     from kifmerge.evaluation import generate_answers, score
+    from kifmerge.precision import resolve_bf16
     from kifmerge.training import load_records
 
     if not data:
@@ -49,6 +50,7 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
         raise UsageError(f"--max-new-tokens and --batch-size go up to 65536, --max-length to {2**20}, --max-examples to "
                          f"{MAX_EXAMPLES:,} (README: Limits)")
     settings = {"max_examples": max_examples, "max_new_tokens": max_new_tokens, "max_length": max_length}
+    bf16 = resolve_bf16(bf16, bf16_force, what="evaluation")  # float32 where bf16 is not native, unless forced
     if bf16:  # only when asked: float32 results stored before this option keep matching
         settings["bf16"] = True
     with opened(registry) as reg:

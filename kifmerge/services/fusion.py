@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kifmerge.errors import ConflictError, InvalidInputError
+from kifmerge.errors import ConflictError, InvalidInputError, UsageError
 from kifmerge.faults import fault_point
 from kifmerge.options import FuseParams
 from kifmerge.registry import Registry
@@ -32,16 +33,23 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
          scores: str | None = None,
          weights: tuple[float, float, float] | None = None, alpha: float | None = None,
          density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
-         shard_size: str | None = None, dtype: str | None = None, again: bool = False,
+         power: float | None = None, grid: tuple[float, ...] | None = None, val_examples: int | None = None,
+         max_regression: float | None = None, shard_size: str | None = None, dtype: str | None = None, again: bool = False,
          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
     """Fuse TASK into LINE → a new version. The first task of a line becomes v1 as it is.
 
     A task the line's head already holds (fused into it, and not rolled back since) is refused
     with a ConflictError (exit 6) unless `again`: a retried pipeline step must not fuse twice.
     A task trained from an older version of LINE than its head is fused all the same and the
-    result says so in `stale_start` (`{"trained_from": "LINE@vN", "head": "LINE@vM"}`, else None)."""
+    result says so in `stale_start` (`{"trained_from": "LINE@vN", "head": "LINE@vM"}`, else None).
+
+    `max_regression` (points of exact match): the version is not created (ConflictError, exit 6)
+    when a task the line holds would lose more than that on its validation examples against the
+    head (services/validation.py); `method="validated"` chooses linear's α on them from `grid`."""
     params = fuse_params(method=method, top=top, tau=tau, scores=scores, weights=weights, alpha=alpha, density=density,
-                         lam=lam, seed=merge_seed, shard_size=shard_size, dtype=dtype)
+                         lam=lam, seed=merge_seed, power=power, grid=grid, val_examples=val_examples, shard_size=shard_size,
+                         dtype=dtype)
+    check_max_regression(max_regression)
     check_name(into, "line")
     with opened(registry) as reg:
         task_row = reg.catalog.get("tasks", task, "task")
@@ -52,7 +60,7 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
                 "or `--calibrate DATA` (or train it with `kifmerge train`, which records one)")
         for attempt in range(1, REBASE_ATTEMPTS + 1):  # the line moved meanwhile: fuse again onto its new head
             holder = refuse_fused_again(reg, task_row, into, again)
-            staged = stage_version(reg, task_row, profile_row["scores"], into, params, progress)
+            staged = stage_version(reg, task_row, profile_row["scores"], into, params, progress, max_regression=max_regression)
             if holder is not None:
                 staged.notes["again"] = f"{into}@v{holder['number']}"
             fault_point("fuse.staged")
@@ -65,6 +73,11 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
                 head = reg.catalog.head(into)
                 if attempt == REBASE_ATTEMPTS or (head["number"] if head else 0) == staged.row["number"] - 1:
                     raise
+
+
+def check_max_regression(points: float | None) -> None:
+    if points is not None and not (math.isfinite(points) and 0 <= points <= 100):
+        raise UsageError(f"invalid fuse option --max-regression: {points} is not a number of points from 0 to 100")
 
 
 @dataclass
@@ -128,15 +141,16 @@ def stale_start(reg: Registry, task_row: dict, line: str, head: dict | None) -> 
 
 
 def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, params: FuseParams,
-                   progress: Progress) -> StagedVersion:
-    """Compute the fused weights and the line's new profile and store their blobs; no rows yet."""
+                   progress: Progress, max_regression: float | None = None) -> StagedVersion:
+    """Compute the fused weights and the line's new profile and store their blobs; no rows yet.
+    With validation (`validated`, `max_regression`) the weights are checked before any is stored."""
     from kifmerge.checkpoints import read_headers
-    from kifmerge.fusion import rules
-    from kifmerge.fusion.engine import LoraDeltaFusion, TaskVectorFusion, TensorSource, UnitBlend, stream_fused
+    from kifmerge.fusion.methods import DATA, ELEMENT, METHODS, TASK_VECTOR
+    from kifmerge.fusion.engine import ElementBlend, LoraDeltaFusion, TaskVectorFusion, TensorSource, UnitBlend, stream_fused
     import torch
 
     from kifmerge.fusion.writer import SAFETENSORS_DTYPES, StreamingShardWriter, TensorSpec
-    from kifmerge.profiles import accumulate, normalise, read_profile, write_profile
+    from kifmerge.profiles import accumulate, accumulate_elements, normalise, read_elements, read_profile, write_profile
     from kifmerge.units import layout_for
 
     started = time.perf_counter()
@@ -150,12 +164,15 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
     new_headers = read_headers(new_ws.tensor_files(), new_ws.weight_map)
     layout = layout_for(kind, new_headers.shapes)
     p_new = read_profile(reg.blobs.open_verified(profile_sha), layout)
+    task_elements = read_elements(reg.blobs.open_verified(profile_sha), new_headers.shapes)
+    line_elements = None
     staging = reg.blobs.staging_dir()
     timings: dict[str, float] = {}
     try:
         if head is None:
             method, recorded = "initial", {}
             weights_sha, p_line = task_row["weights"], normalise(p_new)
+            line_elements = task_elements
         else:
             if kind == "lora":
                 check_lora_compatible(head["adapter_config"], task_row["adapter_config"], task, into)
@@ -164,13 +181,31 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 raise InvalidInputError(f"task {task!r} has a different unit layout than {into}@v{head['number']} "
                                         "(other modules, ranks or tensors); it must be trained from the same running model")
             p_old = read_profile(reg.blobs.open_verified(head["profile"]), layout)
+            head_elements = read_elements(reg.blobs.open_verified(head["profile"]), new_headers.shapes)
+            family = METHODS[params.method].family
+            validation, selection = None, None
+            if family == DATA or max_regression is not None:
+                from kifmerge.services.validation import open_validated_fuse
+
+                validation = open_validated_fuse(reg, task_row, into, head, val_examples=params.val_examples)
+            if family == DATA:  # then fused as its unit rule with the α chosen
+                chosen, selection = validation.choose_alpha(params.grid, task)
+                params = params.model_copy(update={"alpha": chosen})
             old_source = TensorSource(old_ws.files, old_ws.weight_map)
             new_source = TensorSource(new_ws.files, new_ws.weight_map)
             units = None
-            if params.method in rules.BASELINES and kind == "lora":
+            if family == ELEMENT:
+                if task_elements is None or head_elements is None:
+                    whose = f"task {task!r}" if task_elements is None else f"{into}@v{head['number']}"
+                    raise InvalidInputError(f"{params.method} needs element-level importance scores, and {whose}'s profile has "
+                                            "none: `kifmerge train` records them for LoRA tasks (since 2026-12-05)")
+                weights = {name: METHODS[params.method].element(params, head_elements[name], task_elements[name])
+                           for name in task_elements}
+                fusion = ElementBlend(old_source, new_source, weights)
+            elif family == TASK_VECTOR and kind == "lora":
                 fusion = LoraDeltaFusion(old_source, new_source, params.method, weights=[1 - params.alpha, params.alpha],
                                          density=params.density, lam=params.lam, seed=params.seed)
-            elif params.method in rules.BASELINES:
+            elif family == TASK_VECTOR:
                 tensors = open_base(reg, reg.catalog.get("bases", task_row["base"], "base")).tensors
                 fusion = TaskVectorFusion(old_source, new_source, TensorSource(tensors.files, tensors.weight_map),
                                           params.method, weights=[1 - params.alpha, params.alpha],
@@ -198,6 +233,11 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                     source.close()
             files, weight_map = writer.finish()
             fault_point("fuse.shards-written")
+            gate = None
+            if max_regression is not None:  # before anything is stored: a refused version leaves nothing behind
+                from kifmerge.services.validation import adapter_tensors
+
+                gate = validation.check_regression(adapter_tensors(files), max_regression, task, f"{into}@v{head['number'] + 1}")
             timings["fuse_s"] = round(time.perf_counter() - t0, 4)
             for side in set(new_ws.files) - set(new_ws.weight_map.values()) - set(files):
                 files[side] = new_ws.files[side]  # adapter_config.json / config.json travel along
@@ -211,13 +251,23 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             method, recorded = params.method, params.recorded()
             if units:
                 recorded["units"] = units
-            if params.method in rules.BASELINES:
+            if selection is not None:
+                recorded.update({"alpha": params.alpha, "selection": selection})
+            if gate is not None:
+                recorded["max_regression"] = gate
+            if family == ELEMENT:
+                recorded["elements"] = fusion.summary()
+            if family == TASK_VECTOR:
                 recorded["reference"] = "base"
                 if kind == "lora":
                     recorded["refactor"] = fusion.summary()
             p_line = accumulate(p_old, p_new, params.profile_weights)
+            if head_elements is not None and task_elements is not None:
+                from kifmerge.services.validation import held_tasks
+
+                line_elements = accumulate_elements(head_elements, task_elements, len(held_tasks(reg, into)))
         profile_path = staging / "profile.safetensors"
-        write_profile(profile_path, p_line, layout)
+        write_profile(profile_path, p_line, layout, elements=line_elements)
         profile_sha = reg.blobs.put_file(profile_path, move=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -231,19 +281,12 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
 
 
 def unit_coefficients(params: FuseParams, p_old, p_new) -> tuple:
-    """Per-unit (c_new, c_old) of the unit-wise methods (kif, kif-adaptive, linear) from the
-    line's accumulated profile and the task's raw profile. `diff` recomputes past fuses with it
-    from their recorded parameters (`FuseParams.recorded()`)."""
-    from kifmerge.fusion import rules
-    from kifmerge.profiles import normalise
+    """Per-unit (c_new, c_old) of a unit (or data) rule from the line's accumulated profile and
+    the task's raw profile, by its registry entry. `diff` recomputes past fuses with it from their
+    recorded parameters (`FuseParams.recorded()`)."""
+    from kifmerge.fusion.methods import METHODS
 
-    if params.method == "kif":
-        return rules.kif_static(p_old, normalise(p_new), top=params.top, both=params.weights[:2], neither=params.weights[2])
-    if params.method == "kif-adaptive":
-        if params.scores == "rank":
-            return rules.kif_adaptive(rules.rank_normalise(p_old), rules.rank_normalise(p_new), tau=params.tau)
-        return rules.kif_adaptive(p_old, normalise(p_new), tau=params.tau)
-    return rules.linear(p_old, p_new, alpha=params.alpha)
+    return METHODS[params.method].coefficients(params, p_old, p_new)
 
 
 def _trained_from_version(reg: Registry, ref: str | None) -> dict | None:

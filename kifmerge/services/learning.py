@@ -11,26 +11,31 @@ from typing import Any, Iterator
 
 from kifmerge.errors import ConflictError, InvalidInputError, NotFoundError, UsageError
 from kifmerge.faults import fault_point
-from kifmerge.options import FuseParams, TrainOptions, validated
+from kifmerge.options import FuseParams, TrainOptions, training_options
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_input
 from kifmerge.services.common import Progress, base_dir, check_name, fuse_params, opened, public_task, public_version
 from kifmerge.services.fusion import as_list, commit_version, stage_version, version_holding
 from kifmerge.services.tasks import StagedTask, commit_task, refuse_existing_task, stage_task
+from kifmerge.services.validation import store_validation
 
 
 def train(task: str, data: str | Path, line: str, *, base: str | None = None, options: dict[str, Any] | None = None,
-          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
+          val: str | Path | None = None, registry: str | os.PathLike | None = None,
+          progress: Progress = None) -> dict[str, Any] | None:
     """Fine-tune from LINE's newest version (or from the base when the line is empty), record
-    the importance profile while training, and register TASK. Returns None on non-main ranks."""
+    the importance profile while training, and register TASK (with its validation examples
+    `val`, for validated fuses). Returns None on non-main ranks."""
     from kifmerge.training import wait_for_main_process
 
-    opts = validated(TrainOptions, "train", options or {})
+    opts = training_options(options)
     check_name(task, "task")
     check_name(line, "line")
     with opened(registry) as reg:
+        validation = store_validation(reg, val) if val else None  # a bad file fails before the training
         with _trained_task(reg, task, Path(data), line, base, opts, progress) as staged:
             if staged is not None:
+                staged.row["validation"] = validation
                 with reg.catalog.transaction():
                     commit_task(reg, staged)
     wait_for_main_process()
@@ -41,7 +46,9 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
           method: str = "kif", top: float | None = None, tau: float | None = None, scores: str | None = None,
           weights: tuple[float, float, float] | None = None, alpha: float | None = None,
           density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
+          power: float | None = None, grid: tuple[float, ...] | None = None, val_examples: int | None = None,
           shard_size: str | None = None, dtype: str | None = None, rebase: bool = False,
+          val: str | Path | None = None, max_regression: float | None = None,
           registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
     """The pipeline step: train TASK from INTO's newest version, then fuse it into INTO.
     Task and version are committed in one transaction: both, or nothing.
@@ -57,16 +64,23 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
     to commit returns the first's result. A learn whose line gained a version while it trained
     (its task started from a head that is no longer the head) fails with exit 6 naming both, and
     leaves nothing behind, unless `rebase`: then it is fused onto the new head and the result and
-    the `fuse` event record `rebased: {"trained_from", "head"}` (and `stale_start`)."""
+    the `fuse` event record `rebased: {"trained_from", "head"}` (and `stale_start`).
+
+    `val`: the task's validation examples, stored with it; `max_regression`: the fuse's quality
+    gate (services/validation.py): a refused version leaves neither task nor version behind."""
+    from kifmerge.services.fusion import check_max_regression
     from kifmerge.training import wait_for_main_process
 
-    opts = validated(TrainOptions, "train", options or {})
+    opts = training_options(options)
     params = fuse_params(method=method, top=top, tau=tau, scores=scores, weights=weights, alpha=alpha, density=density, lam=lam,
-                         seed=merge_seed, shard_size=shard_size, dtype=dtype)
+                         seed=merge_seed, power=power, grid=grid, val_examples=val_examples, shard_size=shard_size,
+                         dtype=dtype)
+    check_max_regression(max_regression)
     check_name(task, "task")
     check_name(into, "line")
     result = None
     with opened(registry) as reg:
+        validation = store_validation(reg, val) if val else None  # a bad file fails before the training
         previous = _previous_learn(reg, task, Path(data), into, base, opts, params)
         if previous is not None:
             return previous if int(os.environ.get("RANK", "0")) == 0 else None
@@ -76,8 +90,10 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
                 return previous if int(os.environ.get("RANK", "0")) == 0 else None
             with _trained_task(reg, task, Path(data), into, base, opts, progress) as staged:
                 if staged is not None:
+                    staged.row["validation"] = validation
                     fault_point("learn.task-staged")
-                    result = _fuse_learned(reg, staged, task, Path(data), into, base, opts, params, rebase, progress)
+                    result = _fuse_learned(reg, staged, task, Path(data), into, base, opts, params, rebase, progress,
+                                           max_regression)
     wait_for_main_process()
     return result
 
@@ -87,7 +103,8 @@ class _TaskLanded(Exception):
 
 
 def _fuse_learned(reg: Registry, staged: StagedTask, task: str, data: Path, into: str, base: str | None,
-                  opts: TrainOptions, params: FuseParams, rebase: bool, progress: Progress) -> dict[str, Any]:
+                  opts: TrainOptions, params: FuseParams, rebase: bool, progress: Progress,
+                  max_regression: float | None = None) -> dict[str, Any]:
     """Fuse the trained task into the line and commit both, unless the line moved since the
     training started (exit 6; with `rebase`, onto the new head) or an identical learn committed
     TASK meanwhile (its result, `reused: true`)."""
@@ -105,7 +122,8 @@ def _fuse_learned(reg: Registry, staged: StagedTask, task: str, data: Path, into
                                 "task onto the new head anyway",
                                 details={"error": "conflict", "reason": "line-moved", "task": task, "line": into,
                                          "trained_from": started, "head": now_at})
-        version = stage_version(reg, staged.row, staged.profile_row["scores"], into, params, progress)
+        version = stage_version(reg, staged.row, staged.profile_row["scores"], into, params, progress,
+                                max_regression=max_regression)
         if now_at != started:
             version.notes["rebased"] = {"trained_from": started, "head": now_at}
         fault_point("learn.version-staged")

@@ -27,8 +27,10 @@ from kifmerge.registry import Registry, resolve_root
 from kifmerge.registry.blobs import sha256_input
 from kifmerge.services.common import Progress, check_name, fuse_params, parse_ref
 
-FUSE_KWARGS = {"method": "method", "top": "top", "tau": "tau", "weights": "weights", "alpha": "alpha",
-               "density": "density", "lam": "lam", "seed": "merge_seed", "shard_size": "shard_size", "dtype": "dtype"}
+# a plan's fuse keys are FuseParams' fields; the service keyword differs for one (seed → merge_seed)
+FUSE_KWARGS = {name: {"seed": "merge_seed"}.get(name, name) for name in
+               ("method", "top", "tau", "scores", "weights", "alpha", "density", "lam", "seed", "power", "grid", "val_examples",
+                "shard_size", "dtype")}
 
 
 @dataclass
@@ -306,9 +308,9 @@ def _check_learn(plan: Plan, body: LearnStep, line_row: dict | None, catalog) ->
     """What `learn` checks before training: the mode against the line's, the LoRA shape options
     against its adapter, the fuse options, the tracker and precision."""
     from kifmerge.errors import UsageError
-    from kifmerge.options import TrainOptions, validated
+    from kifmerge.options import training_options
 
-    options = validated(TrainOptions, "train", {**plan.train, **body.train})
+    options = training_options({**plan.train, **body.train})
     fuse_params(**_fuse_kwargs(plan, body, as_params=True))
     if line_row is not None:
         if line_row["kind"] != options.mode:

@@ -137,6 +137,7 @@ def show(ref: str, *, registry: str | os.PathLike | None = None) -> dict[str, An
             fused = [f"{v['line']}@v{v['number']}" for v in reg.catalog.rows("versions", "task = ?", [ref], columns=["line", "number"])]
             return {"type": "task", **public_task(task), "weights": task["weights"], "adapter_config": task["adapter_config"],
                     "training_config": task["training_config"], "metrics": task["metrics"],
+                    "validation": task.get("validation"),
                     "profile": {k: profile[k] for k in ("unit", "estimator", "scores", "layout")} if profile else None,
                     "fused_into": fused}
         line = reg.catalog.find("lines", ref)

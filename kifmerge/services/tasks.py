@@ -18,7 +18,7 @@ from kifmerge.services.common import Progress, base_dir, check_name, now, open_b
 
 def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Path | None = None,
              line: str | None = None, calibrate: str | Path | None = None, calibrate_batches: int = 8,
-             calibrate_options: dict[str, Any] | None = None, allow_pickle: bool = False,
+             calibrate_options: dict[str, Any] | None = None, allow_pickle: bool = False, val: str | Path | None = None,
              registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
     """Validate a LoRA adapter or full checkpoint against its base and store it with its profile
     (given as a file, or computed with `calibrate` from gradients on a few batches of data).
@@ -52,6 +52,10 @@ def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Pat
                                  scratch=staging, **extra)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if val:
+            from kifmerge.services.validation import store_validation
+
+            staged.row["validation"] = store_validation(reg, val)
         fault_point("add-task.staged")
         with reg.catalog.transaction():
             commit_task(reg, staged)

@@ -1,0 +1,92 @@
+"""Element-level importance (kif-element): the scores `kifmerge train` stores with a LoRA
+task's profile, their accumulation in a line, and the importance-weighted interpolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import task_records, write_jsonl
+
+
+def test_element_weights_on_hand_computed_scores():
+    from kifmerge.fusion.rules import element_weights
+
+    line = torch.tensor([1.0, 0.0, 3.0, 0.0])
+    new = torch.tensor([1.0, 4.0, 1.0, 0.0])
+    # p = 1: 1/(1+1), 4/(4+0), 1/(1+3), neither scored → 0.5
+    torch.testing.assert_close(element_weights(line, new, power=1.0), torch.tensor([0.5, 1.0, 0.25, 0.5]))
+    # p = 0.5: √1/(√1+√1), 2/(2+0), 1/(1+√3) = 0.3660, 0.5
+    torch.testing.assert_close(element_weights(line, new, power=0.5), torch.tensor([0.5, 1.0, 0.366025, 0.5]))
+    # p = 0: a plain average wherever anything was scored
+    torch.testing.assert_close(element_weights(line, new, power=0.0), torch.full((4,), 0.5))
+
+
+def test_element_scores_normalise_to_mean_one_and_accumulate_as_a_running_mean():
+    from kifmerge.profiles import accumulate_elements, normalise_elements
+
+    scores = {"a": torch.tensor([2.0, 0.0]), "b": torch.tensor([[6.0, 0.0]])}       # mean 2 → ÷ 2
+    normalised = normalise_elements(scores)
+    torch.testing.assert_close(normalised["a"], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(normalised["b"], torch.tensor([[3.0, 0.0]]))
+    assert normalise_elements({"a": torch.zeros(3)})["a"].tolist() == [1.0, 1.0, 1.0], "no signal: uniform"
+    line = {"a": torch.tensor([1.0, 3.0])}                                           # mean 2 → [0.5, 1.5]
+    new = {"a": torch.tensor([4.0, 0.0])}                                            # mean 2 → [2, 0]
+    # the line held 3 tasks: (3·[0.5, 1.5] + [2, 0]) / 4
+    torch.testing.assert_close(accumulate_elements(line, new, 3)["a"], torch.tensor([0.875, 1.125]))
+
+
+def test_train_stores_element_scores_and_kif_element_interpolates_by_them(cli, tmp_path, llama_dir):
+    """Two tasks trained with `kifmerge train`: the profile holds one float16 score per adapter
+    element (mean 1), `read_profile` still reads the unit scores, and v2 by kif-element is
+    `v1 + w ⊙ (task − v1)` with w from the line's and the task's scores; the version's profile
+    carries the running mean of the element scores."""
+    from kifmerge.fusion.rules import element_weights
+    from kifmerge.profiles import ELEMENT, accumulate_elements, read_elements
+    from kifmerge.registry import Registry
+
+    cli("base", "add", "llama", llama_dir)
+    for name, kind in (("t1", "parity"), ("t2", "vowel")):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", task_records(kind, 16, seed=1))
+        cli("train", name, "--data", data, "--line", "main", "--base", "llama", "--max-steps", "3", "--lr", "1e-2")
+        if name == "t1":
+            cli("fuse", "t1", "--into", "main")
+    version = cli.json("fuse", "t2", "--into", "main", "--method", "kif-element", "--power", "1")
+    assert version["params"]["power"] == 1.0 and 0 < version["params"]["elements"]["new_weight_mean"] < 1
+
+    reg = Registry.open(cli.registry)
+    task = {row["name"]: row for row in reg.catalog.rows("tasks")}
+    profiles = {row["task"]: reg.blobs.open_verified(row["scores"]) for row in reg.catalog.rows("profiles")}
+    v1, v2 = (reg.catalog.rows("versions", "line = ? AND number = ?", ["main", n])[0] for n in (1, 2))
+    weights = {n: load_file(reg.weights(task[n]["weights"]).files["adapter_model.safetensors"]) for n in ("t1", "t2")}
+    shapes = {name: tuple(t.shape) for name, t in weights["t1"].items()}
+    raw = load_file(profiles["t2"])
+    assert {k for k in raw if k.startswith(ELEMENT)} == {ELEMENT + name for name in shapes}
+    assert all(raw[ELEMENT + name].dtype == torch.float16 for name in shapes)
+    line_scores = read_elements(reg.blobs.open_verified(v1["profile"]), shapes)
+    task_scores = read_elements(profiles["t2"], shapes)
+    assert sum(float(t.sum()) for t in task_scores.values()) / sum(t.numel() for t in task_scores.values()) == pytest.approx(1, rel=1e-2)
+    fused = load_file(reg.weights(v2["weights"]).files["adapter_model.safetensors"])
+    for name, old in weights["t1"].items():
+        w = element_weights(line_scores[name], task_scores[name], power=1.0)
+        torch.testing.assert_close(fused[name], old + w * (weights["t2"][name] - old), msg=name)
+    accumulated = read_elements(reg.blobs.open_verified(v2["profile"]), shapes)
+    expected = accumulate_elements(line_scores, task_scores, 1)
+    for name in shapes:  # stored in float16, renormalised to mean 1
+        torch.testing.assert_close(accumulated[name], expected[name], atol=2e-3, rtol=2e-3)
+
+
+def test_kif_element_needs_element_scores(cli, tmp_path, llama_dir):
+    """A task registered with a unit-only profile cannot be fused by kif-element: one line, exit 4."""
+    from conftest import LORA_TARGETS, make_lora, write_profile
+    from test_fuse_export import designed_scores, unit_groups
+
+    cli("base", "add", "llama", llama_dir)
+    for seed in (1, 2):
+        ckpt = make_lora(llama_dir, tmp_path / f"l{seed}", seed, LORA_TARGETS)
+        profile = write_profile(tmp_path / f"p{seed}.safetensors", designed_scores(unit_groups(ckpt, "lora"), {0}, 1.0)[0], "lora-rank")
+        cli("add-task", f"l{seed}", ckpt, "--base", "llama", "--profile", profile)
+    cli("fuse", "l1", "--into", "main")
+    refused = cli("fuse", "l2", "--into", "main", "--method", "kif-element", code=4)
+    assert "element-level importance scores" in refused.stderr and refused.stderr.count("\n") == 1
