@@ -1263,15 +1263,15 @@ def run_plan(
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Run a plan's learn / add-task / fuse / eval steps in order; finished steps are skipped."""
-    from kifmerge.services.plans import run_plan as run
+    from kifmerge import api
 
     def announce(step) -> None:
         state = "already done, skipped" if step.status == "done" else ("would run" if dry_run else "running")
         sys.stderr.write(f"step {step.index}: {step.kind} {step.subject} — {state}\n")
 
     with progress_bars() as progress:
-        result = run(plan, dry_run=dry_run, registry=registry, progress=progress,
-                     on_step=None if dry_run or QUIET.get() else announce)
+        result = api.run_plan(plan, dry_run=dry_run, registry=registry, progress=progress,
+                              on_step=None if dry_run or QUIET.get() else announce)
     for step in result["steps"]:  # as `fuse` warns, on stderr (so with --json too)
         stale = (step.get("result") or {}).get("stale_start")
         if stale:

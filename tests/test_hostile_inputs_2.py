@@ -238,7 +238,7 @@ def test_a_gzip_bomb_is_refused_before_it_is_decompressed(world, tmp_path, monke
             handle.write(record * 1000)
     assert bomb.stat().st_size < 1_000_000
     monkeypatch.setenv("KIFMERGE_MAX_DATA_BYTES", str(8 * 1024 * 1024))
-    import kifmerge.preflight  # noqa: F401 — imported before measuring: the measure is of reading the data
+    import kifmerge.services.preflight  # noqa: F401 — imported before measuring: the measure is of reading the data
     import kifmerge.services.learning  # noqa: F401
     import kifmerge.training  # noqa: F401
     tracemalloc.start()

@@ -388,7 +388,7 @@ def test_without_mlflow_the_commands_say_what_to_install(cli, monkeypatch):
 
 
 def test_nothing_but_the_mlflow_commands_imports_mlflow(tmp_path):
-    code = ("import sys, kifmerge.cli, kifmerge.api, kifmerge.services.mlflow_sync, kifmerge.preflight; "
+    code = ("import sys, kifmerge.cli, kifmerge.api, kifmerge.services.mlflow_sync, kifmerge.services.preflight; "
             "kifmerge.api.__dir__(); sys.exit('mlflow' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 

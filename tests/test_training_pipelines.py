@@ -211,7 +211,7 @@ def test_malformed_chat_records_name_file_and_line(tmp_path, record, message):
 # ---- trackers, precision, gradient checkpointing -----------------------------------------------------
 @pytest.mark.parametrize("tracker", ["tensorboard", "mlflow", "wandb"])
 def test_report_to_a_tracker_that_is_not_installed_is_one_line_before_any_work(cli, llama_dir, parity, tracker, monkeypatch):
-    from kifmerge import preflight
+    from kifmerge.services import preflight
 
     monkeypatch.setattr(preflight, "tracker_available", lambda name: False)
     cli("base", "add", "llama", llama_dir)
@@ -264,7 +264,7 @@ def test_gradient_checkpointing_trains_the_same_weights_and_profile(cli, llama_d
 
 def test_tensorboard_logs_outlive_the_staging_area(tmp_path, monkeypatch):
     from kifmerge.options import TrainOptions
-    from kifmerge.preflight import tracker_environment
+    from kifmerge.services.preflight import tracker_environment
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)

@@ -252,7 +252,7 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
     """Run the training for TASK and stage its blobs; the staging folder lives for the block.
     The run's resumable checkpoints (kifmerge/resume.py) outlive an interruption and are removed
     once the block has committed."""
-    from kifmerge.preflight import check_training_environment, tracker_environment
+    from kifmerge.services.preflight import check_training_environment, tracker_environment
     from kifmerge.resume import discard_if_empty, resume_folder, resume_key
     from kifmerge.training import load_records, run_training, split_records
 

@@ -321,7 +321,7 @@ def _check_learn(plan: Plan, body: LearnStep, line_row: dict | None, catalog) ->
 
             _check_rank_options(head["adapter_config"], options, plan.line)
     if options.report_to != "none" or options.fp16:
-        from kifmerge.preflight import check_training_environment
+        from kifmerge.services.preflight import check_training_environment
 
         check_training_environment(options)
 
