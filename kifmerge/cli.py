@@ -196,7 +196,7 @@ def storage_error(exc: OSError | sqlite3.Error):
                                 "readable and writable; check them and run it again; nothing was recorded")
         return IntegrityError(f"the catalog is damaged or not a kifmerge catalog ({text}); restore the registry from a copy")
     where = f" ({exc.filename})" if exc.filename else ""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    if isinstance(exc, (ConnectionError, TimeoutError)) and not isinstance(exc, BrokenPipeError):  # a pipe is local
         return RemoteError(f"a connection failed{where}: {exc.strerror or exc}; run the command again once it works")
     if exc.errno is None:  # a library's OSError without errno: a file it could not use (transformers, say)
         return InvalidInputError(" ".join(str(exc).split()) or type(exc).__name__)
