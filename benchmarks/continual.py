@@ -140,6 +140,12 @@ def digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def file_digest(path: Path) -> str:
+    """A data file's identity by content, so that a training's name does not depend on where the
+    checkout lies (the same trainings are found from any copy of the repository)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def train_options(args: argparse.Namespace, seed: int) -> dict:
     """The training options of every task (also the inputs of its name's digest)."""
     return {"max_steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup, "batch_size": args.batch_size,
@@ -211,7 +217,7 @@ class Experiment:
             return task.val if task else None
         out = self.registry.parent / "validation" / f"{task.name}.jsonl"
         if not out.exists():
-            from kifmerge.training import load_records
+            from kifmerge.data import load_records
 
             records = load_records(task.dev)[self.args.eval_examples: self.args.eval_examples + VALIDATION_EXAMPLES]
             if not records:
@@ -228,7 +234,7 @@ class Experiment:
             if len(self.versions(line)) >= step:
                 continue
             options = self.options_for(method, step)
-            key = digest(self.head_weights(line), options, str(task.train), line if options.get("replay") else None)
+            key = digest(self.head_weights(line), options, file_digest(task.train), line if options.get("replay") else None)
             name = f"{task.name}-{key}"
             self.train(name, task.train, line, options)
             log(f"seed {self.seed}: fuse {name} into {line} ({METHODS[method].fuse})")
@@ -246,7 +252,7 @@ class Experiment:
     def multitask(self) -> None:
         mixed = self.registry.parent / ("mtl-train.jsonl" if self.first is None else f"mtl-first{self.first}-train.jsonl")
         if not mixed.exists():
-            from kifmerge.training import load_records
+            from kifmerge.data import load_records
 
             records = [r for t in self.tasks for r in load_records(t.train, self.args.train_examples)]
             random.Random(self.seed).shuffle(records)
@@ -512,7 +518,7 @@ def write_order(stem: Path, title: str, tasks: list[str], per_seed: list[dict], 
 
 def render_order(p: dict) -> str:
     s = p["settings"]
-    train, evaluation = s["train"], s["eval"]
+    train = s["train"]
     lines = [f"# Continual learning: {p['title']} ({' → '.join(p['tasks'])})", "",
              f"SmolLM2-135M, LoRA r {train['lora_r']} (q/v), {train['max_steps']} steps per task at batch {train['batch_size']}, "
              f"lr {train['lr']} with {train['warmup_steps']} warmup steps, max length {train['max_length']}, precision "
