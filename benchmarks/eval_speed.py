@@ -43,7 +43,7 @@ def before_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     import torch
 
     from kifmerge.evaluation import first_line
-    from kifmerge.training import Encoder
+    from kifmerge.data import Encoder
 
     encoder = Encoder(tokenizer, False, max_length)
     model.eval()
@@ -67,7 +67,7 @@ def before_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int
 
 def run_task(task: str, model, tokenizer, args: argparse.Namespace) -> dict:
     from kifmerge.evaluation import exact_match, generate_answers, longest_answer
-    from kifmerge.training import load_records
+    from kifmerge.data import load_records
 
     records = load_records(DATA / "dev" / f"{task}.jsonl.gz", max_examples=args.examples)
     settings = {"max_new_tokens": args.max_new_tokens, "max_length": args.max_length, "batch_size": args.batch_size}

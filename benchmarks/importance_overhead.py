@@ -53,8 +53,9 @@ def worker(case: str, steps: int, callback: bool, model_dir: Path) -> dict:
 
     from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
     from kifmerge.options import TrainOptions
-    from kifmerge.training import (Encoder, KifTrainer, build_model, is_seq2seq, load_records, load_tokenizer,
-                                   training_arguments, training_collator)
+    from kifmerge.data import Encoder, load_records
+    from kifmerge.modeling import build_model, is_seq2seq, load_tokenizer
+    from kifmerge.training import KifTrainer, training_arguments, training_collator
 
     _, mode, batch, length, _ = CASES[case]
     config = json.loads((model_dir / "config.json").read_text())

@@ -51,7 +51,7 @@ def smollm2_session(threads: int | None):
     import torch
     from transformers.utils import logging as hf_logging
 
-    from kifmerge.training import load_tokenizer
+    from kifmerge.modeling import load_tokenizer
 
     hf_logging.set_verbosity_error()
     env = os.environ.get("OMP_NUM_THREADS")
@@ -99,7 +99,8 @@ def kifmerge_collator(model, tokenizer, options):
     try:
         from kifmerge.training import training_collator
     except ImportError:
-        from kifmerge.training import Collator, supports_logits_window
+        from kifmerge.data import Collator
+        from kifmerge.modeling import supports_logits_window
 
         return Collator(tokenizer.pad_token_id, False, supports_logits_window(model))
     return training_collator(model, tokenizer, False, options)
@@ -125,7 +126,8 @@ class Recipe:
         from transformers.trainer_callback import PrinterCallback
 
         from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
-        from kifmerge.training import DEFAULT_TARGETS, KifTrainer, build_model, load_tokenizer, training_arguments
+        from kifmerge.modeling import DEFAULT_TARGETS, build_model, load_tokenizer
+        from kifmerge.training import KifTrainer, training_arguments
 
         config = json.loads((model_dir / "config.json").read_text())
         tokenizer = load_tokenizer(model_dir)
@@ -300,7 +302,7 @@ def main() -> None:
     args.threads, tokenizer = smollm2_session(args.threads)
     import torch
 
-    from kifmerge.training import Encoder, load_records
+    from kifmerge.data import Encoder, load_records
     records = load_records(DATA / "train" / f"{args.task}.jsonl.gz", max_examples=(args.steps + 1) * args.batch_size)
     features = [Encoder(tokenizer, False, args.max_length)(r) for r in records]
     batches = [features[i:i + args.batch_size] for i in range(0, len(features), args.batch_size)]

@@ -12,7 +12,9 @@ from kifmerge.checkpoints import Checkpoint
 from kifmerge.importance import ImportanceAccumulator, calibrate
 from kifmerge.options import TrainOptions
 from kifmerge.profiles import from_unit_scores, write_profile
-from kifmerge.training import Collator, Encoder, answer_loss, build_model, is_seq2seq, load_records, load_tokenizer, supports_logits_window
+from kifmerge.data import Collator, Encoder, load_records
+from kifmerge.modeling import build_model, is_seq2seq, load_tokenizer, supports_logits_window
+from kifmerge.training import answer_loss
 
 
 def calibrate_profile(checkpoint: Checkpoint, base_dir: Path, base_config: dict, data: Path, batches: int,

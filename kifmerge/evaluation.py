@@ -120,7 +120,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, seq2seq: bool, max
     """
     import torch
 
-    from kifmerge.training import Encoder, cast_linear_weights
+    from kifmerge.data import Encoder
+    from kifmerge.modeling import cast_linear_weights
 
     encoder = Encoder(tokenizer, seq2seq, max_length)
     model.eval()
@@ -167,8 +168,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, seq2seq: bool, max
 
 def longest_answer(tokenizer, prompts: list, references: list[str], seq2seq: bool) -> int:
     """Tokens of the longest reference as the model would write it after its prompt (as in
-    training: kifmerge.training.Encoder), end-of-text not counted."""
-    from kifmerge.training import answer_text
+    training: kifmerge.data.Encoder), end-of-text not counted."""
+    from kifmerge.data import answer_text
 
     eos = tokenizer.eos_token_id
     longest = 0

@@ -90,26 +90,11 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
-def model_class_for(config: dict):
-    """The transformers class named in the config (`architectures[0]`), else the Auto class."""
-    import transformers
-
-    for name in config.get("architectures") or []:
-        if hasattr(transformers, name):
-            return getattr(transformers, name)
-    if config.get("is_encoder_decoder"):
-        return transformers.AutoModelForSeq2SeqLM
-    return transformers.AutoModelForCausalLM
-
-
 def merge_adapter_into_base(adapter_dir: Path, base_dir: Path, base_config: dict, out_dir: Path) -> None:
     """peft: load base, apply the adapter, `merge_and_unload`, save as safetensors."""
-    import torch
-    from peft import PeftModel
+    from kifmerge.modeling import load_model
 
-    quiet_transformers()
-    model = model_class_for(base_config).from_pretrained(base_dir, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged = load_model(base_dir, base_config, adapter_dir=adapter_dir, merge=True)
     merged.save_pretrained(out_dir, safe_serialization=True, max_shard_size=HUB_SHARD_SIZE)  # hub-style shards + index
     copy_model_side_files(base_dir, out_dir, include_config=False)
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kifmerge.checkpoints import read_text
 from kifmerge.errors import InvalidInputError
+from kifmerge.hub import looks_like_hub_id
 from kifmerge.limits import MAX_NESTING, MAX_PLAN_BYTES, MAX_PLAN_STEPS, MAX_PLAN_VALUES, nesting_depth
 from kifmerge.options import FuseParams, TrainOptions
 
@@ -176,7 +177,7 @@ def load_plan(path: str | Path) -> tuple[Plan, Path]:
                 setattr(body, field, _absolute(folder, value))
         if isinstance(body, EvalStep):
             body.data = {label: _absolute(folder, file) for label, file in body.data.items()}
-    if plan.base and plan.base.path and not _looks_like_hub_id(plan.base.path):
+    if plan.base and plan.base.path and not looks_like_hub_id(plan.base.path):
         plan.base.path = str(_absolute(folder, Path(plan.base.path)))
     return plan, folder
 
@@ -184,10 +185,6 @@ def load_plan(path: str | Path) -> tuple[Plan, Path]:
 def _absolute(folder: Path, value: Path) -> Path:
     value = value.expanduser()
     return value if value.is_absolute() else folder / value
-
-
-def _looks_like_hub_id(value: str) -> bool:
-    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
 
 
 def _parse(path: Path, text: str) -> Any:

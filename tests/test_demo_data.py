@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kifmerge.training import load_records
+from kifmerge.data import load_records
 
 REPO = Path(__file__).resolve().parent.parent
 

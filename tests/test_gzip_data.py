@@ -85,7 +85,7 @@ def test_bad_gzip_data_is_one_line_and_exit_4(cli, tmp_path, llama_dir, case):
 
 def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
     """U+2028, U+2029 and U+0085 are legal unescaped inside a JSON string; JSONL splits on \\n only."""
-    from kifmerge.training import load_records
+    from kifmerge.data import load_records
 
     records = [{"input": "one\u2028two\u2029three\x85four", "output": "x"}, {"input": "b", "output": "y"}]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -240,6 +240,7 @@ def test_a_gzip_bomb_is_refused_before_it_is_decompressed(world, tmp_path, monke
     monkeypatch.setenv("KIFMERGE_MAX_DATA_BYTES", str(8 * 1024 * 1024))
     import kifmerge.services.preflight  # noqa: F401 — imported before measuring: the measure is of reading the data
     import kifmerge.services.learning  # noqa: F401
+    import kifmerge.data  # noqa: F401
     import kifmerge.training  # noqa: F401
     tracemalloc.start()
     try:
@@ -314,8 +315,8 @@ def test_plan_limits(world, tmp_path, kind):
 
 
 def test_a_plan_run_hashes_and_reads_each_data_file_once(world, tmp_path, monkeypatch):
+    import kifmerge.data as records
     import kifmerge.registry.blobs as blobs
-    import kifmerge.training as training
 
     cli, f = world
     data = write_jsonl(tmp_path / "once.jsonl", task_records("vowel", 8))
@@ -323,9 +324,9 @@ def test_a_plan_run_hashes_and_reads_each_data_file_once(world, tmp_path, monkey
     steps += [{"eval": {"ref": "main@v1", "data": {"vowel": str(data)}, "eval": {"max_examples": 2 + i}}} for i in range(50)]
     plan = write_plan(tmp_path, {"line": "main", "steps": steps})
     hashed, loaded = [], []
-    real_hash, real_load = blobs.sha256_file, training.load_records
+    real_hash, real_load = blobs.sha256_file, records.load_records
     monkeypatch.setattr(blobs, "sha256_file", lambda path: hashed.append(Path(path)) or real_hash(path))
-    monkeypatch.setattr(training, "load_records", lambda path, *a: loaded.append(Path(path)) or real_load(path, *a))
+    monkeypatch.setattr(records, "load_records", lambda path, *a: loaded.append(Path(path)) or real_load(path, *a))
     result = cli.json("run", plan, "--dry-run")
     assert len(result["steps"]) == 250 and result["pending"] == 250
     assert hashed.count(data) == 1 and loaded.count(data) == 1

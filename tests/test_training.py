@@ -22,7 +22,9 @@ def stored(cli, sha: str) -> Path:
 
 
 def task_profile(cli, task: str) -> dict[str, torch.Tensor]:
-    return load_file(stored(cli, cli.json("show", task)["profile"]["scores"]))
+    """A task's unit scores (the profile file's element-level keys, `element:…`, left out)."""
+    return {k: v for k, v in load_file(stored(cli, cli.json("show", task)["profile"]["scores"])).items()
+            if not k.startswith("element:")}
 
 
 def task_weights(cli, sha: str) -> dict[str, torch.Tensor]:

@@ -144,7 +144,7 @@ def test_save_steps_zero_saves_nothing(cli, llama_dir, parity, monkeypatch):
 def test_chat_records_are_rendered_with_the_template_train_and_evaluate(cli, tmp_path, chat_llama):
     from transformers import AutoTokenizer
 
-    from kifmerge.training import IGNORE, Encoder, load_records
+    from kifmerge.data import Encoder, IGNORE, load_records
 
     records = task_records("parity", 12)
     data = write_jsonl(tmp_path / "chat.jsonl", as_messages(records))
@@ -168,7 +168,7 @@ def test_chat_records_are_rendered_with_the_template_train_and_evaluate(cli, tmp
 
 def test_plain_and_chat_records_can_share_a_file(tmp_path):
     from kifmerge.chat import Conversation
-    from kifmerge.training import load_records
+    from kifmerge.data import load_records
 
     records = task_records("parity", 2)
     data = write_jsonl(tmp_path / "mixed.jsonl", [records[0], *as_messages(records[1:])])
@@ -200,7 +200,7 @@ def test_chat_data_without_a_chat_template_is_one_line_error(cli, tmp_path, llam
 ])
 def test_malformed_chat_records_name_file_and_line(tmp_path, record, message):
     from kifmerge.errors import InvalidInputError
-    from kifmerge.training import load_records
+    from kifmerge.data import load_records
 
     data = write_jsonl(tmp_path / "bad.jsonl", [as_messages(task_records("parity", 1))[0], record])
     with pytest.raises(InvalidInputError, match=message) as caught:

@@ -26,7 +26,7 @@ def lora_model(llama_dir):
     from transformers import set_seed
 
     from kifmerge.options import TrainOptions
-    from kifmerge.training import build_model
+    from kifmerge.modeling import build_model
 
     set_seed(0)
     model = build_model(llama_dir, json.loads((llama_dir / "config.json").read_text()), TrainOptions(), None)
@@ -48,14 +48,15 @@ def loss_and_grads(model, batch):
 
 
 def encoded(llama_dir, records, max_length=64):
-    from kifmerge.training import Encoder, load_tokenizer
+    from kifmerge.data import Encoder
+    from kifmerge.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(llama_dir)
     return tokenizer, [Encoder(tokenizer, False, max_length)(r) for r in records]
 
 
 def test_pack_rows_packs_only_when_it_saves_work():
-    from kifmerge.training import pack_rows
+    from kifmerge.data import pack_rows
 
     assert pack_rows([10, 10, 10, 10], 0.01) is None  # no padding: nothing to save
     rows = pack_rows([30, 10, 12, 8], 0.01)  # 10 + 12 + 8 fill a row as wide as the 30
@@ -65,7 +66,8 @@ def test_pack_rows_packs_only_when_it_saves_work():
 
 
 def test_packed_rows_and_the_index_window_give_the_padded_loss_and_gradients(llama_dir):
-    from kifmerge.training import Collator, packing_cost, packs_sequences
+    from kifmerge.data import Collator
+    from kifmerge.modeling import packing_cost, packs_sequences
 
     model = lora_model(llama_dir)
     tokenizer, features = encoded(llama_dir, varied_records(4))
@@ -100,7 +102,7 @@ def test_generation_with_a_shared_prefix_and_a_label_limit_answers_as_before(lla
     from transformers import AutoModelForCausalLM
 
     from kifmerge.evaluation import generate_answers, longest_answer
-    from kifmerge.training import load_tokenizer
+    from kifmerge.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(llama_dir)
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
@@ -123,7 +125,7 @@ def test_generation_with_a_shared_prefix_and_a_label_limit_answers_as_before(lla
 def test_bf16_generation_casts_linear_weights_once_and_puts_them_back(llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from kifmerge.training import cast_linear_weights
+    from kifmerge.modeling import cast_linear_weights
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
     model.tie_weights()
@@ -143,8 +145,8 @@ def test_bf16_generation_casts_linear_weights_once_and_puts_them_back(llama_dir)
 def test_generation_in_bf16_with_cast_weights_matches_autocast_alone(llama_dir, monkeypatch, bf16):
     from transformers import AutoModelForCausalLM
 
-    from kifmerge import evaluation, training
-    from kifmerge.training import load_tokenizer
+    from kifmerge import evaluation, modeling
+    from kifmerge.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(llama_dir)
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
@@ -153,6 +155,6 @@ def test_generation_in_bf16_with_cast_weights_matches_autocast_alone(llama_dir, 
     cast = evaluation.generate_answers(model, tokenizer, prompts, **settings)
     calls = []  # the stand-in records its calls: under bf16 the comparison is with autocast alone, and
     # without bf16 the weights are never cast (the two runs are then the same code, as they should be)
-    monkeypatch.setattr(training, "cast_linear_weights", lambda model, dtype, **kw: calls.append(dtype) or (lambda: None))
+    monkeypatch.setattr(modeling, "cast_linear_weights", lambda model, dtype, **kw: calls.append(dtype) or (lambda: None))
     assert evaluation.generate_answers(model, tokenizer, prompts, **settings) == cast
     assert calls == ([torch.bfloat16] if bf16 else [])

@@ -38,7 +38,7 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
     a line's first version, reuses the task's evaluation, and the other way round)."""
     from kifmerge.evaluation import generate_answers, score
     from kifmerge.precision import resolve_bf16
-    from kifmerge.training import load_records
+    from kifmerge.data import load_records
 
     if not data:
         raise UsageError("give at least one --data NAME=FILE")
@@ -130,30 +130,22 @@ def _complete_metrics(reg: Registry, row: dict, cache: dict | None = None) -> di
 def _model_for_evaluation(reg: Registry, base_row: dict, kind: str, weights: str | None):
     """The model to generate with: the base (`weights` None), base + a merged adapter (`kind`
     lora), or full weights — of a version or of a task."""
-    import torch
+    from kifmerge.export import copy_model_side_files
+    from kifmerge.modeling import is_seq2seq, load_model, load_tokenizer
 
-    from kifmerge.export import model_class_for, quiet_transformers
-    from kifmerge.training import is_seq2seq, load_tokenizer
-
-    quiet_transformers()
     folder = base_dir(reg, base_row)
     tokenizer = load_tokenizer(folder)
-    cls = model_class_for(base_row["config"])
     staging = reg.blobs.staging_dir()
     try:
         if weights is None:
-            model = cls.from_pretrained(folder, dtype=torch.float32)
+            model = load_model(folder, base_row["config"])
         elif kind == "lora":
-            from peft import PeftModel
-
             reg.copy_weights(weights, staging)
-            model = PeftModel.from_pretrained(cls.from_pretrained(folder, dtype=torch.float32), staging).merge_and_unload()
+            model = load_model(folder, base_row["config"], adapter_dir=staging, merge=True)
         else:
-            from kifmerge.export import copy_model_side_files
-
             reg.copy_weights(weights, staging)
             copy_model_side_files(folder, staging, include_config=True)
-            model = cls.from_pretrained(staging, dtype=torch.float32)
+            model = load_model(folder, base_row["config"], weights_dir=staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model, tokenizer, is_seq2seq(base_row["config"])

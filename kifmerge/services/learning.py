@@ -254,7 +254,8 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
     once the block has committed."""
     from kifmerge.services.preflight import check_training_environment, tracker_environment
     from kifmerge.resume import discard_if_empty, resume_folder, resume_key
-    from kifmerge.training import load_records, run_training, split_records
+    from kifmerge.data import load_records, split_records
+    from kifmerge.training import run_training
 
     refuse_existing_task(reg, task)
     line_row = reg.catalog.find("lines", line)
@@ -322,7 +323,7 @@ def _replay_examples(reg: Registry, line: str, opts: TrainOptions, n_train: int)
     tasks (files found by recorded path and checked against their recorded sha256)."""
     import random
 
-    from kifmerge.training import load_records
+    from kifmerge.data import load_records
 
     if not opts.replay:
         return {"examples": [], "sources": None}

@@ -339,7 +339,7 @@ def _check_add_task(body: AddTaskStep, base_model) -> list[Path]:
     if body.profile:
         read_profile(body.profile, ckpt.layout)
     if body.calibrate:
-        from kifmerge.training import load_records
+        from kifmerge.data import load_records
 
         load_records(body.calibrate)
     side = [ADAPTER_CONFIG] if ckpt.kind == "lora" else ["config.json", "generation_config.json", "model.safetensors.index.json"]
@@ -396,7 +396,7 @@ _record_counts: dict[tuple, int] = {}
 
 def _count_records(path: Path) -> int:
     """Records in a data file (validated as the run will read it), read once per process."""
-    from kifmerge.training import load_records
+    from kifmerge.data import load_records
 
     info = path.stat()
     key = (str(path.resolve()), info.st_size, info.st_mtime_ns, info.st_ctime_ns)
@@ -417,7 +417,7 @@ def _first_weights_bytes(plan: Plan, catalog, options) -> int | None:
     """A new line's first weights, from the base's tensor headers: a LoRA adapter holds
     r·(in + out) float32 values per adapted weight; a full fine-tune, the base's tensors."""
     from kifmerge.checkpoints import open_model
-    from kifmerge.training import DEFAULT_TARGETS
+    from kifmerge.modeling import DEFAULT_TARGETS
 
     row = catalog.find("bases", plan.base.name) if catalog else None
     path = (row or {}).get("path") or plan.base.path

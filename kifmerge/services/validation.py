@@ -33,7 +33,7 @@ MAX_ANSWER_TOKENS = 64
 def store_validation(reg: Registry, path: str | os.PathLike) -> dict[str, Any]:
     """Read a validation file (the formats training reads) into a registry blob; the task row's
     `validation` column holds what this returns."""
-    from kifmerge.training import load_records
+    from kifmerge.data import load_records
 
     records = load_records(Path(path))
     if not records:
@@ -108,20 +108,15 @@ def open_scorer(reg: Registry, base_row: dict, adapter_weights: str, max_length:
     """The base model with the adapter of `adapter_weights` (a weights manifest sha) attached, unmerged."""
     import shutil
 
-    import torch
-    from peft import PeftModel
-
-    from kifmerge.export import model_class_for, quiet_transformers
+    from kifmerge.modeling import is_seq2seq, load_model, load_tokenizer
     from kifmerge.precision import bf16_support
     from kifmerge.services.common import base_dir
-    from kifmerge.training import is_seq2seq, load_tokenizer
 
-    quiet_transformers()
     folder = base_dir(reg, base_row)
     staging = reg.blobs.staging_dir()
     try:
         reg.copy_weights(adapter_weights, staging)
-        model = PeftModel.from_pretrained(model_class_for(base_row["config"]).from_pretrained(folder, dtype=torch.float32), staging)
+        model = load_model(folder, base_row["config"], adapter_dir=staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     model.eval()
