@@ -294,7 +294,7 @@ class Experiment:
         once (a run cut short leaves whole methods behind), and a method with a cell is skipped."""
         for method in self.args.methods:
             if read_cell(self.cell_path(method), self.settings) is not None:
-                log(f"seed {self.seed}: {method}: cell {self.cell_path(method).relative_to(ROOT)} exists, skipped")
+                log(f"seed {self.seed}: {method}: cell {self.cell_path(method)} exists, skipped")
                 continue
             if method == "mtl":
                 self.multitask()
@@ -355,7 +355,7 @@ class Experiment:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(cell, indent=1))
         temporary.replace(path)
-        log(f"seed {self.seed}: {method}: wrote {path.relative_to(ROOT)} (train {wall['train'] / 60:.1f} min, "
+        log(f"seed {self.seed}: {method}: wrote {path} (train {wall['train'] / 60:.1f} min, "
             f"fuse {wall['fuse']:.0f} s, eval {wall['eval'] / 60:.1f} min)")
 
 
