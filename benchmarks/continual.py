@@ -91,6 +91,9 @@ METHODS = {
     "kif-element": Method("element-level importance-weighted interpolation: head + w ⊙ Δ per LoRA factor element, "
                           "w = I_new^½ / (I_new^½ + I_line^½), element scores Ī·Ū from training (mean-1 normalised, "
                           "the line's a running mean)", {"method": "kif-element"}),
+    "regmean": Method("RegMean in ΔW = B·A space: each module's updates weighted by the Gram matrices of the inputs "
+                      "they saw in training (train --gram; the line's is the sum over its tasks), off-diagonals ×0.9, "
+                      "re-factored to rank 8", {"method": "regmean"}, {"gram": True}),
     "validated": Method("linear with α chosen per fuse from 0.3/0.5/0.7 by the mean exact match on 100 validation examples "
                         "of every task so far (dev examples 301–400, never reported)", {"method": "validated"}),
     "replay": Method("SeqLoRA with 2 % of each training set drawn from the line's earlier tasks (--replay 0.02)",

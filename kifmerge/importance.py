@@ -159,3 +159,37 @@ def calibrate(model: torch.nn.Module, batches: Iterable[dict], accumulator: Impo
             advance(1)
     for p in accumulator.params.values():
         p.grad = None
+
+
+class GramCollector:
+    """RegMean's statistics: for every LoRA-adapted linear module, the Gram matrix `XᵀX` of the
+    inputs it saw while training (float32, in × in), summed over the steps' tokens (padding
+    included; a step whose forward is recomputed under gradient checkpointing counts twice).
+    Forward pre-hooks on peft's LoRA layers; nothing is kept on evaluation passes."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self._handles = []
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Linear):
+                # peft's module name is how the module prefixes `.lora_A.weight` in a saved adapter
+                self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        @torch.no_grad()
+        def hook(module, args):
+            if not module.training or not args:
+                return
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            gram = x.T @ x
+            if name in self.grams:
+                self.grams[name].add_(gram)
+            else:
+                self.grams[name] = gram
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -29,6 +29,7 @@ class FuseParams(BaseModel):
     density: float = Field(0.5, gt=0.0, le=1.0, description="fraction of task-vector entries kept (ties, dare)")
     lam: float = Field(1.0, gt=0.0, description="scale of the merged task vector (baselines)")
     seed: int = Field(0, description="seed of DARE's random drops")
+    non_diagonal: float = Field(0.9, ge=0.0, le=1.0, description="regmean: scale of the Gram matrices' off-diagonal entries")
     power: float = Field(0.5, ge=0.0, le=8.0, description="kif-element: exponent on the element scores (0: plain 0.5 average)")
     grid: tuple[float, ...] = Field((0.3, 0.5, 0.7), min_length=1, max_length=21,
                                     description="validated: the α values tried, each scored on validation examples")
@@ -115,6 +116,7 @@ class TrainOptions(BaseModel):
     beta2: float = Field(0.85, ge=0.0, lt=1.0)
     orth_reg: float = Field(0.0, ge=0.0, le=1e6)
     replay: float = Field(0.0, ge=0.0, lt=1.0)
+    gram: bool = Field(False, description="record each LoRA module's input Gram matrix XᵀX with the profile (for regmean)")
     warmup_steps: int = Field(0, ge=0, le=limits.MAX_STEPS, description="linear learning-rate warmup before the linear decay")
     bf16: bool = Field(False, description="bfloat16 autocast (CPUs with avx512_bf16, recent GPUs); weights stay float32")
     fp16: bool = Field(False, description="float16 autocast with loss scaling (CUDA GPUs only); weights stay float32")

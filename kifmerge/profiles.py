@@ -26,6 +26,7 @@ from kifmerge.units import UnitLayout
 FORMAT = "kifmerge-profile"
 VERSION = "1"
 ELEMENT = "element:"  # key prefix of element-level scores
+GRAM = "gram:"  # key prefix of a LoRA module's input Gram matrix (RegMean)
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ def read_profile(path: str | Path, layout: UnitLayout) -> torch.Tensor:
     try:
         with safe_open(path, framework="pt") as handle:
             meta = handle.metadata() or {}
-            groups = {name: handle.get_tensor(name) for name in handle.keys() if not name.startswith(ELEMENT)}
+            groups = {name: handle.get_tensor(name) for name in handle.keys() if not name.startswith((ELEMENT, GRAM))}
     except SafetensorError as exc:
         raise InvalidInputError(f"profile {path} is not a safetensors file ({exc})") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -85,12 +86,29 @@ def read_profile(path: str | Path, layout: UnitLayout) -> torch.Tensor:
 
 
 def write_profile(path: str | Path, flat: torch.Tensor, layout: UnitLayout, extra_meta: dict[str, str] | None = None,
-                  elements: dict[str, torch.Tensor] | None = None) -> None:
+                  elements: dict[str, torch.Tensor] | None = None, grams: dict[str, torch.Tensor] | None = None) -> None:
     meta = {"format": FORMAT, "version": VERSION, "unit": layout.unit, **(extra_meta or {})}
     tensors = unflatten(flat.to(torch.float32), layout)
     if elements:
         tensors.update({ELEMENT + name: score.to(torch.float16).contiguous() for name, score in normalise_elements(elements).items()})
+    if grams:
+        tensors.update({GRAM + name: gram.to(torch.float32).contiguous() for name, gram in grams.items()})
     save_file(tensors, str(path), metadata=meta)
+
+
+def read_grams(path: str | Path, modules: list[str]) -> dict[str, torch.Tensor] | None:
+    """A profile's Gram matrices, one per LoRA module (all of `modules`, square, finite), or None."""
+    with safe_open(str(path), framework="pt") as handle:
+        names = [name for name in handle.keys() if name.startswith(GRAM)]
+        if not names:
+            return None
+        found = {name[len(GRAM):]: handle.get_tensor(name) for name in names}
+    if set(found) != set(modules):
+        return None
+    for name, gram in found.items():
+        if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or not bool(torch.isfinite(gram).all()):
+            raise InvalidInputError(f"profile {path}: the Gram matrix of {name} is not a finite square matrix")
+    return found
 
 
 def normalise_elements(elements: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -215,6 +215,11 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     start = prepare(checkpoints, options.resume) if checkpoints is not None else None
     if start is not None:
         load_importance(accumulator, start / STATE_FILE)
+    grams = None
+    if options.gram and options.mode == "lora":
+        from kifmerge.importance import GramCollector
+
+        grams = GramCollector(model)
     trainer = KifTrainer(
         model=model, args=training_arguments(options, checkpoints or out_dir / "trainer", run_name,
                                                      options.save_steps if checkpoints is not None else 0),
@@ -251,8 +256,11 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
             shapes = {name: tuple(shape) for name, shape in open_checkpoint(checkpoint).tensors.shapes.items()}
             elements = {name: score for name, score in accumulator.lora_element_scores().items() if name in shapes}
             elements = elements if set(elements) == set(shapes) else None
+        if grams is not None:
+            grams.remove()
         write_profile(profile, from_unit_scores(accumulator.unit_scores(options.mode), layout), layout,
-                      {"estimator": options.importance, "steps": str(accumulator.steps)}, elements=elements)
+                      {"estimator": options.importance, "steps": str(accumulator.steps)}, elements=elements,
+                      grams={k: v for k, v in grams.grams.items() if k in layout.groups} if grams is not None else None)
         result = TrainResult(checkpoint, profile, metrics)
     return result
 

@@ -94,6 +94,8 @@ with_train_options = option_group("train_options", [
     _train(None, "--orth-reg", help="LoRA orthogonality regulariser λ (default: 0, off).", kind=Optional[float]),
     _train(None, "--replay", help="Fraction of examples replayed from the line's earlier tasks (default: 0).", kind=Optional[float]),
     _train(None, "--warmup-steps", help="Linear learning-rate warmup steps before the linear decay (default: 0).", kind=Optional[int]),
+    _train(False, "--gram", help="Record each LoRA module's input Gram matrix XᵀX with the profile (for fuse --method "
+                                 "regmean; about in² floats per module).", kind=bool),
     _train(False, "--bf16", help="bfloat16 autocast for the forward/backward (weights and importance stay float32). On a "
                                  "CPU without native bf16 (no avx512_bf16/amx_bf16) it falls back to float32 with a warning.", kind=bool),
     _train(False, "--bf16-force", help="Use bf16 even where it is not native (measured 34× slower than float32 on an AVX2 CPU).",
@@ -120,6 +122,8 @@ with_fuse_options = option_group("fuse_options", [
     _fusion(None, "--merge-seed", help="Seed of DARE's random drops (default: 0).", kind=Optional[int]),
     _fusion(None, "--power", help="Exponent on the element scores (kif-element; 0: a plain 0.5 average; default: 0.5).",
             kind=Optional[float]),
+    _fusion(None, "--non-diagonal", help="Scale of the Gram matrices' off-diagonal entries (regmean; 1: exact least "
+                                         "squares, 0: per-feature weights; default: 0.9).", kind=Optional[float]),
     _fusion(None, "--grid", help="α values tried by --method validated, each scored on the tasks' validation examples "
                                  "(default: 0.3,0.5,0.7).", kind=Optional[str]),
     _fusion(None, "--val-examples", help="Validation examples scored per task (validated, --max-regression; default: 100).",

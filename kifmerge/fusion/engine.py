@@ -330,7 +330,7 @@ class LoraDeltaFusion:
     def __init__(self, old: TensorSource, new: TensorSource, method: str, *, weights: list[float], density: float,
                  lam: float, seed: int):
         self.sources = [old, new]
-        self.config, self.weights, self.density, self.lam, self.seed = BASELINES[method], weights, density, lam, seed
+        self.config, self.weights, self.density, self.lam, self.seed = BASELINES.get(method), weights, density, lam, seed
         self._factors: dict[str, dict[int, torch.Tensor]] = {}
         self.cut, self.total, self.worst, self.rank = 0.0, 0.0, 0.0, 0
 
@@ -349,10 +349,7 @@ class LoraDeltaFusion:
                 lora_a, lora_b = (source.get(f"{module}.lora_{side}.weight") for side in "AB")
                 products.append(lora_product(lora_a, lora_b))
             rank = self.sources[-1].info(f"{module}.lora_A.weight").shape[0]
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63)
-            merged = task_vector_merge(torch.zeros_like(products[0]), products, self.weights, density=self.density,
-                                       lam=self.lam, generator=generator, out_dtype=torch.float32, **self.config)
-            lora_a, lora_b, cut, total = refactor_to_rank(merged, rank)
+            lora_a, lora_b, cut, total = refactor_to_rank(self.merge(module, products), rank)
             self.cut, self.total, self.rank = self.cut + cut, self.total + total, rank
             self.worst = max(self.worst, math.sqrt(cut / total) if total > 0 else 0.0)
             self._factors[module] = {0: lora_a, 1: lora_b}
@@ -361,6 +358,12 @@ class LoraDeltaFusion:
         if not factors:
             del self._factors[module]
         return factor
+
+    def merge(self, module: str, products: list[torch.Tensor]) -> torch.Tensor:
+        """The head's and the task's ΔW of one module → the merged ΔW (dense, float32)."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63)
+        return task_vector_merge(torch.zeros_like(products[0]), products, self.weights, density=self.density,
+                                 lam=self.lam, generator=generator, out_dtype=torch.float32, **self.config)
 
     def block(self, name: str, rows: tuple[int, int], inputs: list[torch.Tensor], factor: torch.Tensor) -> torch.Tensor:
         return factor[rows[0]:rows[1]]
@@ -389,3 +392,19 @@ class ElementBlend:
     def summary(self) -> dict:
         count = sum(w.numel() for w in self.weights.values())
         return {"elements": count, "new_weight_mean": round(sum(float(w.sum()) for w in self.weights.values()) / max(count, 1), 6)}
+
+
+class RegMeanFusion(LoraDeltaFusion):
+    """RegMean on a LoRA line (`rules.regmean`): per module, the head's and the task's ΔW = B·A
+    weighted by the Gram matrices of the inputs each saw (the line's: the sum over its tasks),
+    re-factored to the line's rank like the task-vector rules."""
+
+    def __init__(self, old: TensorSource, new: TensorSource, line_grams: dict[str, torch.Tensor],
+                 task_grams: dict[str, torch.Tensor], non_diagonal: float):
+        super().__init__(old, new, "regmean", weights=[0.5, 0.5], density=1.0, lam=1.0, seed=0)
+        self.grams, self.non_diagonal = (line_grams, task_grams), non_diagonal
+
+    def merge(self, module: str, products: list[torch.Tensor]) -> torch.Tensor:
+        from kifmerge.fusion.rules import regmean
+
+        return regmean(products, [self.grams[0][module], self.grams[1][module]], non_diagonal=self.non_diagonal)

@@ -15,7 +15,9 @@ Families:
 - `element`: a weight per parameter element, from element-level scores (`element`);
 - `task-vector`: the head and the task as task vectors against the base, merged by
   `rules.task_vector_merge` configured by `rules.BASELINES[name]` (LoRA: in ΔW = B·A space);
-- `data`: a unit rule whose parameter is chosen on the tasks' validation examples.
+- `data`: a unit rule whose parameter is chosen on the tasks' validation examples;
+- `gram`: a LoRA module's update weighted by the Gram matrices of its inputs (RegMean), which
+  `train --gram` records with the profile; in ΔW = B·A space, re-factored to the line's rank.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-UNIT, ELEMENT, TASK_VECTOR, DATA = "unit", "element", "task-vector", "data"
-FAMILIES = (UNIT, ELEMENT, TASK_VECTOR, DATA)
+UNIT, ELEMENT, TASK_VECTOR, DATA, GRAM = "unit", "element", "task-vector", "data", "gram"
+FAMILIES = (UNIT, ELEMENT, TASK_VECTOR, DATA, GRAM)
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,5 @@ register(FusionMethod("dare-linear", TASK_VECTOR, "DARE: random drops rescaled b
                       ("alpha", "lam", "density", "seed")))
 register(FusionMethod("dare-ties", TASK_VECTOR, "DARE drops, then TIES' sign election", ("alpha", "lam", "density", "seed")))
 register(FusionMethod("magmax", TASK_VECTOR, "MagMax: per entry the task vector of largest magnitude", ("lam",)))
+register(FusionMethod("regmean", GRAM, "RegMean: updates weighted by their inputs' Gram matrices (train --gram)",
+                      ("non_diagonal",)))

@@ -303,6 +303,25 @@ def refactor_to_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     return lora_a, lora_b, float(s[kept:].pow(2).sum()), float(s.pow(2).sum())
 
 
+def regmean(deltas: list[torch.Tensor], grams: list[torch.Tensor], *, non_diagonal: float = 0.9) -> torch.Tensor:
+    """RegMean (Jin et al., 2023) for one linear layer's updates: the ΔW minimising
+    Σ_i ‖X_i ΔWᵀ − X_i ΔW_iᵀ‖², i.e. `(Σ ΔW_i G_i)(Σ G_i)⁻¹` with `G_i = X_iᵀX_i` (in × in), each
+    G's off-diagonal entries scaled by `non_diagonal` first (1: the exact least-squares merge,
+    0: a per-input-feature weighted average). A common base weight cancels, so merging the
+    updates merges the layers. Solved, not inverted; a tiny ridge keeps a rank-deficient sum solvable."""
+    def reduced(gram: torch.Tensor) -> torch.Tensor:
+        gram = gram.to(torch.float64)
+        diagonal = torch.diag(torch.diagonal(gram))
+        return non_diagonal * gram + (1 - non_diagonal) * diagonal
+
+    reduced_grams = [reduced(g) for g in grams]
+    total = sum(reduced_grams)
+    weighted = sum(d.to(torch.float64) @ g for d, g in zip(deltas, reduced_grams, strict=True))
+    ridge = 1e-9 * float(torch.diagonal(total).mean().clamp_min(1e-30))
+    total = total + ridge * torch.eye(total.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(total, weighted.T).T.to(torch.float32)  # G symmetric: X·G = B ⟺ G·Xᵀ = Bᵀ
+
+
 BASELINES = {  # method → how task_vector_merge is configured (mergekit's defaults for each)
     "task-arithmetic": {"sparsify": None, "consensus": False, "normalize": False},
     "ties": {"sparsify": "magnitude", "consensus": True, "normalize": True},

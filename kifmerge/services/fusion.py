@@ -33,7 +33,7 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
          scores: str | None = None,
          weights: tuple[float, float, float] | None = None, alpha: float | None = None,
          density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
-         power: float | None = None, grid: tuple[float, ...] | None = None, val_examples: int | None = None,
+         power: float | None = None, non_diagonal: float | None = None, grid: tuple[float, ...] | None = None, val_examples: int | None = None,
          max_regression: float | None = None, shard_size: str | None = None, dtype: str | None = None, again: bool = False,
          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
     """Fuse TASK into LINE → a new version. The first task of a line becomes v1 as it is.
@@ -47,7 +47,7 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
     when a task the line holds would lose more than that on its validation examples against the
     head (services/validation.py); `method="validated"` chooses linear's α on them from `grid`."""
     params = fuse_params(method=method, top=top, tau=tau, scores=scores, weights=weights, alpha=alpha, density=density,
-                         lam=lam, seed=merge_seed, power=power, grid=grid, val_examples=val_examples, shard_size=shard_size,
+                         lam=lam, seed=merge_seed, power=power, non_diagonal=non_diagonal, grid=grid, val_examples=val_examples, shard_size=shard_size,
                          dtype=dtype)
     check_max_regression(max_regression)
     check_name(into, "line")
@@ -145,12 +145,28 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
     """Compute the fused weights and the line's new profile and store their blobs; no rows yet.
     With validation (`validated`, `max_regression`) the weights are checked before any is stored."""
     from kifmerge.checkpoints import read_headers
-    from kifmerge.fusion.methods import DATA, ELEMENT, METHODS, TASK_VECTOR
-    from kifmerge.fusion.engine import ElementBlend, LoraDeltaFusion, TaskVectorFusion, TensorSource, UnitBlend, stream_fused
+    from kifmerge.fusion.methods import DATA, ELEMENT, GRAM, METHODS, TASK_VECTOR
+    from kifmerge.fusion.engine import (
+        ElementBlend,
+        LoraDeltaFusion,
+        RegMeanFusion,
+        TaskVectorFusion,
+        TensorSource,
+        UnitBlend,
+        stream_fused,
+    )
     import torch
 
     from kifmerge.fusion.writer import SAFETENSORS_DTYPES, StreamingShardWriter, TensorSpec
-    from kifmerge.profiles import accumulate, accumulate_elements, normalise, read_elements, read_profile, write_profile
+    from kifmerge.profiles import (
+        accumulate,
+        accumulate_elements,
+        normalise,
+        read_elements,
+        read_grams,
+        read_profile,
+        write_profile,
+    )
     from kifmerge.units import layout_for
 
     started = time.perf_counter()
@@ -165,14 +181,15 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
     layout = layout_for(kind, new_headers.shapes)
     p_new = read_profile(reg.blobs.open_verified(profile_sha), layout)
     task_elements = read_elements(reg.blobs.open_verified(profile_sha), new_headers.shapes)
-    line_elements = None
+    task_grams = read_grams(reg.blobs.open_verified(profile_sha), list(layout.groups)) if kind == "lora" else None
+    line_elements, line_grams = None, None
     staging = reg.blobs.staging_dir()
     timings: dict[str, float] = {}
     try:
         if head is None:
             method, recorded = "initial", {}
             weights_sha, p_line = task_row["weights"], normalise(p_new)
-            line_elements = task_elements
+            line_elements, line_grams = task_elements, task_grams
         else:
             if kind == "lora":
                 check_lora_compatible(head["adapter_config"], task_row["adapter_config"], task, into)
@@ -202,6 +219,13 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 weights = {name: METHODS[params.method].element(params, head_elements[name], task_elements[name])
                            for name in task_elements}
                 fusion = ElementBlend(old_source, new_source, weights)
+            elif family == GRAM:
+                head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups)) if kind == "lora" else None
+                if task_grams is None or head_grams is None:
+                    whose = f"task {task!r}" if task_grams is None else f"{into}@v{head['number']}"
+                    raise InvalidInputError(f"{params.method} needs the Gram matrices of a LoRA line's inputs, and {whose}'s "
+                                            "profile has none: train every task of the line with `--gram`")
+                fusion = RegMeanFusion(old_source, new_source, head_grams, task_grams, params.non_diagonal)
             elif family == TASK_VECTOR and kind == "lora":
                 fusion = LoraDeltaFusion(old_source, new_source, params.method, weights=[1 - params.alpha, params.alpha],
                                          density=params.density, lam=params.lam, seed=params.seed)
@@ -259,15 +283,18 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 recorded["elements"] = fusion.summary()
             if family == TASK_VECTOR:
                 recorded["reference"] = "base"
-                if kind == "lora":
-                    recorded["refactor"] = fusion.summary()
+            if family == GRAM or (family == TASK_VECTOR and kind == "lora"):
+                recorded["refactor"] = fusion.summary()
             p_line = accumulate(p_old, p_new, params.profile_weights)
             if head_elements is not None and task_elements is not None:
                 from kifmerge.services.validation import held_tasks
 
                 line_elements = accumulate_elements(head_elements, task_elements, len(held_tasks(reg, into)))
+            if task_grams is not None:  # the line's Gram matrices: the sum over the tasks it holds
+                head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups))
+                line_grams = {name: head_grams[name] + task_grams[name] for name in task_grams} if head_grams else None
         profile_path = staging / "profile.safetensors"
-        write_profile(profile_path, p_line, layout, elements=line_elements)
+        write_profile(profile_path, p_line, layout, elements=line_elements, grams=line_grams)
         profile_sha = reg.blobs.put_file(profile_path, move=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

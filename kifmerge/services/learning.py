@@ -46,7 +46,7 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
           method: str = "kif", top: float | None = None, tau: float | None = None, scores: str | None = None,
           weights: tuple[float, float, float] | None = None, alpha: float | None = None,
           density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
-          power: float | None = None, grid: tuple[float, ...] | None = None, val_examples: int | None = None,
+          power: float | None = None, non_diagonal: float | None = None, grid: tuple[float, ...] | None = None, val_examples: int | None = None,
           shard_size: str | None = None, dtype: str | None = None, rebase: bool = False,
           val: str | Path | None = None, max_regression: float | None = None,
           registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
@@ -73,7 +73,7 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
 
     opts = training_options(options)
     params = fuse_params(method=method, top=top, tau=tau, scores=scores, weights=weights, alpha=alpha, density=density, lam=lam,
-                         seed=merge_seed, power=power, grid=grid, val_examples=val_examples, shard_size=shard_size,
+                         seed=merge_seed, power=power, non_diagonal=non_diagonal, grid=grid, val_examples=val_examples, shard_size=shard_size,
                          dtype=dtype)
     check_max_regression(max_regression)
     check_name(task, "task")

@@ -29,7 +29,8 @@ from kifmerge.services.common import Progress, check_name, fuse_params, parse_re
 
 # a plan's fuse keys are FuseParams' fields; the service keyword differs for one (seed → merge_seed)
 FUSE_KWARGS = {name: {"seed": "merge_seed"}.get(name, name) for name in
-               ("method", "top", "tau", "scores", "weights", "alpha", "density", "lam", "seed", "power", "grid", "val_examples",
+               ("method", "top", "tau", "scores", "weights", "alpha", "density", "lam", "seed", "power", "non_diagonal", "grid",
+                "val_examples",
                 "shard_size", "dtype")}
 
 

@@ -1,0 +1,80 @@
+"""RegMean on LoRA lines: the Gram matrices `train --gram` records with a task's profile, their
+sum in a line, and the closed-form merge of the ΔW = B·A updates, re-factored to the line's rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import task_records, write_jsonl
+
+
+def test_regmean_on_hand_computed_updates_and_grams():
+    from kifmerge.fusion.rules import regmean
+
+    # diagonal Grams: each input feature's column is averaged by that feature's energy
+    # Σ ΔW_i G_i = [2·3, 0] + [0, 4·3] = [6, 12]; Σ G_i = diag(4, 4) → [1.5, 3]
+    merged = regmean([torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 4.0]])],
+                     [torch.diag(torch.tensor([3.0, 1.0])), torch.diag(torch.tensor([1.0, 3.0]))])
+    torch.testing.assert_close(merged, torch.tensor([[1.5, 3.0]]))
+    # equal Grams: the plain average
+    torch.testing.assert_close(regmean([torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 4.0]])], [torch.eye(2)] * 2),
+                               torch.tensor([[1.0, 2.0]]))
+    # off-diagonals scaled by 0.5: G̃₁ = [[2, .5], [.5, 2]], G̃₂ = I; Σ ΔW G̃ = [2, .5] + [0, 1] = [2, 1.5];
+    # Σ G̃ = [[3, .5], [.5, 3]], det 8.75 → [2, 1.5]·[[3, −.5], [−.5, 3]] / 8.75 = [5.25, 3.5] / 8.75
+    merged = regmean([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])],
+                     [torch.tensor([[2.0, 1.0], [1.0, 2.0]]), torch.eye(2)], non_diagonal=0.5)
+    torch.testing.assert_close(merged, torch.tensor([[0.6, 0.4]]))
+
+
+def test_train_gram_and_regmean_through_the_cli(cli, tmp_path, llama_dir):
+    from kifmerge.fusion.rules import lora_product, regmean
+    from kifmerge.profiles import GRAM, read_grams
+    from kifmerge.registry import Registry
+
+    cli("base", "add", "llama", llama_dir)
+    for name, kind in (("t1", "parity"), ("t2", "vowel")):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", task_records(kind, 16, seed=2))
+        cli("train", name, "--data", data, "--line", "main", "--base", "llama", "--max-steps", "3", "--lr", "1e-2", "--gram")
+        if name == "t1":
+            cli("fuse", "t1", "--into", "main")
+    version = cli.json("fuse", "t2", "--into", "main", "--method", "regmean", "--non-diagonal", "0.7")
+    assert version["params"]["non_diagonal"] == 0.7 and 0 <= version["params"]["refactor"]["relative_error"] < 1
+
+    reg = Registry.open(cli.registry)
+    task = {row["name"]: row for row in reg.catalog.rows("tasks")}
+    profiles = {row["task"]: reg.blobs.open_verified(row["scores"]) for row in reg.catalog.rows("profiles")}
+    v1, v2 = (reg.catalog.rows("versions", "line = ? AND number = ?", ["main", n])[0] for n in (1, 2))
+    weights = {n: load_file(reg.weights(task[n]["weights"]).files["adapter_model.safetensors"]) for n in ("t1", "t2")}
+    modules = sorted({name.rsplit(".lora_", 1)[0] for name in weights["t1"]})
+    grams = {n: read_grams(profiles[n], modules) for n in ("t1", "t2")}
+    assert all(g[m].shape == (32, 32) and bool(torch.all(torch.diagonal(g[m]) > 0)) for g in grams.values() for m in modules)
+    assert {k for k in load_file(profiles["t2"]) if k.startswith(GRAM)} == {GRAM + m for m in modules}
+    fused = load_file(reg.weights(v2["weights"]).files["adapter_model.safetensors"])
+    rank = weights["t1"][f"{modules[0]}.lora_A.weight"].shape[0]
+    for module in modules:
+        a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        dense = regmean([lora_product(weights[n][a], weights[n][b]) for n in ("t1", "t2")],
+                        [grams["t1"][module], grams["t2"][module]], non_diagonal=0.7)
+        u, s, vh = torch.linalg.svd(dense)
+        torch.testing.assert_close(lora_product(fused[a], fused[b]), (u[:, :rank] * s[:rank]) @ vh[:rank],
+                                   atol=1e-5, rtol=1e-4, msg=module)
+    line = read_grams(reg.blobs.open_verified(v2["profile"]), modules)  # the line's: the sum over its tasks
+    for module in modules:
+        torch.testing.assert_close(line[module], grams["t1"][module] + grams["t2"][module])
+    assert read_grams(reg.blobs.open_verified(v1["profile"]), modules) is not None
+
+
+def test_regmean_needs_gram_matrices(cli, tmp_path, llama_dir):
+    cli("base", "add", "llama", llama_dir)
+    for name in ("t1", "t2"):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", task_records("parity", 8))
+        cli("train", name, "--data", data, "--line", "main", "--base", "llama", "--max-steps", "1")
+        if name == "t1":
+            cli("fuse", "t1", "--into", "main")
+    refused = cli("fuse", "t2", "--into", "main", "--method", "regmean", code=4)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("kifmerge: error")]
+    assert len(errors) == 1 and "--gram" in errors[0]
+    with pytest.raises(AssertionError):
+        cli("fuse", "t2", "--into", "main", "--method", "regmean", "--non-diagonal", "2")
