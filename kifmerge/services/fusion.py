@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,9 +94,9 @@ class StagedVersion:
         return {**public_version(self.row, self.kind), **{k: v for k, v in self.notes.items() if k != "again"}}
 
 
-def version_holding(reg: Registry, line: str, task: str) -> dict[str, Any] | None:
-    """The version whose fuse brought TASK into what LINE's head holds now, or None: walk back
-    from the head through parents, a rollback to vN holding what vN held."""
+def held_versions(reg: Registry, line: str) -> Iterator[dict[str, Any]]:
+    """The versions whose fuses brought what LINE's head holds now, newest first: walk back from
+    the head through parents, a rollback to vN holding what vN held."""
     versions = {v["number"]: v for v in reg.catalog.rows("versions", "line = ?", [line])}
     number, seen = max(versions, default=None), set()
     while number is not None and number in versions and number not in seen:
@@ -104,10 +105,13 @@ def version_holding(reg: Registry, line: str, task: str) -> dict[str, Any] | Non
         if version["method"] == "rollback":
             number = (version["params"] or {}).get("to")
             continue
-        if version["task"] == task:
-            return version
+        yield version
         number = version["parent"]
-    return None
+
+
+def version_holding(reg: Registry, line: str, task: str) -> dict[str, Any] | None:
+    """The version whose fuse brought TASK into what LINE's head holds now, or None."""
+    return next((version for version in held_versions(reg, line) if version["task"] == task), None)
 
 
 def refuse_fused_again(reg: Registry, task_row: dict, into: str, again: bool) -> dict[str, Any] | None:

@@ -52,17 +52,9 @@ def read_validation(reg: Registry, task_row: dict, max_examples: int) -> list[di
 
 def held_tasks(reg: Registry, line: str) -> list[str]:
     """The tasks LINE's head holds, in the order they were fused (a rollback to vN holds what vN held)."""
-    versions = {v["number"]: v for v in reg.catalog.rows("versions", "line = ?", [line])}
-    number, seen, tasks = max(versions, default=None), set(), []
-    while number is not None and number in versions and number not in seen:
-        seen.add(number)
-        version = versions[number]
-        if version["method"] == "rollback":
-            number = (version["params"] or {}).get("to")
-            continue
-        tasks.append(version["task"])
-        number = version["parent"]
-    return tasks[::-1]
+    from kifmerge.services.fusion import held_versions
+
+    return [version["task"] for version in held_versions(reg, line)][::-1]
 
 
 def validation_sets(reg: Registry, line: str, task_row: dict, max_examples: int) -> dict[str, list[dict]]:
