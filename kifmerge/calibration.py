@@ -38,5 +38,11 @@ def calibrate_profile(checkpoint: Checkpoint, base_dir: Path, base_config: dict,
     torch.manual_seed(options.seed)
     calibrate(model, chunks, accumulator, answer_loss, advance)
     flat = from_unit_scores(accumulator.unit_scores(checkpoint.kind), checkpoint.layout)
-    write_profile(out, flat, checkpoint.layout, {"estimator": options.importance, "steps": str(accumulator.steps)})
+    elements = None
+    if checkpoint.kind == "lora":  # element-level scores too, as training records them (for kif-element)
+        shapes = checkpoint.tensors.shapes
+        elements = {name: score for name, score in accumulator.lora_element_scores().items() if name in shapes}
+        elements = elements if set(elements) == set(shapes) else None
+    write_profile(out, flat, checkpoint.layout, {"estimator": options.importance, "steps": str(accumulator.steps)},
+                  elements=elements)
     return out

@@ -90,3 +90,18 @@ def test_kif_element_needs_element_scores(cli, tmp_path, llama_dir):
     cli("fuse", "l1", "--into", "main")
     refused = cli("fuse", "l2", "--into", "main", "--method", "kif-element", code=4)
     assert "element-level importance scores" in refused.stderr and refused.stderr.count("\n") == 1
+
+
+def test_a_calibrated_task_has_element_scores_and_fuses_by_kif_element(cli, tmp_path, llama_dir):
+    """`add-task --calibrate` records element scores as training does, so a checkpoint trained
+    elsewhere can be fused by kif-element into a line trained here."""
+    from conftest import LORA_TARGETS, make_lora
+
+    cli("base", "add", "llama", llama_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", task_records("parity", 16, seed=1))
+    cli("train", "here", "--data", data, "--line", "main", "--base", "llama", "--max-steps", "2", "--lora-r", "4")
+    cli("fuse", "here", "--into", "main")
+    outside = make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS)
+    cli("add-task", "outside", outside, "--base", "llama", "--calibrate", data, "--calibrate-batches", "2")
+    version = cli.json("fuse", "outside", "--into", "main", "--method", "kif-element")
+    assert version["params"]["elements"]["elements"] > 0
