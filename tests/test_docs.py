@@ -50,9 +50,12 @@ def test_shell_completion(tmp_path):
     assert "show" in complete("kifmerge profile ")
     assert complete("kifmerge profile show --t") == ["--top"]
     assert {"--copy", "--revision"} <= set(complete("kifmerge base add --"))
-    # installing writes only under $HOME: here a temporary one
-    installed = CliRunner().invoke(app, ["--install-completion", "bash"], prog_name="kifmerge", env={"HOME": str(tmp_path)})
-    assert installed.exit_code == 0, installed.output
+    # installing writes only under $HOME: here a temporary one (a fresh process too: in-process, the
+    # app's completion state is whatever earlier tests left, which failed in some random orders)
+    installed = subprocess.run([str(Path(sys.executable).parent / "kifmerge"), "--install-completion", "bash"],
+                               capture_output=True, text=True, cwd=tmp_path,
+                               env={**os.environ, "HOME": str(tmp_path), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
+    assert installed.returncode == 0, installed.stdout + installed.stderr
     assert "_kifmerge_completion" in (tmp_path / ".bash_completions" / "kifmerge.sh").read_text()
     assert ".bash_completions/kifmerge.sh" in (tmp_path / ".bashrc").read_text()
 
