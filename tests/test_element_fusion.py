@@ -79,15 +79,9 @@ def test_train_stores_element_scores_and_kif_element_interpolates_by_them(cli, t
 
 def test_kif_element_needs_element_scores(cli, tmp_path, llama_dir):
     """A task registered with a unit-only profile cannot be fused by kif-element: one line, exit 4."""
-    from conftest import LORA_TARGETS, make_lora, write_profile
-    from test_fuse_export import designed_scores, unit_groups
+    from test_validated_fuse import line_of_two_outside_tasks
 
-    cli("base", "add", "llama", llama_dir)
-    for seed in (1, 2):
-        ckpt = make_lora(llama_dir, tmp_path / f"l{seed}", seed, LORA_TARGETS)
-        profile = write_profile(tmp_path / f"p{seed}.safetensors", designed_scores(unit_groups(ckpt, "lora"), {0}, 1.0)[0], "lora-rank")
-        cli("add-task", f"l{seed}", ckpt, "--base", "llama", "--profile", profile)
-    cli("fuse", "l1", "--into", "main")
+    line_of_two_outside_tasks(cli, tmp_path, llama_dir)
     refused = cli("fuse", "l2", "--into", "main", "--method", "kif-element", code=4)
     assert "element-level importance scores" in refused.stderr and refused.stderr.count("\n") == 1
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import LORA_TARGETS, make_lora, task_records, write_jsonl, write_profile
@@ -89,13 +88,19 @@ def test_validated_fuse_scores_candidates_as_eval_scores_the_version(cli, two_ta
     assert evaluated["results"]["new"]["exact_match"] == pytest.approx(selection["scores"][str(version["params"]["alpha"])]["new"])
 
 
-def test_validated_fuses_need_validation_examples_and_a_lora_line(cli, tmp_path, llama_dir):
+def line_of_two_outside_tasks(cli, tmp_path, llama_dir) -> None:
+    """Tasks `l1` (v1 of line `main`) and `l2`, LoRA adapters registered with a unit profile only
+    (no element scores, no validation examples)."""
     cli("base", "add", "llama", llama_dir)
     for seed in (1, 2):
         ckpt = make_lora(llama_dir, tmp_path / f"l{seed}", seed, LORA_TARGETS)
         profile = write_profile(tmp_path / f"p{seed}.safetensors", designed_scores(unit_groups(ckpt, "lora"), {0}, 1.0)[0], "lora-rank")
         cli("add-task", f"l{seed}", ckpt, "--base", "llama", "--profile", profile)
     cli("fuse", "l1", "--into", "main")
+
+
+def test_validated_fuses_need_validation_examples_and_a_lora_line(cli, tmp_path, llama_dir):
+    line_of_two_outside_tasks(cli, tmp_path, llama_dir)
     missing = cli("fuse", "l2", "--into", "main", "--method", "validated", code=4)
     assert "has validation examples" in missing.stderr and "--val FILE" in missing.stderr
     assert "--grid" in cli("fuse", "l2", "--into", "main", "--method", "validated", "--grid", "0.5,2", code=2).stderr

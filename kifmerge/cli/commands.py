@@ -28,6 +28,9 @@ from kifmerge.cli.runtime import (
 from kifmerge.fusion import methods
 
 
+ValOpt = Annotated[Optional[Path], typer.Option("--val", help="Validation examples of the task, stored with it (same formats "
+                                                           "as --data): for fuse --method validated and --max-regression.")]
+
 @app.command()
 @handled
 def init(
@@ -116,8 +119,7 @@ def add_task(
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Calibration max tokens (default: 256).")] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="first | mixed (default: first).")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP + ".")] = False,
-    val: Annotated[Optional[Path], typer.Option("--val", help="Validation examples of the task, stored with it: for fuse "
-                                                              "--method validated and --max-regression.")] = None,
+    val: ValOpt = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Register a checkpoint trained elsewhere, validated against its base, with its profile
@@ -191,8 +193,7 @@ def train(
     data: Annotated[Path, typer.Option("--data", help="JSON list or JSONL of {input, output} or {messages} (chat template) records.")],
     line: Annotated[str, typer.Option("--line", help="Train from this line's newest version.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the line does not exist yet.")] = None,
-    val: Annotated[Optional[Path], typer.Option("--val", help="Validation examples of the task, stored with it (same formats "
-                                                              "as --data): for fuse --method validated and --max-regression.")] = None,
+    val: ValOpt = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False, train_options: dict = None,
 ) -> None:
     """Fine-tune from LINE's newest version, record each unit's importance, register TASK."""
@@ -217,8 +218,7 @@ def learn(
     rebase: Annotated[bool, typer.Option("--rebase", help="When the line gained a version while TASK trained, fuse it onto "
                                                           "the new head anyway (recorded, and warned about); without it "
                                                           "that fails with exit 6 and records nothing.")] = False,
-    val: Annotated[Optional[Path], typer.Option("--val", help="Validation examples of the task, stored with it: for fuse "
-                                                              "--method validated and --max-regression.")] = None,
+    val: ValOpt = None,
     max_regression: Annotated[Optional[float], typer.Option(
         "--max-regression", help="Quality gate: refuse the version (exit 6; neither task nor version is recorded) when a "
                                  "task the line holds would lose more than POINTS of exact match on its validation "
