@@ -98,12 +98,8 @@ def write_profile(path: str | Path, flat: torch.Tensor, layout: UnitLayout, extr
 
 def read_grams(path: str | Path, modules: list[str]) -> dict[str, torch.Tensor] | None:
     """A profile's Gram matrices, one per LoRA module (all of `modules`, square, finite), or None."""
-    with safe_open(str(path), framework="pt") as handle:
-        names = [name for name in handle.keys() if name.startswith(GRAM)]
-        if not names:
-            return None
-        found = {name[len(GRAM):]: handle.get_tensor(name) for name in names}
-    if set(found) != set(modules):
+    found = _prefixed(path, GRAM)
+    if not found or set(found) != set(modules):
         return None
     for name, gram in found.items():
         if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or not bool(torch.isfinite(gram).all()):
@@ -122,15 +118,17 @@ def normalise_elements(elements: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {name: (t.to(torch.float64).clamp_min(0) * scale).clamp_max(32000.0).to(torch.float32) for name, t in elements.items()}
 
 
+def _prefixed(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The profile's tensors whose keys start with `prefix` (element scores, Gram matrices), by the rest of the key."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {name[len(prefix):]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+
+
 def read_elements(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
     """A profile's element-level scores (float32) checked against the checkpoint's tensor
     shapes, or None when the profile has none for every tensor."""
-    with safe_open(str(path), framework="pt") as handle:
-        names = [name for name in handle.keys() if name.startswith(ELEMENT)]
-        if not names:
-            return None
-        found = {name[len(ELEMENT):]: handle.get_tensor(name) for name in names}
-    if set(found) != set(shapes):
+    found = _prefixed(path, ELEMENT)
+    if not found or set(found) != set(shapes):
         return None
     for name, score in found.items():
         if tuple(score.shape) != tuple(shapes[name]) or not bool(torch.isfinite(score).all()) or bool((score < 0).any()):

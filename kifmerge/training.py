@@ -249,11 +249,12 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
         checkpoint = out_dir / "checkpoint"
         trainer.model.save_pretrained(checkpoint, safe_serialization=True)
         fault_point("train.checkpoint-saved")
-        layout = open_checkpoint(checkpoint).layout
+        saved = open_checkpoint(checkpoint)
+        layout = saved.layout
         profile = out_dir / "profile.safetensors"
         elements = None
         if options.mode == "lora":  # element-level scores travel with the profile (the adapter's size, float16)
-            shapes = {name: tuple(shape) for name, shape in open_checkpoint(checkpoint).tensors.shapes.items()}
+            shapes = {name: tuple(shape) for name, shape in saved.tensors.shapes.items()}
             elements = {name: score for name, score in accumulator.lora_element_scores().items() if name in shapes}
             elements = elements if set(elements) == set(shapes) else None
         if grams is not None:

@@ -203,6 +203,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                                         "(other modules, ranks or tensors); it must be trained from the same running model")
             p_old = read_profile(reg.blobs.open_verified(head["profile"]), layout)
             head_elements = read_elements(reg.blobs.open_verified(head["profile"]), new_headers.shapes)
+            head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups)) if task_grams else None
             family = METHODS[params.method].family
             validation, selection = None, None
             if family == DATA or max_regression is not None:
@@ -224,7 +225,6 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                            for name in task_elements}
                 fusion = ElementBlend(old_source, new_source, weights)
             elif family == GRAM:
-                head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups)) if kind == "lora" else None
                 if task_grams is None or head_grams is None:
                     whose = f"task {task!r}" if task_grams is None else f"{into}@v{head['number']}"
                     raise InvalidInputError(f"{params.method} needs the Gram matrices of a LoRA line's inputs, and {whose}'s "
@@ -295,7 +295,6 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
 
                 line_elements = accumulate_elements(head_elements, task_elements, len(held_tasks(reg, into)))
             if task_grams is not None:  # the line's Gram matrices: the sum over the tasks it holds
-                head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups))
                 line_grams = {name: head_grams[name] + task_grams[name] for name in task_grams} if head_grams else None
         profile_path = staging / "profile.safetensors"
         write_profile(profile_path, p_line, layout, elements=line_elements, grams=line_grams)
