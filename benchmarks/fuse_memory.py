@@ -64,7 +64,7 @@ def main() -> None:
                         ["add-task", "t1", str(work / "t1"), "--base", "smollm2", "--profile", str(work / "t1.profile.safetensors")],
                         ["add-task", "t2", str(work / "t2"), "--base", "smollm2", "--profile", str(work / "t2.profile.safetensors")]):
             subprocess.run([*kifmerge, *command], env=env, check=True, capture_output=True)
-        floor = timed([sys.executable, "-c", "import torch, safetensors.torch, kifmerge.services.fusion, kifmerge.fusion.engine"], env)
+        floor = timed([sys.executable, "-c", "import torch, safetensors.torch, kifmerge.services.fusing, kifmerge.fusion.engine"], env)
         rows = []
         for method in ("kif", "ties"):
             runs = []

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kifmerge.services.diffing import diff
-    from kifmerge.services.evaluation import evaluate, report
+    from kifmerge.services.evaluating import evaluate, report
     from kifmerge.services.exporting import export
-    from kifmerge.services.fusion import fuse
+    from kifmerge.services.fusing import fuse
     from kifmerge.services.learning import learn, train
     from kifmerge.services.mlflow_sync import mlflow_push, mlflow_sync
-    from kifmerge.services.plans import run_plan
+    from kifmerge.services.planning import run_plan
     from kifmerge.services.profiling import profile_show
-    from kifmerge.services.registry import add_base, gc, history, init, list_items, show, verify
+    from kifmerge.services.registry_admin import add_base, gc, history, init, list_items, show, verify
     from kifmerge.services.tasks import add_task
     from kifmerge.services.versions import alias_list, alias_rm, alias_set, line_events, rollback
 
@@ -32,19 +32,19 @@ def __getattr__(name: str):
     """The service function NAME, its module imported on first use: plain imports, one branch per
     service module, so a reader (or a tool) follows what each API function is."""
     if name in ("evaluate", "report"):
-        from kifmerge.services.evaluation import evaluate, report
+        from kifmerge.services.evaluating import evaluate, report
     elif name == "export":
         from kifmerge.services.exporting import export
     elif name == "fuse":
-        from kifmerge.services.fusion import fuse
+        from kifmerge.services.fusing import fuse
     elif name in ("learn", "train"):
         from kifmerge.services.learning import learn, train
     elif name == "run_plan":
-        from kifmerge.services.plans import run_plan
+        from kifmerge.services.planning import run_plan
     elif name == "profile_show":
         from kifmerge.services.profiling import profile_show
     elif name in ("add_base", "gc", "history", "init", "list_items", "show", "verify"):
-        from kifmerge.services.registry import add_base, gc, history, init, list_items, show, verify
+        from kifmerge.services.registry_admin import add_base, gc, history, init, list_items, show, verify
     elif name == "add_task":
         from kifmerge.services.tasks import add_task
     elif name == "diff":

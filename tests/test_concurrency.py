@@ -66,7 +66,7 @@ def test_fuse_rebases_onto_a_line_that_moved(tmp_path, llama_dir, monkeypatch):
     """Deterministic version of the race: another fuse lands between staging and commit; ours
     is computed again on the new head and becomes the next version. When the line keeps
     moving for REBASE_ATTEMPTS tries, it fails with exit 6 and a message to run it again."""
-    from kifmerge.services import fusion
+    from kifmerge.services import fusing
 
     cli = Cli(tmp_path / "registry")
     cli("init")
@@ -76,7 +76,7 @@ def test_fuse_rebases_onto_a_line_that_moved(tmp_path, llama_dir, monkeypatch):
         cli("add-task", task, ckpt, "--base", "llama", "--profile",
             write_profile(tmp_path / f"{task}.safetensors", designed_scores(unit_groups(ckpt, "lora"), {i}, 1.0)[0], "lora-rank"))
     cli("fuse", "t1", "--into", "main")
-    real_stage, staged_on = fusion.stage_version, []
+    real_stage, staged_on = fusing.stage_version, []
 
     def stage_then_someone_fuses(reg, task_row, *args, **kwargs):
         staged = real_stage(reg, task_row, *args, **kwargs)
@@ -87,7 +87,7 @@ def test_fuse_rebases_onto_a_line_that_moved(tmp_path, llama_dir, monkeypatch):
             Cli(cli.registry)("fuse", "t3", "--into", "main")  # lands first: main@v2
         return staged
 
-    monkeypatch.setattr(fusion, "stage_version", stage_then_someone_fuses)
+    monkeypatch.setattr(fusing, "stage_version", stage_then_someone_fuses)
     result = cli.json("fuse", "t2", "--into", "main")
     assert staged_on == [1, 2] and result["version"] == "main@v3" and result["parent"] == "v2"
     assert [v["task"] for v in cli.json("history", "main")] == ["t1", "t3", "t2"]
@@ -97,8 +97,8 @@ def test_fuse_rebases_onto_a_line_that_moved(tmp_path, llama_dir, monkeypatch):
         staged.row["number"] -= 1  # as if staged on an older head every time
         return staged
 
-    monkeypatch.setattr(fusion, "stage_version", line_always_moves)
-    monkeypatch.setattr(fusion, "REBASE_ATTEMPTS", 3)
+    monkeypatch.setattr(fusing, "stage_version", line_always_moves)
+    monkeypatch.setattr(fusing, "REBASE_ATTEMPTS", 3)
     error = cli("fuse", "t4", "--into", "main", code=6).stderr
     assert "moved" in error and "run the command again" in error
     assert len(cli.json("history", "main")) == 3

@@ -158,10 +158,10 @@ def test_full_line_tensor_units(cli, tmp_path, llama_dir):
 def test_unit_norms_by_hand_on_tiny_tensors(tmp_path, monkeypatch):
     """Two rank units of one LoRA module and one 1-D tensor unit, numbers worked out by hand;
     a tiny block size makes the large-tensor path read row blocks."""
-    from kifmerge import compare
+    from kifmerge import diff
     from kifmerge.units import TensorSlot, UnitLayout
 
-    monkeypatch.setattr(compare, "BLOCK_BYTES", 8 * 3)  # one row of A per block
+    monkeypatch.setattr(diff, "BLOCK_BYTES", 8 * 3)  # one row of A per block
     a = {"m.lora_A.weight": torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]),
          "m.lora_B.weight": torch.tensor([[0.0, 1.0], [0.0, 0.0]]), "bias": torch.tensor([3.0, 4.0])}
     b = {"m.lora_A.weight": torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 2.0]]),
@@ -172,7 +172,7 @@ def test_unit_norms_by_hand_on_tiny_tensors(tmp_path, monkeypatch):
                         {"bias": TensorSlot("bias", None), "m.lora_A.weight": TensorSlot("m", 0), "m.lora_B.weight": TensorSlot("m", 1)})
     files = {"w": tmp_path / "a.safetensors"}, {"w": tmp_path / "b.safetensors"}
     weight_map = {name: "w" for name in a}
-    diff_sq, base_sq = compare.unit_norms(files[0], weight_map, files[1], weight_map, layout)
+    diff_sq, base_sq = diff.unit_norms(files[0], weight_map, files[1], weight_map, layout)
     # bias: Δ = (3, 4) → 25; ‖a‖² = 25.  unit 0 of m: nothing changed; ‖A0‖² + ‖B[:,0]‖² = 1 + 0.
     # unit 1 of m: ΔA1 = (0, 0, 2), ΔB[:,1] = (0, 1) → 4 + 1 = 5; ‖A1‖² + ‖B[:,1]‖² = 4 + 1 = 5.
     assert diff_sq.tolist() == [25.0, 0.0, 5.0] and base_sq.tolist() == [25.0, 1.0, 5.0]

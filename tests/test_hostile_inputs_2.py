@@ -410,7 +410,7 @@ def test_a_read_only_catalog_is_exit_7(world, monkeypatch):
     ("EPIPE", 7, "the output was closed"), ("EOPNOTSUPP", 7, "does not support"),
 ])
 def test_any_os_error_is_classified(world, monkeypatch, code_name, exit_code, message):
-    import kifmerge.services.registry as service
+    import kifmerge.services.registry_admin as service
 
     cli, _ = world
     number = getattr(errno, code_name)

@@ -63,20 +63,20 @@ def test_fusing_a_task_the_line_holds_is_refused_unless_again(world):
 def test_a_concurrent_fuse_of_the_same_task_lands_once(world, monkeypatch):
     """The check runs again inside the commit's transaction: the same fuse landing while ours
     computed (a retried job racing the original) makes ours fail with exit 6, not fuse twice."""
-    from kifmerge.services import fusion
+    from kifmerge.services import fusing
 
-    cli, real_stage = world, fusion.stage_version
+    cli, real_stage = world, fusing.stage_version
 
     def stage_then_the_original_lands(reg, task_row, *args, **kwargs):
         staged = real_stage(reg, task_row, *args, **kwargs)
         if not stage_then_the_original_lands.done:
             stage_then_the_original_lands.done = True
-            monkeypatch.setattr(fusion, "stage_version", real_stage)
+            monkeypatch.setattr(fusing, "stage_version", real_stage)
             Cli(cli.registry)("fuse", "t2", "--into", "main")
         return staged
 
     stage_then_the_original_lands.done = False
-    monkeypatch.setattr(fusion, "stage_version", stage_then_the_original_lands)
+    monkeypatch.setattr(fusing, "stage_version", stage_then_the_original_lands)
     assert "fused as main@v2" in cli("fuse", "t2", "--into", "main", code=6).stderr
     assert [(v["number"], v["task"]) for v in cli.json("history", "main")] == [(1, "t1"), (2, "t2")]
     assert cli.json("verify")["ok"]

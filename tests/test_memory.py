@@ -48,7 +48,7 @@ def test_fuse_memory_is_bounded_by_tensors_not_model(cli, tmp_path):
     cli("add-task", "t2", t2, "--base", "b", "--profile", profile)
     cli("fuse", "t1", "--into", "line")
     env = {**os.environ, "KIFMERGE_REGISTRY": str(cli.registry)}
-    imports = peak_rss_mb([sys.executable, "-c", "import torch, safetensors.torch, kifmerge.services.fusion, kifmerge.fusion.engine"], env)
+    imports = peak_rss_mb([sys.executable, "-c", "import torch, safetensors.torch, kifmerge.services.fusing, kifmerge.fusion.engine"], env)
     # one thread: the engine keeps 2 × threads blocks in flight (each a few float32 buffers of up to
     # 2 MiB), a constant of the machine, not of the model; with 2 threads the fuse grows by ~65 MiB
     fused = peak_rss_mb([sys.executable, "-m", "kifmerge", "fuse", "t2", "--into", "line", "--threads", "1"], env)

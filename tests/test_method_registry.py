@@ -12,7 +12,7 @@ from test_plans import inputs, write_plan  # noqa: F401  (the module-scoped fixt
 def test_every_reader_takes_its_methods_and_parameters_from_the_registry():
     from kifmerge.fusion.methods import METHODS, help_text
     from kifmerge.options import FuseParams
-    from kifmerge.services.plans import FUSE_KWARGS
+    from kifmerge.services.planning import FUSE_KWARGS
 
     assert set(FUSE_KWARGS) == set(FuseParams.model_fields) - {"profile_weights"}, "a plan can set every fuse parameter"
     for name, entry in METHODS.items():

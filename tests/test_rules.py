@@ -112,7 +112,7 @@ def test_blockwise_engine_equals_the_whole_tensor_rules(tmp_path, monkeypatch):
         UnitBlend,
         stream_fused,
     )
-    from kifmerge.fusion.rules import BASELINES, blend, task_vector_merge
+    from kifmerge.fusion.rules import TASK_VECTOR_CONFIGS, blend, task_vector_merge
     from kifmerge.fusion.writer import StreamingShardWriter, TensorSpec
     from kifmerge.units import tensor_layout
 
@@ -136,8 +136,8 @@ def test_blockwise_engine_equals_the_whole_tensor_rules(tmp_path, monkeypatch):
     layout = tensor_layout(shapes)
     c_new, c_old = torch.tensor([0.2, 1.0, 0.0, 0.7]), torch.tensor([0.8, 0.0, 1.0, 0.3])
     cases = {"kif": (UnitBlend(sources[1], sources[2], layout, c_new, c_old), None)}
-    for method in BASELINES:
-        cases[method] = (TaskVectorFusion(sources[1], sources[2], sources[0], method, weights=[0.4, 0.6], density=0.3,
+    for method in TASK_VECTOR_CONFIGS:
+        cases[method] = (TaskVectorFusion(sources[1], sources[2], sources[0], method, vector_weights=[0.4, 0.6], density=0.3,
                                           lam=0.9, seed=5), method)
     for label, (fusion, method) in cases.items():
         out = tmp_path / label
@@ -170,7 +170,7 @@ def test_blockwise_engine_equals_the_whole_tensor_rules(tmp_path, monkeypatch):
                 continue
             else:
                 expected = task_vector_merge(base[name], [tasks[0][name], tasks[1][name]], [0.4, 0.6], density=0.3, lam=0.9,
-                                             **BASELINES[method])
+                                             **TASK_VECTOR_CONFIGS[method])
             assert torch.equal(fused[name], expected), (label, name)
     for source in sources:
         source.close()
@@ -184,7 +184,7 @@ def test_kth_largest_equals_kthvalue():
                    torch.randint(0, 4, (777,), generator=generator).float() * 1e-30):
         blocks = list(values.split(64))
         for k in (1, 2, values.numel() // 2, values.numel()):
-            (found,) = kth_largest(lambda blocks=blocks: ([b] for b in blocks), [k])
+            (found,) = kth_largest(lambda fn, blocks=blocks: [sum(counts) for counts in zip(*(fn([b]) for b in blocks))], [k])
             assert found == torch.kthvalue(values, values.numel() - k + 1).values, (values[:5], k)
 
 
@@ -235,13 +235,13 @@ def test_streaming_writer_round_trips_any_order_and_dtype(tmp_path):
 
 
 def test_task_vector_baselines_against_references():
-    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+    from kifmerge.fusion.rules import TASK_VECTOR_CONFIGS, task_vector_merge
 
     base = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     a = base + torch.tensor([0.5, -0.2, 0.0, 1.0, -1.0, 0.3])
     b = base + torch.tensor([-0.5, -0.4, 0.1, 2.0, 1.0, -0.1])
     w = [0.4, 0.6]
-    ta = task_vector_merge(base, [a, b], w, lam=0.5, **BASELINES["task-arithmetic"])
+    ta = task_vector_merge(base, [a, b], w, lam=0.5, **TASK_VECTOR_CONFIGS["task-arithmetic"])
     torch.testing.assert_close(ta, base + 0.5 * (0.4 * (a - base) + 0.6 * (b - base)))
 
     # TIES, density 0.5: each task vector keeps its 3 largest-magnitude entries, then the sign is
@@ -254,12 +254,12 @@ def test_task_vector_baselines_against_references():
     divisor = (torch.tensor([[0.5], [0.5]]) * agree).sum(0)
     divisor[divisor == 0] = 1
     expected = base + (weighted * agree).sum(0) / divisor
-    ties = task_vector_merge(base, [a, b], [0.5, 0.5], density=0.5, **BASELINES["ties"])
+    ties = task_vector_merge(base, [a, b], [0.5, 0.5], density=0.5, **TASK_VECTOR_CONFIGS["ties"])
     torch.testing.assert_close(ties, expected)
     assert ties[0] == base[0] + 0.5, "the sign tie is resolved towards +, keeping only the positive entry"
 
     def dare(seed):
-        return task_vector_merge(base, [a, b], w, density=0.5, generator=torch.Generator().manual_seed(seed), **BASELINES["dare-linear"])
+        return task_vector_merge(base, [a, b], w, density=0.5, generator=torch.Generator().manual_seed(seed), **TASK_VECTOR_CONFIGS["dare-linear"])
 
     assert torch.equal(dare(3), dare(3)) and not torch.equal(dare(3), dare(4))
     kept = (dare(3) - base) != 0
@@ -273,7 +273,7 @@ def test_baselines_through_the_cli_use_the_base_as_reference(cli, tmp_path, llam
     from safetensors.torch import load_file
     from test_fuse_export import designed_scores, unit_groups
 
-    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+    from kifmerge.fusion.rules import TASK_VECTOR_CONFIGS, task_vector_merge
 
     cli("base", "add", "llama", llama_dir)
     for kind, make in (("full", lambda out, s: make_full(llama_dir, out, s)),
@@ -292,7 +292,7 @@ def test_baselines_through_the_cli_use_the_base_as_reference(cli, tmp_path, llam
     fused = load_file(tmp_path / "ties" / "model.safetensors")
     for name, tensor in fused.items():
         torch.testing.assert_close(tensor, task_vector_merge(base[name], [old[name], new[name]], [0.5, 0.5], density=0.3,
-                                                             **BASELINES["ties"]), msg=name)
+                                                             **TASK_VECTOR_CONFIGS["ties"]), msg=name)
 
     shas = []
     for line, seed in (("d1", "7"), ("d2", "7"), ("d3", "8")):
@@ -310,7 +310,7 @@ def test_task_vectors_on_a_lora_line_merge_the_products_against_the_base(cli, tm
     from safetensors.torch import load_file
     from test_fuse_export import designed_scores, unit_groups
 
-    from kifmerge.fusion.rules import BASELINES, lora_product, task_vector_merge
+    from kifmerge.fusion.rules import TASK_VECTOR_CONFIGS, lora_product, task_vector_merge
 
     cli("base", "add", "llama", llama_dir)
     for seed in (1, 2):
@@ -335,9 +335,9 @@ def test_task_vectors_on_a_lora_line_merge_the_products_against_the_base(cli, tm
             products = [lora_product(w[a], w[b]) for w in (head, new)]
             zero = torch.zeros_like(products[0])
             if method == "ties":
-                dense = task_vector_merge(zero, products, [0.3, 0.7], density=0.3, **BASELINES["ties"])
+                dense = task_vector_merge(zero, products, [0.3, 0.7], density=0.3, **TASK_VECTOR_CONFIGS["ties"])
             elif method == "magmax":
-                dense = task_vector_merge(zero, products, [0.5, 0.5], **BASELINES["magmax"])
+                dense = task_vector_merge(zero, products, [0.5, 0.5], **TASK_VECTOR_CONFIGS["magmax"])
             else:  # DARE's mask is drawn from a generator seeded by the module: check the rescale, not the draw
                 dense = None
             rank = head[a].shape[0]
@@ -358,12 +358,12 @@ def test_task_vectors_on_a_lora_line_merge_the_products_against_the_base(cli, tm
 def test_magmax_and_the_rank_refactoring_on_hand_computed_tensors():
     """MagMax keeps, per entry, the task vector of largest magnitude with its sign; a rank-r
     re-factoring of a product of rank ≤ r is exact, and otherwise cuts the smallest singular values."""
-    from kifmerge.fusion.rules import BASELINES, refactor_to_rank, task_vector_merge
+    from kifmerge.fusion.rules import TASK_VECTOR_CONFIGS, refactor_to_rank, task_vector_merge
 
     base = torch.tensor([1.0, 1.0, 1.0, 1.0])
     line = torch.tensor([3.0, 0.0, 1.0, 1.5])    # τ_line = [ 2, −1, 0, 0.5]
     task = torch.tensor([0.0, 1.5, 2.0, 1.5])    # τ_task = [−1, 0.5, 1, 0.5]
-    merged = task_vector_merge(base, [line, task], [0.5, 0.5], lam=0.5, **BASELINES["magmax"])
+    merged = task_vector_merge(base, [line, task], [0.5, 0.5], lam=0.5, **TASK_VECTOR_CONFIGS["magmax"])
     # per entry: |2|>|−1| → 2; |−1|>|0.5| → −1; |0|<|1| → 1; a tie keeps the first: 0.5; then 1 + 0.5·τ*
     torch.testing.assert_close(merged, torch.tensor([2.0, 0.5, 1.5, 1.25]))
 
@@ -490,13 +490,13 @@ def test_accumulated_profile_by_hand():
 
 
 def test_task_arithmetic_with_lambda_by_hand():
-    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+    from kifmerge.fusion.rules import TASK_VECTOR_CONFIGS, task_vector_merge
 
     base = torch.tensor([1.0, 2.0, 3.0])
     a = torch.tensor([2.0, 0.0, 3.0])   # Δa = [1, −2, 0]
     b = torch.tensor([1.0, 5.0, 7.0])   # Δb = [0, 3, 4]
     # base + λ·(0.25·Δa + 0.75·Δb) with λ = 2: 0.25·Δa + 0.75·Δb = [0.25, 1.75, 3] → ×2 = [0.5, 3.5, 6]
-    merged = task_vector_merge(base, [a, b], [0.25, 0.75], lam=2.0, **BASELINES["task-arithmetic"])
+    merged = task_vector_merge(base, [a, b], [0.25, 0.75], lam=2.0, **TASK_VECTOR_CONFIGS["task-arithmetic"])
     assert merged.tolist() == [1.5, 5.5, 9.0]
 
 
@@ -508,7 +508,7 @@ TIES_DB = torch.tensor([0.1, 0.6, -0.3, 0.5, -0.05, 0.9, -0.7, 0.02])  # keeps 0
 
 
 def test_ties_with_unequal_weights_divides_by_the_kept_weights_by_hand():
-    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+    from kifmerge.fusion.rules import TASK_VECTOR_CONFIGS, task_vector_merge
 
     # weights [0.5, 1.5]: w·trim(Δa) = [0.2, 0, 0.4, 0.3, 0, 0, 0.15, 0]
     #                     w·trim(Δb) = [0, 0.9, 0, 0.75, 0, 1.35, −1.05, 0]
@@ -519,28 +519,28 @@ def test_ties_with_unequal_weights_divides_by_the_kept_weights_by_hand():
     # entry 6: sign −, a's +0.15 dropped, b → −1.05/1.5 = −0.7
     # (no division: [0.2, 0.9, 0.4, 1.05, 0, 1.35, −1.05, 0]; dividing by Σw = 2 everywhere: half that)
     merged = task_vector_merge(TIES_BASE, [TIES_BASE + TIES_DA, TIES_BASE + TIES_DB], [0.5, 1.5], density=0.5,
-                               **BASELINES["ties"])
+                               **TASK_VECTOR_CONFIGS["ties"])
     torch.testing.assert_close(merged - TIES_BASE, torch.tensor([0.4, 0.6, 0.8, 0.525, 0.0, 0.9, -0.7, 0.0]),
                                atol=1e-6, rtol=0)
     # λ = 0.5 scales the merged vector: entry 3 → 0.2625
     half = task_vector_merge(TIES_BASE, [TIES_BASE + TIES_DA, TIES_BASE + TIES_DB], [0.5, 1.5], density=0.5, lam=0.5,
-                             **BASELINES["ties"])
+                             **TASK_VECTOR_CONFIGS["ties"])
     assert abs(float(half[3] - TIES_BASE[3]) - 0.2625) < 1e-6
     # swapped weights [1.5, 0.5]: entry 3 → (1.5·0.6 + 0.5·0.5)/2 = 0.575
     swapped = task_vector_merge(TIES_BASE, [TIES_BASE + TIES_DA, TIES_BASE + TIES_DB], [1.5, 0.5], density=0.5,
-                                **BASELINES["ties"])
+                                **TASK_VECTOR_CONFIGS["ties"])
     assert abs(float(swapped[3] - TIES_BASE[3]) - 0.575) < 1e-6
 
 
 def test_ties_of_three_inputs_general_path_by_hand():
-    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+    from kifmerge.fusion.rules import TASK_VECTOR_CONFIGS, task_vector_merge
 
     # three inputs take the general running-sum path; density 1 (no trim), weights [1, 2, 1]
     base = torch.tensor([0.0, 1.0, -1.0])
     deltas = [torch.tensor([1.0, -1.0, 2.0]), torch.tensor([0.5, 1.0, -1.0]), torch.tensor([-2.0, 1.0, 1.0])]
     # weighted: [1, −1, 2], [1, 2, −2], [−2, 1, 1]; sums [0, 2, 1] → all elected + (0 counts as +)
     # entry 0: kept 1 + 1 over weights 1 + 2 → 2/3; entry 1: 2 + 1 over 2 + 1 → 1; entry 2: 2 + 1 over 1 + 1 → 1.5
-    merged = task_vector_merge(base, [base + d for d in deltas], [1.0, 2.0, 1.0], density=1.0, **BASELINES["ties"])
+    merged = task_vector_merge(base, [base + d for d in deltas], [1.0, 2.0, 1.0], density=1.0, **TASK_VECTOR_CONFIGS["ties"])
     torch.testing.assert_close(merged - base, torch.tensor([2 / 3, 1.0, 1.5]))
 
 
@@ -553,10 +553,10 @@ DARE_DB = torch.tensor([0.25, -0.5, 0.75, 1.0, 0.5, -0.25, -0.125, 0.375])
 
 
 def _dare(method: str, **options) -> torch.Tensor:
-    from kifmerge.fusion.rules import BASELINES, task_vector_merge
+    from kifmerge.fusion.rules import TASK_VECTOR_CONFIGS, task_vector_merge
 
     return task_vector_merge(DARE_BASE, [DARE_BASE + DARE_DA, DARE_BASE + DARE_DB], [0.25, 0.75], density=0.5,
-                             generator=torch.Generator().manual_seed(7), **{**BASELINES[method], **options})
+                             generator=torch.Generator().manual_seed(7), **{**TASK_VECTOR_CONFIGS[method], **options})
 
 
 def test_dare_keeps_the_seeded_entries_rescaled_by_one_over_density_by_hand():

@@ -28,12 +28,11 @@ import torch
 
 from kifmerge.errors import IntegrityError, InvalidInputError
 from kifmerge.fusion.rules import (
-    BASELINES,
+    TASK_VECTOR_CONFIGS,
     blend,
     bracket_pass,
     bracket_pick,
-    radix_counts,
-    radix_pick,
+    kth_largest,
     sample_bracket,
     task_vector_merge,
 )
@@ -254,10 +253,10 @@ class TaskVectorFusion:
     block, so a version is reproducible whatever the order tensors are visited in."""
 
     def __init__(self, old: TensorSource, new: TensorSource, base: TensorSource | None, method: str, *,
-                 weights: list[float], density: float, lam: float, seed: int):
+                 vector_weights: list[float], density: float, lam: float, seed: int):
         self.sources = [base, old, new] if base is not None else [old, new]
-        self.has_base, self.config = base is not None, BASELINES[method]
-        self.weights, self.density, self.lam, self.seed = weights, density, lam, seed
+        self.has_base, self.config = base is not None, TASK_VECTOR_CONFIGS[method]
+        self.vector_weights, self.density, self.lam, self.seed = vector_weights, density, lam, seed
 
     def _split(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.has_base:
@@ -306,15 +305,12 @@ class TaskVectorFusion:
             del candidates
         if all(value is not None for value in found):
             return found
-        high = summed(lambda rows: [radix_counts(m) for m in magnitudes(rows)])
-        picks = [radix_pick(counts, k) for counts in high]
-        low = summed(lambda rows: [radix_counts(m, bucket) for m, (bucket, _) in zip(magnitudes(rows), picks)])
-        return [radix_pick(counts, rank, bucket)[0] for counts, (bucket, rank) in zip(low, picks)]
+        return kth_largest(lambda fn: summed(lambda rows: fn(magnitudes(rows))), [k] * len(found))
 
     def block(self, name: str, rows: tuple[int, int], inputs: list[torch.Tensor], thresholds: list | None) -> torch.Tensor:
         reference, tensors = self._split(inputs)
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) + 7919 * rows[0]) % 2**63)
-        return task_vector_merge(reference, tensors, self.weights, density=self.density, lam=self.lam,
+        return task_vector_merge(reference, tensors, self.vector_weights, density=self.density, lam=self.lam,
                                  generator=generator, thresholds=thresholds, out_dtype=torch.float32, **self.config)
 
 
@@ -327,10 +323,11 @@ class LoraDeltaFusion:
     visits `…lora_A` and `…lora_B` of a module one after the other), and held until its second
     is written: memory is one module's ΔW and a few copies, not the adapter."""
 
-    def __init__(self, old: TensorSource, new: TensorSource, method: str, *, weights: list[float], density: float,
+    def __init__(self, old: TensorSource, new: TensorSource, method: str, *, vector_weights: list[float], density: float,
                  lam: float, seed: int):
         self.sources = [old, new]
-        self.config, self.weights, self.density, self.lam, self.seed = BASELINES.get(method), weights, density, lam, seed
+        self.config, self.vector_weights = TASK_VECTOR_CONFIGS.get(method), vector_weights
+        self.density, self.lam, self.seed = density, lam, seed
         self._factors: dict[str, dict[int, torch.Tensor]] = {}
         self.cut, self.total, self.worst, self.rank = 0.0, 0.0, 0.0, 0
 
@@ -362,7 +359,7 @@ class LoraDeltaFusion:
     def merge(self, module: str, products: list[torch.Tensor]) -> torch.Tensor:
         """The head's and the task's ΔW of one module → the merged ΔW (dense, float32)."""
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63)
-        return task_vector_merge(torch.zeros_like(products[0]), products, self.weights, density=self.density,
+        return task_vector_merge(torch.zeros_like(products[0]), products, self.vector_weights, density=self.density,
                                  lam=self.lam, generator=generator, out_dtype=torch.float32, **self.config)
 
     def block(self, name: str, rows: tuple[int, int], inputs: list[torch.Tensor], factor: torch.Tensor) -> torch.Tensor:
@@ -379,19 +376,19 @@ class ElementBlend:
     """Element-level rules (kif-element): `old + w ⊙ (new − old)` with one weight per element,
     given per tensor (computed by the rule from the line's and the task's element scores)."""
 
-    def __init__(self, old: TensorSource, new: TensorSource, weights: dict[str, torch.Tensor]):
-        self.sources, self.weights = [old, new], weights
+    def __init__(self, old: TensorSource, new: TensorSource, element_weights: dict[str, torch.Tensor]):
+        self.sources, self.element_weights = [old, new], element_weights
 
     def prepare(self, name: str, mapper: Callable) -> torch.Tensor:
-        return self.weights[name]
+        return self.element_weights[name]
 
     def block(self, name: str, rows: tuple[int, int], inputs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         old, new = (t.to(torch.float32) for t in inputs)
         return torch.lerp(old, new, weights[rows[0]:rows[1]].reshape(new.shape))
 
     def summary(self) -> dict:
-        count = sum(w.numel() for w in self.weights.values())
-        return {"elements": count, "new_weight_mean": round(sum(float(w.sum()) for w in self.weights.values()) / max(count, 1), 6)}
+        count = sum(w.numel() for w in self.element_weights.values())
+        return {"elements": count, "new_weight_mean": round(sum(float(w.sum()) for w in self.element_weights.values()) / max(count, 1), 6)}
 
 
 class RegMeanFusion(LoraDeltaFusion):
@@ -401,7 +398,7 @@ class RegMeanFusion(LoraDeltaFusion):
 
     def __init__(self, old: TensorSource, new: TensorSource, line_grams: dict[str, torch.Tensor],
                  task_grams: dict[str, torch.Tensor], non_diagonal: float):
-        super().__init__(old, new, "regmean", weights=[0.5, 0.5], density=1.0, lam=1.0, seed=0)
+        super().__init__(old, new, "regmean", vector_weights=[0.5, 0.5], density=1.0, lam=1.0, seed=0)
         self.grams, self.non_diagonal = (line_grams, task_grams), non_diagonal
 
     def merge(self, module: str, products: list[torch.Tensor]) -> torch.Tensor:

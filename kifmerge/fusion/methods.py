@@ -14,7 +14,7 @@ Families:
   unit profiles (`coefficients`);
 - `element`: a weight per parameter element, from element-level scores (`element`);
 - `task-vector`: the head and the task as task vectors against the base, merged by
-  `rules.task_vector_merge` configured by `rules.BASELINES[name]` (LoRA: in ΔW = B·A space);
+  `rules.task_vector_merge` configured by `rules.TASK_VECTOR_CONFIGS[name]` (LoRA: in ΔW = B·A space);
 - `data`: a unit rule whose parameter is chosen on the tasks' validation examples;
 - `gram`: a LoRA module's update weighted by the Gram matrices of its inputs (RegMean), which
   `train --gram` records with the profile; in ΔW = B·A space, re-factored to the line's rank.

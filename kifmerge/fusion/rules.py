@@ -165,13 +165,14 @@ def bracket_pick(above: int, candidates: torch.Tensor, k: int) -> torch.Tensor |
     return torch.kthvalue(candidates, candidates.numel() - (k - above) + 1).values
 
 
-def kth_largest(blocks: Callable[[], Iterable[list[torch.Tensor]]], ks: list[int]) -> list[torch.Tensor]:
-    """For each of several series of non-negative finite float32 values, streamed as blocks
-    (`blocks()` yields one list with a block of every series and can be called twice), its
-    `ks[i]`-th largest value, exactly, in two passes and a few hundred KB of counts."""
-    high = [sum(counts) for counts in zip(*([radix_counts(v) for v in block] for block in blocks()))]
-    picks = [radix_pick(counts, k) for counts, k in zip(high, ks, strict=True)]
-    low = [sum(counts) for counts in zip(*([radix_counts(v, b) for v, (b, _) in zip(block, picks)] for block in blocks()))]
+def kth_largest(count: Callable[[Callable[[list[torch.Tensor]], list[torch.Tensor]]], list[torch.Tensor]],
+                ks: list[int]) -> list[torch.Tensor]:
+    """For each of several series of non-negative finite float32 values, streamed as blocks, its
+    `ks[i]`-th largest value, exactly, in two passes and a few hundred KB of counts.
+    `count(fn)` applies `fn` to every block (a list holding a block of each series) and returns
+    the element-wise sums of its results; it is called twice (the engine maps it on its pool)."""
+    picks = [radix_pick(counts, k) for counts, k in zip(count(lambda block: [radix_counts(v) for v in block]), ks, strict=True)]
+    low = count(lambda block: [radix_counts(v, bucket) for v, (bucket, _) in zip(block, picks)])
     return [radix_pick(counts, rank, bucket)[0] for counts, (bucket, rank) in zip(low, picks)]
 
 
@@ -322,7 +323,7 @@ def regmean(deltas: list[torch.Tensor], grams: list[torch.Tensor], *, non_diagon
     return torch.linalg.solve(total, weighted.T).T.to(torch.float32)  # G symmetric: X·G = B ⟺ G·Xᵀ = Bᵀ
 
 
-BASELINES = {  # method → how task_vector_merge is configured (mergekit's defaults for each)
+TASK_VECTOR_CONFIGS = {  # method → how task_vector_merge is configured (mergekit's defaults for each)
     "task-arithmetic": {"sparsify": None, "consensus": False, "normalize": False},
     "ties": {"sparsify": "magnitude", "consensus": True, "normalize": True},
     "dare-linear": {"sparsify": "random", "consensus": False, "normalize": False},

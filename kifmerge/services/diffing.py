@@ -21,7 +21,7 @@ def diff(ref_a: str, ref_b: str, *, top: int = 10, registry: str | os.PathLike |
     unit layout), the fuse steps between them (same line) with each unit's fate per step, and
     the `top` most changed units."""
     from kifmerge.checkpoints import read_headers
-    from kifmerge.compare import unit_norms
+    from kifmerge.diff import unit_norms
     from kifmerge.units import layout_for
 
     if top < 0:
@@ -109,7 +109,7 @@ def _fates(reg: Registry, layout, line: str, row: dict[str, Any]) -> list[str]:
     task's profile, the recorded parameters): c_new = 0 kept, c_new = 1 replaced, else blended."""
     from kifmerge.options import FuseParams
     from kifmerge.profiles import read_profile
-    from kifmerge.services.fusion import unit_coefficients
+    from kifmerge.services.fusing import unit_coefficients
 
     recorded = {k: v for k, v in (row["params"] or {}).items() if k in FuseParams.model_fields}
     parent = reg.catalog.version(line, row["parent"])

@@ -15,7 +15,7 @@ from kifmerge.options import FuseParams, TrainOptions, training_options
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_input
 from kifmerge.services.common import Progress, base_dir, check_name, fuse_params, opened, public_task, public_version
-from kifmerge.services.fusion import as_list, commit_version, stage_version, version_holding
+from kifmerge.services.fusing import as_list, commit_version, stage_version, version_holding
 from kifmerge.services.tasks import StagedTask, commit_task, refuse_existing_task, stage_task
 from kifmerge.services.validation import store_validation
 
@@ -68,7 +68,7 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
 
     `val`: the task's validation examples, stored with it; `max_regression`: the fuse's quality
     gate (services/validation.py): a refused version leaves neither task nor version behind."""
-    from kifmerge.services.fusion import check_max_regression
+    from kifmerge.services.fusing import check_max_regression
     from kifmerge.training import wait_for_main_process
 
     opts = training_options(options)
@@ -108,7 +108,7 @@ def _fuse_learned(reg: Registry, staged: StagedTask, task: str, data: Path, into
     """Fuse the trained task into the line and commit both, unless the line moved since the
     training started (exit 6; with `rebase`, onto the new head) or an identical learn committed
     TASK meanwhile (its result, `reused: true`)."""
-    from kifmerge.services.fusion import REBASE_ATTEMPTS
+    from kifmerge.services.fusing import REBASE_ATTEMPTS
 
     started = staged.row["trained_from"]  # LINE@vN, N = 0 for a new line
     for attempt in range(1, REBASE_ATTEMPTS + 1):

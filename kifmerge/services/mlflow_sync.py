@@ -70,7 +70,7 @@ class LineInfo:
 
 
 def _line_info(line: str, registry: str | os.PathLike | None) -> LineInfo:
-    from kifmerge.services.evaluation import report
+    from kifmerge.services.evaluating import report
 
     with opened(registry) as reg:
         line_row = reg.catalog.get("lines", line, "line")

@@ -52,7 +52,7 @@ def read_validation(reg: Registry, task_row: dict, max_examples: int) -> list[di
 
 def held_tasks(reg: Registry, line: str) -> list[str]:
     """The tasks LINE's head holds, in the order they were fused (a rollback to vN holds what vN held)."""
-    from kifmerge.services.fusion import held_versions
+    from kifmerge.services.fusing import held_versions
 
     return [version["task"] for version in held_versions(reg, line)][::-1]
 

@@ -65,7 +65,7 @@ def rollback(line: str, to: str, *, registry: str | os.PathLike | None = None) -
     rewritten. Refused (exit 2) when the head already is that version or holds exactly its
     weights and profile. The head is read and the version committed in one write
     transaction (the same `commit_version` as fuse), so concurrent writers keep numbers gapless."""
-    from kifmerge.services.fusion import StagedVersion, commit_version
+    from kifmerge.services.fusing import StagedVersion, commit_version
 
     check_name(line, "line")
     ref = to if "@" in to else f"{line}@{to}"

@@ -221,9 +221,9 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                     whose = f"task {task!r}" if task_elements is None else f"{into}@v{head['number']}"
                     raise InvalidInputError(f"{params.method} needs element-level importance scores, and {whose}'s profile has "
                                             "none: `kifmerge train` records them for LoRA tasks (since 2026-12-05)")
-                weights = {name: METHODS[params.method].element(params, head_elements[name], task_elements[name])
+                element_weights = {name: METHODS[params.method].element(params, head_elements[name], task_elements[name])
                            for name in task_elements}
-                fusion = ElementBlend(old_source, new_source, weights)
+                fusion = ElementBlend(old_source, new_source, element_weights)
             elif family == GRAM:
                 if task_grams is None or head_grams is None:
                     whose = f"task {task!r}" if task_grams is None else f"{into}@v{head['number']}"
@@ -231,12 +231,12 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                                             "profile has none: train every task of the line with `--gram`")
                 fusion = RegMeanFusion(old_source, new_source, head_grams, task_grams, params.non_diagonal)
             elif family == TASK_VECTOR and kind == "lora":
-                fusion = LoraDeltaFusion(old_source, new_source, params.method, weights=[1 - params.alpha, params.alpha],
+                fusion = LoraDeltaFusion(old_source, new_source, params.method, vector_weights=[1 - params.alpha, params.alpha],
                                          density=params.density, lam=params.lam, seed=params.seed)
             elif family == TASK_VECTOR:
                 tensors = open_base(reg, reg.catalog.get("bases", task_row["base"], "base")).tensors
                 fusion = TaskVectorFusion(old_source, new_source, TensorSource(tensors.files, tensors.weight_map),
-                                          params.method, weights=[1 - params.alpha, params.alpha],
+                                          params.method, vector_weights=[1 - params.alpha, params.alpha],
                                           density=params.density, lam=params.lam, seed=params.seed)
             else:
                 c_new, c_old = unit_coefficients(params, p_old, p_new)

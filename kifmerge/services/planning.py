@@ -64,11 +64,11 @@ def run_plan(path: str | Path, *, dry_run: bool = False, registry: str | os.Path
     summary = {"plan": str(path), "line": plan.line, "dry_run": dry_run, "steps": steps}
     if dry_run:
         return _public(summary)
-    from kifmerge.services import evaluation, fusion, learning, registry as registry_service, tasks
+    from kifmerge.services import evaluating, fusing, learning, registry_admin, tasks
 
-    registry_service.init(registry=root)
+    registry_admin.init(registry=root)
     if plan.base and not _has_base(root, plan.base.name):
-        registry_service.add_base(plan.base.name, plan.base.path, copy=plan.base.copy_files, registry=root, progress=progress)
+        registry_admin.add_base(plan.base.name, plan.base.path, copy=plan.base.copy_files, registry=root, progress=progress)
     for planned, step in zip(steps, plan.steps):
         if planned.status == "done":
             if on_step:
@@ -87,10 +87,10 @@ def run_plan(path: str | Path, *, dry_run: bool = False, registry: str | os.Path
                                             calibrate=body.calibrate, calibrate_batches=body.calibrate_batches,
                                             registry=root, progress=progress)
         elif isinstance(body, FuseStep):
-            planned.result = fusion.fuse(body.task, plan.line, **_fuse_kwargs(plan, body), registry=root, progress=progress)
+            planned.result = fusing.fuse(body.task, plan.line, **_fuse_kwargs(plan, body), registry=root, progress=progress)
         else:
             settings = plan.eval_settings(body).model_dump()
-            planned.result = evaluation.evaluate(body.ref or plan.line, body.data, **settings, registry=root, progress=progress)
+            planned.result = evaluating.evaluate(body.ref or plan.line, body.data, **settings, registry=root, progress=progress)
         fault_point("plan.step-done")
         _record(root, plan.line, planned)
         planned.status = "done"
