@@ -11,57 +11,62 @@ one the benchmark already made.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from continual import ORDERS, RESULTS, SMOLLM2, builtin_sequence, digest, git_commit, train_options  # noqa: E402
+from common import (
+    ORDERS,
+    SMOLLM2,
+    WORK,
+    add_results_option,
+    add_sequence_options,
+    argument_parser,
+    builtin_sequence,
+    eval_options,
+    options_record,
+    require_model,
+    run_record,
+    train_options,
+    training_name,
+    write_results,
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--order", type=int, default=4, choices=sorted(ORDERS))
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--eval-examples", type=int, default=300)
-    parser.add_argument("--work", type=Path, default=None)
+    add_sequence_options(parser)
+    parser.add_argument("--work", type=Path, default=None, help="the benchmark's state folder (default benchmarks/work/orderN/seedS)")
+    add_results_option(parser)
     args = parser.parse_args()
+    require_model(SMOLLM2)
 
     from kifmerge import api
     from kifmerge.stats import average_precision, interval, paired_difference, resample_indices
 
     task = builtin_sequence(args.order)[0]
-    registry = (args.work or HERE / "work" / f"order{args.order}" / f"seed{args.seed}") / "registry"
+    registry = (args.work or WORK / f"order{args.order}" / f"seed{args.seed}") / "registry"
     api.init(registry)
     if not api.list_items("bases", registry=registry):
         api.add_base("smollm2", SMOLLM2, registry=registry)
-    base_options = train_options(argparse.Namespace(**vars(args), lora_r=8, train_examples=1000, bf16=True), args.seed)
     existing = {row["name"] for row in api.list_items("tasks", registry=registry)}
     trained, train_s = {}, {}
     for precision in ("bf16", "fp32"):
-        options = {**base_options, "bf16": precision == "bf16"}
-        name = f"{task.name}-{digest(None, options, str(task.train), None)}"  # continual.py's naming: shared trainings
+        options = train_options(args, args.seed, precision)
+        name = training_name(task, None, options)  # the first task's training from the base, as continual.py names it
         if name not in existing:
             print(f"train {name} ({precision})", file=sys.stderr, flush=True)
             api.train(name, task.train, f"bf16check-{precision}", base="smollm2", options=options, registry=registry)
         trained[precision] = name
         train_s[precision] = api.show(name, registry=registry)["metrics"]["runtime_s"]
-    eval_options = {"max_examples": args.eval_examples, "max_new_tokens": 6, "max_length": args.max_length, "batch_size": 32}
     scores, seconds = {}, {}
     for precision, name in trained.items():
         for mode in ("fp32", "bf16"):
             t0 = time.perf_counter()
-            result = api.evaluate(f"task:{name}", {task.name: task.dev}, bf16=mode == "bf16", registry=registry, **eval_options)
+            result = api.evaluate(f"task:{name}", {task.name: task.dev}, bf16=mode == "bf16", registry=registry, **eval_options(args))
             seconds[f"train {precision}, eval {mode}"] = result["results"][task.name].get("seconds", round(time.perf_counter() - t0, 1))
             scores[(precision, mode)] = predictions(registry, name, task.name, mode == "bf16")
     idx = resample_indices([args.eval_examples], 2000, seed=0)
@@ -74,12 +79,9 @@ def main() -> None:
              "train bf16 − train fp32 (both evaluated fp32)": paired_difference(est[("bf16", "fp32")], est[("fp32", "fp32")])}
     agree = {f"train {p}: identical answers fp32 vs bf16 eval": sum(a == b for a, b in zip(scores[(p, "fp32")][0], scores[(p, "bf16")][0]))
              for p in ("bf16", "fp32")}
-    payload = {"benchmark": "bf16_check", "task": task.name, "exact_match": rows, "differences": diffs, "identical_answers": agree,
-               "examples": args.eval_examples, "train_runtime_s": train_s, "eval_seconds": seconds,
-               "settings": vars(args) | {"work": str(args.work)}, "git_commit": git_commit(),
-               "command": "python benchmarks/bf16_check.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bf16_check.json").write_text(json.dumps(payload, indent=1))
+    payload = {**run_record("bf16_check"), "task": task.name, "exact_match": rows, "differences": diffs,
+               "identical_answers": agree, "examples": args.eval_examples, "train_runtime_s": train_s,
+               "eval_seconds": seconds, "settings": options_record(args)}
     lines = [f"# bf16 autocast check: {task.name}, {args.steps} steps, first {args.eval_examples} dev examples", "",
              "| adapter / evaluation | exact match [95 % CI] |", "| --- | --- |"]
     lines += [f"| {k} | {100 * v['value']:.1f} [{100 * v['low']:.1f}, {100 * v['high']:.1f}] |" for k, v in rows.items()]
@@ -88,7 +90,7 @@ def main() -> None:
     lines += [""] + [f"- {k}: {v} of {args.eval_examples}" for k, v in agree.items()]
     lines += [f"- training time: bf16 {train_s['bf16']:.0f} s, fp32 {train_s['fp32']:.0f} s (2 cores, as loaded as the machine was)",
               "", f"Command: `{payload['command']}` (commit {payload['git_commit']}).", ""]
-    (RESULTS / "bf16_check.md").write_text("\n".join(lines))
+    write_results(args.results / "bf16_check.json", payload, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -2,8 +2,8 @@
 better than averaging?
 
 A sequence of tasks (a built-in order of the Long Sequence benchmark, shipped in
-examples/data/, or any sequence given with --sequence) is taught to SmolLM2-135M with every
-method; each method's line is evaluated where the metrics need it:
+examples/data/, or any sequence given with --sequence) is taught to SmolLM2-135M (or the model
+given with --model) with every method; each method's line is evaluated where the metrics need it:
 
   learned   L[j]     task j's own trained adapter, before any fuse  (`eval task:NAME`)
   diagonal  R[j][j]  the line right after fusing task j
@@ -36,29 +36,40 @@ Methods (each row says exactly what it is: see METHODS). Trainings with identica
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-DATA = ROOT / "examples" / "data" / "long_sequence"
-RESULTS = HERE / "results"
-SMOLLM2 = Path(os.environ.get("KIFMERGE_MODELS") or "~/.cache/kifmerge/models").expanduser() / "smollm2-135m-instruct"
-ORDERS = {4: "dbpedia amazon yahoo agnews", 5: "dbpedia amazon agnews yahoo", 6: "yahoo amazon agnews dbpedia"}
+from common import (
+    ORDERS,
+    RESULTS,
+    SMOLLM2,
+    WORK,
+    TaskFiles,
+    add_model_option,
+    add_results_option,
+    add_sequence_options,
+    argument_parser,
+    builtin_sequence,
+    command_line,
+    eval_options,
+    git_commit,
+    machine,
+    model_label,
+    require_model,
+    train_options,
+    training_name,
+    write_results,
+)
+
 DEFAULT_METHOD = "kif"
 REPLICATES = 2000
-ALPHA_ORDER = "order4"
-VALIDATION_EXAMPLES = 100  # per task, after the reported dev examples  # linear-best's α is chosen on this order and carried to the others
+ALPHA_ORDER = "order4"  # linear-best's α is chosen on this order and carried to the others
+VALIDATION_EXAMPLES = 100  # per task, after the reported dev examples
 
 
 @dataclass(frozen=True)
@@ -113,18 +124,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-@dataclass(frozen=True)
-class TaskFiles:
-    name: str
-    train: Path
-    dev: Path
-    val: Path | None = None  # validation examples (validated fuses); default: dev examples after the reported ones
-
-
-def builtin_sequence(order: int) -> list[TaskFiles]:
-    return [TaskFiles(t, DATA / "train" / f"{t}.jsonl.gz", DATA / "dev" / f"{t}.jsonl.gz") for t in ORDERS[order].split()]
-
-
 def sequence_from_file(path: Path) -> tuple[str, list[TaskFiles]]:
     """{"name": …, "tasks": [{"name", "train", "dev", "val" (optional)}, …]}; paths relative to the file."""
     spec = json.loads(path.read_text())
@@ -139,23 +138,6 @@ def sequence_from_file(path: Path) -> tuple[str, list[TaskFiles]]:
     return spec.get("name") or path.stem, tasks
 
 
-def digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def file_digest(path: Path) -> str:
-    """A data file's identity by content, so that a training's name does not depend on where the
-    checkout lies (the same trainings are found from any copy of the repository)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def train_options(args: argparse.Namespace, seed: int) -> dict:
-    """The training options of every task (also the inputs of its name's digest)."""
-    return {"max_steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup, "batch_size": args.batch_size,
-            "max_length": args.max_length, "lora_r": args.lora_r, "max_examples": args.train_examples,
-            "seed": seed, "bf16": args.precision == "bf16"}
-
-
 class Experiment:
     """One sequence, one seed: every method's line in one registry under `work`, each finished
     method written as a cell under `cells`."""
@@ -167,20 +149,24 @@ class Experiment:
         self.first = args.tasks if args.tasks and args.tasks < len(tasks) else None
         self.tasks = tasks[: self.first] if self.first else tasks
         self.registry = work / "registry"
-        self.train_options = train_options(args, seed)
-        self.eval_options = {"max_examples": args.eval_examples, "max_new_tokens": args.max_new_tokens,
-                             "max_length": args.max_length, "batch_size": args.eval_batch_size}
+        self.train_options = train_options(args, seed, args.precision)
+        self.eval_options = eval_options(args)
         if args.precision == "bf16":
             self.eval_options["bf16"] = True
         self.settings = {"train": {k: v for k, v in self.train_options.items() if k != "seed"}, "eval": self.eval_options,
                          "precision": args.precision, "tasks": [t.name for t in self.tasks]}
+        # the base: SmolLM2, registered as "smollm2", in every cell so far (their settings name no model);
+        # another model's cells say which, so that they never mix with SmolLM2's
+        self.base = "smollm2" if args.model == SMOLLM2 else "base"
+        if args.model != SMOLLM2:
+            self.settings["model"] = str(args.model)
         # step → seconds, measured when the step did work (a cache hit records nothing, and
         # never overwrites what the step cost when it ran); survives a resume
         self.wall_file = work / ("wall.json" if self.first is None else f"wall-first{self.first}.json")
         self.wall: dict[str, float] = json.loads(self.wall_file.read_text()) if self.wall_file.exists() else {}
         self.api.init(self.registry)
         if not self.api.list_items("bases", registry=self.registry):
-            self.api.add_base("smollm2", SMOLLM2, registry=self.registry)
+            self.api.add_base(self.base, args.model, registry=self.registry)
 
     # ---- registry queries ------------------------------------------------------------------
     def versions(self, line: str) -> list[dict]:
@@ -209,7 +195,7 @@ class Experiment:
             return
         log(f"seed {self.seed}: train {name} from {line if self.versions(line) else 'the base'}")
         val = self.validation_file(data)
-        self.timed(f"train:{name}", lambda: self.api.train(name, data, line, base="smollm2", options=options, val=val,
+        self.timed(f"train:{name}", lambda: self.api.train(name, data, line, base=self.base, options=options, val=val,
                                                            registry=self.registry))
 
     def validation_file(self, train: Path) -> Path | None:
@@ -237,8 +223,7 @@ class Experiment:
             if len(self.versions(line)) >= step:
                 continue
             options = self.options_for(method, step)
-            key = digest(self.head_weights(line), options, file_digest(task.train), line if options.get("replay") else None)
-            name = f"{task.name}-{key}"
+            name = training_name(task, self.head_weights(line), options, line if options.get("replay") else None)
             self.train(name, task.train, line, options)
             log(f"seed {self.seed}: fuse {name} into {line} ({METHODS[method].fuse})")
             self.timed(f"fuse:{line}@{step}", lambda: self.api.fuse(name, line, registry=self.registry, **METHODS[method].fuse))
@@ -353,11 +338,7 @@ class Experiment:
                              for k in ("final", "learned", "diagonal")},
                 "per_task": report["per_task"], "matrix": report["matrix"], "wall_s": wall, "steps_s": steps,
                 "git_commit": git_commit(), "machine": machine(), "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-        path = self.cell_path(method)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(cell, indent=1))
-        temporary.replace(path)
+        path = write_results(self.cell_path(method), cell)
         log(f"seed {self.seed}: {method}: wrote {path} (train {wall['train'] / 60:.1f} min, "
             f"fuse {wall['fuse']:.0f} s, eval {wall['eval'] / 60:.1f} min)")
 
@@ -388,10 +369,6 @@ def load_seed(cells: Path, seed: int, methods: list[str]) -> dict[str, dict]:
             cell["examples"] = {k: [[int(c) for c in task] for task in v] for k, v in cell["examples"].items()}
             out[method] = cell
     return out
-
-
-def machine() -> str:
-    return f"{platform.platform()}, {os.cpu_count()} CPUs"
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -485,11 +462,6 @@ def ci(cell: dict | None, signed: bool = False) -> str:
     return f"{pct(cell['value'], signed)} [{pct(cell['low'], signed)}, {pct(cell['high'], signed)}]"
 
 
-def git_commit() -> str | None:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return done.stdout.strip() or None
-
-
 def write_order(stem: Path, title: str, tasks: list[str], per_seed: list[dict], seeds: list[int], results: Path) -> None:
     """The order's results from its cells (per seed, method → cell)."""
     first = next(iter(per_seed[0].values()))
@@ -497,7 +469,7 @@ def write_order(stem: Path, title: str, tasks: list[str], per_seed: list[dict], 
     table = per_task_table(per_seed, tasks)
     walls = {m: {str(seed): per[m]["wall_s"] for seed, per in zip(seeds, per_seed, strict=True)} for m in per_seed[0]}
     payload = {"benchmark": "continual", "title": title, "tasks": tasks, "seeds": seeds, "default_method": DEFAULT_METHOD,
-               "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)",
+               "model": first["settings"].get("model", "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"),
                "metric": f"exact match (case-folded) on the first {first['settings']['eval']['max_examples']} dev examples of each task",
                "methods": {m: METHODS[m].describe if m in METHODS else per_seed[0][m]["describe"] for m in per_seed[0]},
                "statistics": stats, "per_task": table,
@@ -508,11 +480,8 @@ def write_order(stem: Path, title: str, tasks: list[str], per_seed: list[dict], 
                "cells": {m: {str(seed): {"git_commit": per[m].get("git_commit"), "machine": per[m].get("machine"),
                                          "written": per[m].get("written")} for seed, per in zip(seeds, per_seed, strict=True)}
                          for m in per_seed[0]},
-               "git_commit": git_commit(), "machine": machine(),
-               "command": "python benchmarks/continual.py " + " ".join(sys.argv[1:])}
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    stem.with_suffix(".md").write_text(render_order(payload))
+               "git_commit": git_commit(), "machine": machine(), "command": command_line()}
+    write_results(stem.with_suffix(".json"), payload, render_order(payload))
     try:
         draw(payload, stem.with_suffix(".png"))
     except ImportError:
@@ -523,7 +492,7 @@ def render_order(p: dict) -> str:
     s = p["settings"]
     train = s["train"]
     lines = [f"# Continual learning: {p['title']} ({' → '.join(p['tasks'])})", "",
-             f"SmolLM2-135M, LoRA r {train['lora_r']} (q/v), {train['max_steps']} steps per task at batch {train['batch_size']}, "
+             f"{model_label(s.get('model', SMOLLM2))}, LoRA r {train['lora_r']} (q/v), {train['max_steps']} steps per task at batch {train['batch_size']}, "
              f"lr {train['lr']} with {train['warmup_steps']} warmup steps, max length {train['max_length']}, precision "
              f"{s['precision']} (training and evaluation); seeds {', '.join(map(str, p['seeds']))}. {p['metric']}. Points ×100; "
              f"[95 % paired-bootstrap interval over examples, {REPLICATES} resamples within each task, the same for every "
@@ -620,7 +589,6 @@ def write_summary(orders: list[int], results: Path = RESULTS) -> None:
                "wall_s_per_order": {o: round(sum(sum((w or {}).get(k, 0) for w in seeds.values() for k in ("train", "fuse", "eval"))
                                                  for seeds in p["wall_s"].values()), 1) for o, p in found.items()},
                "git_commit": git_commit(), "command": "python benchmarks/continual.py --summary"}
-    (results / "summary.json").write_text(json.dumps(payload, indent=1))
     lines = [f"# Continual learning across orders {', '.join(map(str, sorted(found)))}", "",
              f"Mean over orders (each order's seeds averaged first); points ×100 with 95 % paired-bootstrap intervals over "
              f"examples (resamples shared per task across methods, seeds and orders). Default method: **{DEFAULT_METHOD}** "
@@ -637,12 +605,12 @@ def write_summary(orders: list[int], results: Path = RESULTS) -> None:
         lines.append(f"| {name} | {ci(row['AP'])} | {cells[0]} | {cells[1]} | "
                      f"{ci(row.get('BWT_vs_learned'), True)} | {ci(row.get('fuse_cost'), True)} |")
     lines += ["", "Wall time per order: " + ", ".join(f"order {o}: {s / 60:.1f} min" for o, s in payload["wall_s_per_order"].items()), ""]
-    (results / "summary.md").write_text("\n".join(lines))
+    write_results(results / "summary.json", payload, "\n".join(lines))
     print("\n".join(lines))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--order", type=int, default=4, choices=sorted(ORDERS))
     parser.add_argument("--sequence", type=Path, help="a JSON sequence file instead of a built-in order")
     parser.add_argument("--summary", action="store_true", help="only write summary.{json,md} from the order results")
@@ -653,22 +621,14 @@ def main() -> None:
                         type=lambda s: [m for m in s.split(",") if m])
     parser.add_argument("--tasks", type=int, default=0, help="only the first N tasks (a cheap screen: lines METHOD-firstN)")
     parser.add_argument("--seeds", default="42", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per task")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=10, help="warmup steps")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--train-examples", type=int, default=1000, help="training records used per task")
-    parser.add_argument("--eval-examples", type=int, default=300, help="dev records evaluated per task")
-    parser.add_argument("--eval-batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=6)
+    add_sequence_options(parser)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="training and evaluation: bf16 autocast or float32; auto: bf16 only where the CPU (or GPU) "
                              "runs it natively (without avx512_bf16 a bf16 matmul ran 34× slower than float32)")
     parser.add_argument("--full-matrix", action="store_true", help="evaluate every version on every task")
+    add_model_option(parser)
     parser.add_argument("--work", type=Path, default=None, help="state folder (default benchmarks/work/<name>)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
+    add_results_option(parser)
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: <results>/<name>)")
     args = parser.parse_args()
     if args.summary:
@@ -695,9 +655,8 @@ def main() -> None:
             supported, why = bf16_support()
             args.precision = "bf16" if supported else "fp32"
             log(f"precision auto → {args.precision} ({why})")
-        if not (SMOLLM2 / "config.json").exists():
-            sys.exit(f"{SMOLLM2} is missing: run `make smollm2` (or python benchmarks/prepare_smollm2.py) first")
-        work = args.work or HERE / "work" / name
+        require_model(args.model)
+        work = args.work or WORK / name
         for seed in args.seeds:
             experiment = Experiment(args, tasks, seed, work / f"seed{seed}", cells)
             if args.export_finished:

@@ -19,19 +19,22 @@ answers are identical to "before, float32" (today's default).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from continual import DATA, RESULTS, SMOLLM2, git_commit  # noqa: E402
-from train_step import smollm2_session  # noqa: E402
+from common import (
+    DATA,
+    RESULTS,
+    add_model_option,
+    add_threads_option,
+    argument_parser,
+    model_label,
+    model_session,
+    options_record,
+    run_record,
+    write_results,
+)
 
 VARIANTS = ("before fp32", "after fp32", "before bf16", "after bf16")
 LABEL_STOP = "after fp32, label stop"
@@ -115,7 +118,7 @@ def run_task(task: str, model, tokenizer, args: argparse.Namespace) -> dict:
 
 def markdown(payload: dict) -> str:
     s = payload["settings"]
-    lines = [f"# Evaluation throughput: SmolLM2-135M{' + ' + s['adapter'] if s['adapter'] else ' (base, zero-shot)'}", "",
+    lines = [f"# Evaluation throughput: {model_label(s['model'])}{' + ' + s['adapter'] if s['adapter'] else ' (base, zero-shot)'}", "",
              f"Greedy answers to the first {s['examples']} dev examples of each task, `max_new_tokens` {s['max_new_tokens']}, "
              f"`max_length` {s['max_length']}, batches of {s['batch_size']}; {s['threads']} threads, {payload['cpus']} CPUs "
              f"(load average at start {payload['load_average']}). The variants take turns on chunks of {s['chunk']} examples. "
@@ -136,7 +139,7 @@ def markdown(payload: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--tasks", default="agnews", help="dev files examples/data/long_sequence/dev/TASK.jsonl.gz, comma-separated")
     parser.add_argument("--examples", type=int, default=300)
     parser.add_argument("--max-new-tokens", type=int, default=6)
@@ -144,27 +147,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=64, help="examples per turn of each variant")
     parser.add_argument("--label-stop", action="store_true", help=f"also time {LABEL_STOP!r}")
-    parser.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter folder to merge into SmolLM2 (default: the base)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else the cores)")
+    add_model_option(parser)
+    parser.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter folder to merge into the model (default: none)")
+    add_threads_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "eval_speed", help="results stem")
     args = parser.parse_args()
-    args.threads, tokenizer = smollm2_session(args.threads)
+    args.threads, tokenizer = model_session(args.model, args.threads)
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if args.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    record = run_record("eval_speed")  # the load average at the start
     tasks = [run_task(task, model, tokenizer, args) for task in args.tasks.split(",")]
-    payload = {"benchmark": "eval_speed", "machine": platform.platform(), "cpus": os.cpu_count(),
-               "load_average": round(load, 2) if load is not None else None, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "torch": torch.__version__, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "tasks": tasks, "git_commit": git_commit(), "command": "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(payload))
+    payload = {**record, "torch": torch.__version__, "settings": options_record(args), "tasks": tasks}
+    write_results(args.out.with_suffix(".json"), payload, markdown(payload))
     print(markdown(payload))
 
 

@@ -5,13 +5,11 @@ registered, then `fuse --method kif` and `--method ties` run in their own proces
 `/usr/bin/time`; a process that only imports the same modules gives the RSS floor. Writes
 benchmarks/results/fuse_memory.json.
 
-    python benchmarks/fuse_memory.py [--repeats 3]
+    python benchmarks/fuse_memory.py [--repeats 3] [--model DIR]   # any single-file safetensors model
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -20,18 +18,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-SMOLLM2 = Path(os.environ.get("KIFMERGE_MODELS") or "~/.cache/kifmerge/models").expanduser() / "smollm2-135m-instruct"
+from common import WORK, add_model_option, add_results_option, argument_parser, require_model, run_record, timed, write_results
 
 
-def fine_tune(out: Path, seed: int) -> int:
-    """A copy of SmolLM2 with every weight nudged; returns the largest tensor's bytes."""
+def fine_tune(model: Path, out: Path, seed: int) -> int:
+    """A copy of `model` with every weight nudged; returns the largest tensor's bytes."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(SMOLLM2, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(model, out, ignore=shutil.ignore_patterns("*.safetensors"))
     generator = torch.Generator().manual_seed(seed)
-    tensors = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in load_file(SMOLLM2 / "model.safetensors").items()}
+    tensors = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in load_file(model / "model.safetensors").items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     profile = {k: torch.rand(1, generator=generator) for k in tensors}
     save_file(profile, str(out.with_suffix(".profile.safetensors")),
@@ -39,30 +36,25 @@ def fine_tune(out: Path, seed: int) -> int:
     return max(v.numel() * v.element_size() for v in tensors.values())
 
 
-def timed(args: list[str], env: dict) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one command, measured by GNU time."""
-    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *args], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    wall, rss_kb = done.stderr.strip().splitlines()[-1].split()
-    return float(wall), int(rss_kb) / 1024
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    add_model_option(parser)
+    parser.add_argument("--work", type=Path, default=WORK,
+                        help="where the scratch checkpoints go (default benchmarks/work: on disk, where /tmp may be memory)")
+    add_results_option(parser)
     args = parser.parse_args()
-    if not (SMOLLM2 / "model.safetensors").exists():
-        sys.exit(f"{SMOLLM2} is missing: run `python benchmarks/prepare_smollm2.py` first")
-    with tempfile.TemporaryDirectory(dir=HERE) as scratch:
+    require_model(args.model)
+    args.work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         work = Path(scratch)
         env = {**os.environ, "KIFMERGE_REGISTRY": str(work / "registry")}
         kifmerge = [sys.executable, "-m", "kifmerge"]
-        largest = max(fine_tune(work / f"t{i}", i) for i in (1, 2))
+        largest = max(fine_tune(args.model, work / f"t{i}", i) for i in (1, 2))
         checkpoint_mb = (work / "t1" / "model.safetensors").stat().st_size / 2**20
-        for command in (["init"], ["base", "add", "smollm2", str(SMOLLM2)],
-                        ["add-task", "t1", str(work / "t1"), "--base", "smollm2", "--profile", str(work / "t1.profile.safetensors")],
-                        ["add-task", "t2", str(work / "t2"), "--base", "smollm2", "--profile", str(work / "t2.profile.safetensors")]):
+        for command in (["init"], ["base", "add", "base", str(args.model)],
+                        ["add-task", "t1", str(work / "t1"), "--base", "base", "--profile", str(work / "t1.profile.safetensors")],
+                        ["add-task", "t2", str(work / "t2"), "--base", "base", "--profile", str(work / "t2.profile.safetensors")]):
             subprocess.run([*kifmerge, *command], env=env, check=True, capture_output=True)
         floor = timed([sys.executable, "-c", "import torch, safetensors.torch, kifmerge.services.fusing, kifmerge.fusion.engine"], env)
         rows = []
@@ -78,11 +70,10 @@ def main() -> None:
             row = rows[-1]
             print(f"{method:<5} wall {row['wall_s']:6.2f} s  peak RSS {row['peak_rss_mb']:7.1f} MB  "
                   f"({row['rss_above_imports_mb']:.1f} MB above the imports)", flush=True)
-    result = {"benchmark": "fuse_memory", "checkpoint_mb": round(checkpoint_mb, 1), "largest_tensor_mb": round(largest / 2**20, 1),
-              "imports_rss_mb": round(floor[1], 1), "repeats": args.repeats, "rows": rows,
-              "command": "python benchmarks/fuse_memory.py " + " ".join(sys.argv[1:])}
-    out = HERE / "results" / "fuse_memory.json"
-    out.write_text(json.dumps(result, indent=2))
+    result = {**run_record("fuse_memory"), "model": str(args.model), "checkpoint_mb": round(checkpoint_mb, 1),
+              "largest_tensor_mb": round(largest / 2**20, 1), "imports_rss_mb": round(floor[1], 1), "repeats": args.repeats,
+              "rows": rows}
+    out = write_results(args.results / "fuse_memory.json", result)
     print(f"checkpoint {checkpoint_mb:.0f} MB, largest tensor {largest / 2**20:.0f} MB, imports alone {floor[1]:.0f} MB; wrote {out}")
 
 

@@ -13,7 +13,7 @@ Builds synthetic Llama-style full checkpoints in float16 (a base and two "fine-t
 
 Each command is its own process under GNU time (wall seconds, peak RSS). Writes
 benchmarks/results/fuse_speed.{json,md}. The checkpoints are kept in benchmarks/work/fuse_speed
-(gitignored), so a rerun skips building them.
+(gitignored), so a rerun skips building them. `--sizes tiny` (8 MiB) checks the script in seconds.
 
     python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit
     python benchmarks/fuse_speed.py --mergekit /tmp/mkvenv/bin/mergekit-yaml [--repeats 3] [--sizes small large]
@@ -31,14 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from fuse_memory import timed  # noqa: E402  (wall seconds, peak RSS MB) of one command, by GNU time
+from common import WORK, add_results_option, argument_parser, run_record, stamp, timed, write_results
 
-WORK = HERE / "work" / "fuse_speed"
-SIZES = {  # Llama-style shapes; float16; 485 MiB and 1870 MiB per checkpoint
+SIZES = {  # Llama-style shapes; float16; 485 MiB and 1870 MiB per checkpoint (tiny: 8 MiB)
     "small": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16, "shard_mb": 150},
     "large": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 18, "shard_mb": 600},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "shard_mb": 2},
 }
 VOCAB, HEADS, KV_HEADS = 32000, 16, 8
 
@@ -116,9 +114,9 @@ def io_floor(inputs: list[Path], out: Path) -> None:
     writer.finish()
 
 
-def prepare(name: str, kif: list[str], env: dict) -> dict:
-    """Build (once) and register the three checkpoints of one size."""
-    size, root = SIZES[name], WORK / name
+def prepare(name: str, root: Path, kif: list[str], env: dict) -> dict:
+    """Build (once) and register the three checkpoints of one size under `root`."""
+    size = SIZES[name]
     for folder, seed in (("base", 0), ("t1", 1), ("t2", 2)):
         if not (root / folder / "config.json").exists():
             print(f"[{name}] writing {folder} …", flush=True)
@@ -146,17 +144,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def measure(name: str, repeats: int, mergekit: str | None) -> dict:
-    root = WORK / name
+def measure(name: str, root: Path, repeats: int, mergekit: str | None) -> dict:
     env = {**os.environ, "KIFMERGE_REGISTRY": str(root / "registry")}
     kif = [sys.executable, "-m", "kifmerge"]
-    info = prepare(name, kif, env)
+    info = prepare(name, root, kif, env)
     config = {"merge_method": "ties", "base_model": str(root / "base"), "dtype": "float16",
               "parameters": {"normalize": True},
               "models": [{"model": str(root / t), "parameters": {"weight": 0.5, "density": 0.5}} for t in ("t1", "t2")]}
     (root / "ties.yml").write_text(json.dumps(config))
     runs: dict[str, list[tuple[float, float]]] = {"floor": [], "kif": [], "ties": [], "mergekit": []}
-    stamp = int(time.time())
+    started = int(time.time())  # line names unique across runs on the kept registry
     for repeat in range(repeats):
         out = root / "floor-out"
         shutil.rmtree(out, ignore_errors=True)
@@ -165,7 +162,7 @@ def measure(name: str, repeats: int, mergekit: str | None) -> dict:
                                     "--out", str(out)], env))
         shutil.rmtree(out, ignore_errors=True)
         for method in ("kif", "ties"):
-            line = f"{method}-{stamp}-{repeat}"
+            line = f"{method}-{started}-{repeat}"
             subprocess.run([*kif, "fuse", "t1", "--into", line], env=env, check=True, capture_output=True)
             runs[method].append(timed([*kif, "fuse", "t2", "--into", line, "--method", method, "--alpha", "0.5",
                                        "--density", "0.5"] if method == "ties" else [*kif, "fuse", "t2", "--into", line], env))
@@ -223,10 +220,13 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml (optional)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["small", "large"])
+    parser.add_argument("--work", type=Path, default=WORK / "fuse_speed", help="checkpoints and registry, kept between runs "
+                                                                              "(default benchmarks/work/fuse_speed)")
+    add_results_option(parser)
     parser.add_argument("--floor", nargs="+", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,23 +235,19 @@ def main() -> None:
         return
     if args.mergekit and not Path(args.mergekit).exists():
         sys.exit(f"{args.mergekit} not found")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    out = HERE / "results" / "fuse_speed.json"
-    result = {"benchmark": "fuse_speed", "when": time.strftime("%Y-%m-%d %H:%M"), "git_commit": commit,
-              "repeats": args.repeats, "cpus": os.cpu_count(), "mergekit": bool(args.mergekit), "sizes": {},
-              "command": "python benchmarks/fuse_speed.py " + " ".join(sys.argv[1:])}
+    out = args.results / "fuse_speed.json"
+    result = {**run_record("fuse_speed"), "repeats": args.repeats, "mergekit": bool(args.mergekit), "sizes": {}}
     if out.exists():  # resumable: a run of some sizes replaces those and keeps the others (with their commit)
         kept = json.loads(out.read_text()).get("sizes", {})
         result["sizes"] = {name: size for name, size in kept.items() if name not in args.sizes}
-    out.parent.mkdir(exist_ok=True)
     for name in args.sizes:
-        size = measure(name, args.repeats, args.mergekit)
+        size = measure(name, args.work / name, args.repeats, args.mergekit)
         size["ratios"] = ratios(size)
-        size.update(git_commit=commit, when=time.strftime("%Y-%m-%d %H:%M"), load_average=os.getloadavg()[0])
+        size.update(stamp())
         result["sizes"][name] = size
-        out.write_text(json.dumps(result, indent=2))
+        write_results(out, result)
     table = markdown(result)
-    (HERE / "results" / "fuse_speed.md").write_text(table)
+    write_results(out, result, table)
     print(table)
 
 

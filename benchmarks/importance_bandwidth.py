@@ -9,22 +9,18 @@ memory bandwidth of this machine, in-process, on float32 parameters shaped like 
 
 Minimum of --repeats runs each. Writes benchmarks/results/importance_bandwidth.{json,md}.
 
-    python benchmarks/importance_bandwidth.py [--repeats 7]
+    python benchmarks/importance_bandwidth.py [--repeats 7] [--layers 30] [--vocab 49152]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "importance_bandwidth.json"
+from common import add_results_option, argument_parser, run_record, write_results
+
 # SmolLM2-135M: 30 layers of q/k/v/o (k, v narrower) and gate/up/down, plus the tied embedding
-SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30 + [(49152, 576)]
+LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+LAYERS, VOCAB, HIDDEN = 30, 49152, 576
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -37,18 +33,18 @@ def best_ms(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--layers", type=int, default=LAYERS, help=f"SmolLM2's layers (default {LAYERS}; fewer: a quick check)")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help=f"rows of the embedding (default SmolLM2's {VOCAB})")
+    add_results_option(parser)
     args = parser.parse_args()
     import torch
 
     from kifmerge.importance import ImportanceAccumulator
 
-    sys.path.insert(0, str(HERE))
-    from registry_scale import git_commit
-
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in LAYER * args.layers + [(args.vocab, HIDDEN)]]
     for p in params:
         p.grad = torch.randn_like(p)
     n = sum(p.numel() for p in params)
@@ -62,10 +58,8 @@ def main() -> None:
             "update_ms": best_ms(lambda: accumulator.update(finite=True), args.repeats),
             "finiteness_pass_ms": best_ms(lambda: torch.isfinite(torch.stack(torch._foreach_norm(grads))).all(), args.repeats)}
     rows["update_floor_ms"] = round(24 * n / (rows["copy_GBps"] * 1e6), 1)  # 24 B per parameter at copy bandwidth
-    result = {"benchmark": "importance_bandwidth", "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(),
-              "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
-              "command": "python benchmarks/importance_bandwidth.py " + " ".join(sys.argv[1:]), **rows}
-    lines = [f"# importance_bandwidth — {result['when']} (commit {result['commit'][:8]}; {result['cpus']} CPUs, "
+    result = {**run_record("importance_bandwidth"), **rows}
+    lines = [f"# importance_bandwidth — {result['when']} (commit {result['git_commit']}; {result['cpus']} CPUs, "
              f"load average {result['load_average']:.2f}; best of {args.repeats})", "",
              f"{n:,} float32 parameters shaped like SmolLM2-135M, {rows['threads']} threads.", "",
              "| operation | ms |", "| --- | ---: |",
@@ -75,9 +69,7 @@ def main() -> None:
              f"| `ImportanceAccumulator.update(finite=True)` | {rows['update_ms']} |",
              f"| finiteness pass over every gradient (no longer made) | {rows['finiteness_pass_ms']} |", "",
              f"Command: `{result['command']}`", ""]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    RESULTS.with_suffix(".md").write_text("\n".join(lines))
+    write_results(args.results / "importance_bandwidth.json", result, "\n".join(lines))
     print("\n".join(lines))
 
 

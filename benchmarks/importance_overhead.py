@@ -11,10 +11,8 @@ benchmarks/results/importance_overhead.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,10 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "importance_overhead.json"  # and .md beside it
-DATA = HERE.parent / "examples" / "data" / "long_sequence" / "train" / "agnews.jsonl.gz"  # the vendored copy
-SMOLLM2 = Path(os.environ.get("KIFMERGE_MODELS") or "~/.cache/kifmerge/models").expanduser() / "smollm2-135m-instruct"
+from common import DATA, SMOLLM2, add_results_option, argument_parser, run_record, timing_calls, write_results
+
 # name → (model, mode, batch size, max length, steps factor)
 CASES = {
     "tiny-lora": ("tiny", "lora", 8, 64, 4),
@@ -37,8 +33,7 @@ CASES = {
 
 
 def tiny_model(folder: Path) -> Path:
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from conftest import build_llama  # the test suite's tiny Llama + tokenizer
+    from kifmerge.testing import build_llama
 
     if not (folder / "config.json").exists():
         build_llama(folder)
@@ -46,26 +41,20 @@ def tiny_model(folder: Path) -> Path:
 
 
 def worker(case: str, steps: int, callback: bool, model_dir: Path) -> dict:
-    """One training run in this process; returns step times and peak RSS."""
+    """One training run in this process, as `kifmerge train` sets it up (with or without the
+    importance callback); returns step times and peak RSS."""
     import torch
-    from transformers import TrainerCallback, set_seed
-    from transformers.trainer_callback import PrinterCallback
+    from transformers import TrainerCallback
 
-    from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
+    from kifmerge.data import load_records
     from kifmerge.options import TrainOptions
-    from kifmerge.data import Encoder, load_records
-    from kifmerge.modeling import build_model, is_seq2seq, load_tokenizer
-    from kifmerge.training import KifTrainer, training_arguments, training_collator
+    from kifmerge.training import build_trainer
 
     _, mode, batch, length, _ = CASES[case]
     config = json.loads((model_dir / "config.json").read_text())
     options = TrainOptions(mode=mode, max_steps=steps, batch_size=batch, max_length=length, lr=1e-4)
-    set_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    tokenizer = load_tokenizer(model_dir)
-    model = build_model(model_dir, config, options, None)
-    records = load_records(DATA, max_examples=steps * batch)
-    encode = Encoder(tokenizer, is_seq2seq(config), length)
+    records = load_records(DATA / "train" / "agnews.jsonl.gz", max_examples=steps * batch)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -78,29 +67,14 @@ def worker(case: str, steps: int, callback: bool, model_dir: Path) -> dict:
             self.times.append(time.perf_counter() - self.start)
 
     timer = StepTimer()
-    callbacks = [timer]
     update_times: list[float] = []
-    if callback:
-        accumulator = ImportanceAccumulator(model.named_parameters())
-        update = accumulator.update
-
-        def timed_update(finite: bool | None = None) -> bool:
-            start = time.perf_counter()
-            try:
-                return update(finite)
-            finally:
-                update_times.append(time.perf_counter() - start)
-
-        accumulator.update = timed_update
-        callbacks.insert(0, ImportanceCallback(accumulator, grad_norm=lambda: trainer.take_grad_norm()))  # as run_training
     with tempfile.TemporaryDirectory() as out:
-        trainer = KifTrainer(model=model, args=training_arguments(options, Path(out)),
-                             train_dataset=[encode(r) for r in records],
-                             data_collator=training_collator(model, tokenizer, is_seq2seq(config), options),  # kifmerge train's step
-                             callbacks=callbacks)
-        trainer.remove_callback(PrinterCallback)
+        trainer, accumulator = build_trainer(model_dir, config, options, None, records, [], Path(out), callbacks=[timer],
+                                             importance=callback)
+        if accumulator is not None:
+            accumulator.update = timing_calls(accumulator.update, update_times)
         trainer.train()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {"step_times": timer.times[1:],  # the first step warms caches up
             "update_times": update_times[1:],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "trainable": trainable}
@@ -126,10 +100,11 @@ def run_case(case: str, steps: int, repeats: int, model_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--steps", type=int, default=12, help="steps per run for SmolLM2 (tiny runs 4×)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", default=",".join(CASES))
+    add_results_option(parser)
     parser.add_argument("--worker")
     parser.add_argument("--callback", choices=["on", "off"])
     parser.add_argument("--model-dir", type=Path)
@@ -150,20 +125,13 @@ def main() -> None:
             print(f"{row['case']:<14} step off {row['step_s_off']*1000:9.1f} ms  on {row['step_s_on']*1000:9.1f} ms  "
                   f"ratio {row['ratio']:.3f}  callback {row['callback_ms']:7.1f} ms  peak RSS off {row['peak_rss_mb_off']:7.0f} MB  on {row['peak_rss_mb_on']:7.0f} MB",
                   flush=True)
-    sys.path.insert(0, str(HERE))
-    from registry_scale import git_commit
-
-    result = {"benchmark": "importance_overhead", "machine": platform.platform(), "cpus": os.cpu_count(),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(), "load_average": os.getloadavg()[0],
-              "command": "python benchmarks/importance_overhead.py " + " ".join(sys.argv[1:]), "rows": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    RESULTS.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {RESULTS} and {RESULTS.with_suffix('.md').name}")
+    result = {**run_record("importance_overhead"), "rows": rows}  # the load average at the end
+    out = write_results(args.results / "importance_overhead.json", result, markdown(result))
+    print(f"wrote {out} and {out.with_suffix('.md').name}")
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# importance_overhead — {result['when']} (commit {result['commit'][:8]}; {result['cpus']} CPUs, "
+    lines = [f"# importance_overhead — {result['when']} (commit {result['git_commit']}; {result['cpus']} CPUs, "
              f"load average {result['load_average']:.2f} at the end)", "",
              "Median training step with and without the importance callback, each run its own process, off/on alternated; "
              "the callback's own time is measured around each update (target: ratio ≤ 1.03).", "",

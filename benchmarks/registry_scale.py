@@ -7,7 +7,7 @@ and no read command imports torch, transformers, peft or safetensors.torch.
 How the registry is built (once; cached in benchmarks/work/registry_scale/, gitignored):
 
 - real, through the public API (`kifmerge.api`): `init`, `base add` of a tiny Llama-style model
-  (examples/make_tiny.py), `add-task` of four small LoRA adapters with profiles, two `fuse`s
+  (kifmerge/testing.py), `add-task` of four small LoRA adapters with profiles, two `fuse`s
   (line-00@v1 initial, line-00@v2 kif), two `alias set`s (one a move) and one `eval` (two labels);
 - in bulk, straight into the catalog in one transaction: copies of those real rows (the same
   blob hashes, so `verify` checks real blobs) with new names, numbers and timestamps — tasks
@@ -47,13 +47,18 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from fuse_memory import timed  # noqa: E402  (wall seconds, peak RSS MB) of one command, by GNU time
+from common import (
+    WORK,
+    add_results_option,
+    argument_parser,
+    git_commit,
+    run_record,
+    stamp,
+    timed,
+    uncommitted_changes,
+    write_results,
+)
 
-WORK = HERE / "work" / "registry_scale"
-RESULTS = HERE / "results"
 HEAVY = ("torch", "transformers", "peft", "safetensors.torch")
 GOALS = {"inprocess_ms": 100, "command_s": 0.5}
 REAL_LINE = "line-00"
@@ -83,13 +88,12 @@ def make_adapter(base: Path, out: Path, seed: int) -> None:
 
 
 def make_inputs(inputs: Path) -> None:
-    sys.path.insert(0, str(ROOT / "examples"))
-    import make_tiny
+    from kifmerge.testing import build_llama, task_records, write_jsonl
 
     inputs.mkdir(parents=True, exist_ok=True)
-    make_tiny.build_model(inputs / "model")
+    build_llama(inputs / "model")
     for seed, task in enumerate(("parity", "vowel")):
-        make_tiny.write_jsonl(inputs / f"{task}-dev.jsonl", make_tiny.records(task, 8, 100 + seed))
+        write_jsonl(inputs / f"{task}-dev.jsonl", task_records(task, 8, 100 + seed))
     for seed in range(1, 6):  # real-1 … real-4 go into the registry; adapter 5 is what add-task is timed with
         make_adapter(inputs / "model", inputs / f"adapter-{seed}", seed)
 
@@ -315,7 +319,7 @@ def imported_heavy(args: list[str], env: dict) -> tuple[list[str], float]:
     return [m for m in HEAVY if m in modules], round(total_us / 1e6, 3)
 
 
-def measure(root: Path, repeats: int, tag: str) -> dict:
+def measure(root: Path, lines: int, repeats: int, tag: str) -> dict:
     run = root / "run"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(root / "pristine", run / "registry", symlinks=True)
@@ -325,12 +329,12 @@ def measure(root: Path, repeats: int, tag: str) -> dict:
     t0 = time.perf_counter()
     api.init(registry)  # brings the copy's schema up to date (a no-op when the cache was built by this code)
     upgrade_s = time.perf_counter() - t0
-    line = "line-05"
-    task = api.history(line, registry=registry)[49]["task"]  # a task fused into line-05 (v50)
+    line = f"line-{lines // 2:02d}"  # line-05 of 10
+    task = api.history(line, registry=registry)[49]["task"]  # a task fused into the line (v50)
     adapter = str(root / "inputs" / "adapter-5")
     # bytecode cached as for an installed package (kept out of the checkout), even where the environment says not to
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, "KIFMERGE_REGISTRY": registry,
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPYCACHEPREFIX": str(WORK / "pycache")}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPYCACHEPREFIX": str(root.parent / "pycache")}
     print("in-process …", flush=True)
     done = subprocess.run([sys.executable, __file__, "--inprocess", registry, "--repeats", str(repeats), "--line", line,
                            "--task", task, "--adapter", adapter, "--tag", tag], env=env, capture_output=True, text=True)
@@ -360,22 +364,13 @@ def measure(root: Path, repeats: int, tag: str) -> dict:
     t0 = time.perf_counter()
     report = api.verify(registry=registry)
     verify = {"ok": report["ok"], "blobs_checked": report["blobs_checked"], "seconds": round(time.perf_counter() - t0, 2)}
-    return {"git_commit": git_commit(), "dirty": bool(git(["status", "--porcelain", "--untracked-files=no"])),
-            "when": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg()[0], "repeats": repeats,
+    return {**stamp(), "dirty": uncommitted_changes(), "repeats": repeats,
             "schema_upgrade_s": round(upgrade_s, 3), "line": line, "task": task, "inprocess": inproc, "commands": commands,
             "python_startup_s": statistics.median(w for w, _ in floor),
             "kifmerge_help_s": statistics.median(w for w, _ in startup), "verify": verify}
 
 
 # ---- results -----------------------------------------------------------------------------------
-def git(args: list[str]) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-
-
-def git_commit() -> str:
-    return git(["rev-parse", "HEAD"])
-
-
 def markdown(result: dict) -> str:
     runs = result["runs"]
     after = runs.get("current") or next(iter(runs.values()))
@@ -425,7 +420,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--versions", type=int, default=1_000)
     parser.add_argument("--lines", type=int, default=10)
@@ -433,6 +428,9 @@ def main() -> None:
     parser.add_argument("--label", choices=["current", "baseline"], default="current",
                         help="file this run as the 'after' (current) or 'before' (baseline) figures")
     parser.add_argument("--rebuild", action="store_true", help="build the registry again instead of reusing the cached one")
+    parser.add_argument("--work", type=Path, default=WORK / "registry_scale",
+                        help="where built registries are cached (default benchmarks/work/registry_scale)")
+    add_results_option(parser)
     for hidden in ("--inprocess", "--line", "--task", "--adapter", "--tag"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -441,17 +439,16 @@ def main() -> None:
         return
     if args.versions % args.lines or args.versions // args.lines < 60 or args.tasks < args.versions + 4:
         sys.exit("need --versions a multiple of --lines with at least 60 versions per line, and --tasks ≥ --versions + 4")
-    root = WORK / f"{args.tasks}t-{args.versions}v-{args.lines}l"
+    root = args.work / f"{args.tasks}t-{args.versions}v-{args.lines}l"
     if args.rebuild:
         shutil.rmtree(root, ignore_errors=True)
     build_info = build(root, args.tasks, args.versions, args.lines)
-    run = measure(root, args.repeats, f"{args.label}-{int(time.time())}")
-    out = RESULTS / "registry_scale.json"
-    result = {"benchmark": "registry_scale", "cpus": os.cpu_count(), "goals": GOALS, "build": build_info,
+    run = measure(root, args.lines, args.repeats, f"{args.label}-{int(time.time())}")
+    out = args.results / "registry_scale.json"
+    result = {**run_record("registry_scale"), "goals": GOALS, "build": build_info,
               "sizes": {"tasks": args.tasks, "versions": args.versions, "lines": args.lines}, "runs": {},
               "note": "Timings are medians of repeats on a machine shared with other work (2 cores, load average "
-                      "recorded per run); the absolute figures move with the load, the comparisons within a run less so.",
-              "command": "python benchmarks/registry_scale.py " + " ".join(sys.argv[1:])}
+                      "recorded per run); the absolute figures move with the load, the comparisons within a run less so."}
     if out.exists():  # keep the other label's run when the sizes are the same
         kept = json.loads(out.read_text())
         if kept.get("sizes") == result["sizes"]:
@@ -460,10 +457,8 @@ def main() -> None:
                 result["command"] = kept.get("command", result["command"])
     result["runs"][args.label] = run
     result["runs"] = dict(sorted(result["runs"].items()))  # baseline before current
-    RESULTS.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     table = markdown(result)
-    (RESULTS / "registry_scale.md").write_text(table)
+    write_results(out, result, table)
     print(table)
 
 

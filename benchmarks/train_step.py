@@ -24,40 +24,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from continual import DATA, RESULTS, SMOLLM2, git_commit  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from common import (
+    DATA,
+    RESULTS,
+    add_model_option,
+    add_threads_option,
+    argument_parser,
+    model_label,
+    model_session,
+    options_record,
+    run_record,
+    timing_calls,
+    write_results,
+)
+from transformers import TrainerCallback
 
 GOAL = 0.75
-
-
-def smollm2_session(threads: int | None):
-    """SmolLM2's tokenizer, torch set to `threads` (default: $OMP_NUM_THREADS, else the cores) and
-    transformers quiet; exits with the preparation command when the model is missing. Returns
-    (threads, tokenizer)."""
-    if not (SMOLLM2 / "config.json").exists():
-        sys.exit(f"{SMOLLM2} is missing: run `python benchmarks/prepare_smollm2.py` first")
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from kifmerge.modeling import load_tokenizer
-
-    hf_logging.set_verbosity_error()
-    env = os.environ.get("OMP_NUM_THREADS")
-    threads = threads or (int(env) if env and env.isdigit() else len(os.sched_getaffinity(0)))
-    torch.set_num_threads(threads)
-    return threads, load_tokenizer(SMOLLM2)
 
 
 def ratio_rows(rows: list[dict]) -> list[str]:
@@ -93,81 +81,31 @@ class Timer(TrainerCallback):
         return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.begins, ends, strict=True)]
 
 
-def kifmerge_collator(model, tokenizer, options):
-    """kifmerge's collator for `model` as `kifmerge train` makes it (with code from before
-    `training_collator`, the plain left-padding one: `--compare` runs of older commits)."""
-    try:
-        from kifmerge.training import training_collator
-    except ImportError:
-        from kifmerge.data import Collator
-        from kifmerge.modeling import supports_logits_window
-
-        return Collator(tokenizer.pad_token_id, False, supports_logits_window(model))
-    return training_collator(model, tokenizer, False, options)
-
-
-def sequential(trainer_class):
-    """The Trainer with its batches in dataset order (both recipes see the same batches)."""
+def in_dataset_order(trainer) -> None:
+    """`trainer` with its batches in dataset order (both recipes see the same batches)."""
     import torch
 
-    class Sequential(trainer_class):
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    return Sequential
+    trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(trainer.train_dataset)
 
 
 class Recipe:
-    """One recipe's model and trainer, trained `steps` steps per round."""
+    """One recipe's model and trainer, trained `steps` steps per round. kifmerge's is `kifmerge
+    train`'s own (kifmerge/training.py `build_trainer`, which encodes `records` into the same ids
+    as `features`); the plain one trains `features` with the stock Trainer."""
 
-    def __init__(self, name: str, model_dir: Path, features: list[dict], options, work: Path):
-        import torch
-        from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, set_seed
-        from transformers.trainer_callback import PrinterCallback
-
-        from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
-        from kifmerge.modeling import DEFAULT_TARGETS, build_model, load_tokenizer
-        from kifmerge.training import KifTrainer, training_arguments
+    def __init__(self, name: str, model_dir: Path, records: list[dict], features: list[dict], options, work: Path):
+        from kifmerge.training import build_trainer
 
         config = json.loads((model_dir / "config.json").read_text())
-        tokenizer = load_tokenizer(model_dir)
         self.name, self.timer, self.update_times = name, Timer(), []
-        set_seed(0)  # the same LoRA initialisation for both recipes
-        args = training_arguments(options, work / name)
         if name == "kifmerge":
-            self.model = build_model(model_dir, config, options, None)
-            accumulator = ImportanceAccumulator(self.model.named_parameters(), estimator=options.importance,
-                                                beta1=options.beta1, beta2=options.beta2)
-            update = accumulator.update
-
-            def timed_update(*a, **k):
-                start = time.perf_counter()
-                try:
-                    return update(*a, **k)
-                finally:
-                    self.update_times.append(time.perf_counter() - start)
-
-            accumulator.update = timed_update
-            self.trainer = sequential(KifTrainer)(
-                model=self.model, args=args, train_dataset=features,
-                data_collator=kifmerge_collator(self.model, tokenizer, options),
-                callbacks=[ImportanceCallback(accumulator), self.timer])
+            self.trainer, accumulator = build_trainer(model_dir, config, options, None, records, [], work / name,
+                                                      callbacks=[self.timer])
+            accumulator.update = timing_calls(accumulator.update, self.update_times)
         else:
-            from peft import LoraConfig, get_peft_model
-
-            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-            lora = LoraConfig(r=options.rank, lora_alpha=options.lora_alpha or 2 * options.rank,
-                              lora_dropout=options.lora_dropout, target_modules=DEFAULT_TARGETS[config["model_type"]],
-                              task_type="CAUSAL_LM")
-            self.model = get_peft_model(base, lora)
-            tokenizer.padding_side = "right"
-            plain = [{"input_ids": f["input_ids"], "attention_mask": [1] * len(f["input_ids"]), "labels": f["labels"]}
-                     for f in features]
-            self.trainer = sequential(Trainer)(
-                model=self.model, args=args, train_dataset=plain,
-                data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                callbacks=[self.timer])
-        self.trainer.remove_callback(PrinterCallback)
+            self.trainer = plain_trainer(model_dir, config, features, options, work / name, self.timer)
+        in_dataset_order(self.trainer)
+        self.model = self.trainer.model
         self.rounds: list[list[float]] = []
         self.losses: list[list[float]] = []
 
@@ -179,6 +117,33 @@ class Recipe:
 
     def adapter(self) -> dict:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+def plain_trainer(model_dir: Path, config: dict, features: list[dict], options, output_dir: Path, timer: Timer):
+    """The reference code's recipe: peft's LoRA with kifmerge's settings and the same initial adapter
+    (seeded as `build_trainer` seeds), right padding, labels -100 on the prompt, the stock Trainer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from kifmerge.modeling import DEFAULT_TARGETS, load_tokenizer
+    from kifmerge.training import training_arguments
+
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.padding_side = "right"
+    set_seed(options.seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=options.rank, lora_alpha=options.lora_alpha or 2 * options.rank,
+                      lora_dropout=options.lora_dropout, target_modules=DEFAULT_TARGETS[config["model_type"]],
+                      task_type="CAUSAL_LM")
+    plain = [{"input_ids": f["input_ids"], "attention_mask": [1] * len(f["input_ids"]), "labels": f["labels"]}
+             for f in features]
+    trainer = Trainer(model=get_peft_model(base, lora), args=training_arguments(options, output_dir), train_dataset=plain,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def profile_step(recipe: "Recipe", bf16: bool) -> dict[str, float]:
@@ -208,12 +173,12 @@ def profile_step(recipe: "Recipe", bf16: bool) -> dict[str, float]:
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def run_precision(precision: str, args: argparse.Namespace, features: list[dict], work: Path) -> dict:
+def run_precision(precision: str, args: argparse.Namespace, records: list[dict], features: list[dict], work: Path) -> dict:
     from kifmerge.options import TrainOptions
 
     options = TrainOptions(max_steps=args.steps + 1, batch_size=args.batch_size, max_length=args.max_length,
                            lora_r=args.lora_r, lr=args.lr, bf16=precision == "bf16", save_steps=0)
-    recipes = [Recipe(name, SMOLLM2, features, options, work) for name in ("kifmerge", "plain")]
+    recipes = [Recipe(name, args.model, records, features, options, work) for name in ("kifmerge", "plain")]
     for r in range(args.rounds):
         for recipe in recipes if r % 2 == 0 else recipes[::-1]:
             recipe.round()
@@ -250,7 +215,7 @@ def run_precision(precision: str, args: argparse.Namespace, features: list[dict]
 
 def markdown(payload: dict) -> str:
     s = payload["settings"]
-    lines = [f"# Training step: kifmerge vs the plain Trainer + peft recipe (SmolLM2-135M, LoRA r={s['lora_r']})", "",
+    lines = [f"# Training step: kifmerge vs the plain Trainer + peft recipe ({model_label(s['model'])}, LoRA r={s['lora_r']})", "",
              f"Task {s['task']}, batch {s['batch_size']}, max length {s['max_length']} (batches padded to their longest "
              f"sequence: mean {payload['batch_width_mean']:.0f} positions for {payload['tokens_per_batch_mean']:.0f} tokens), "
              f"{s['rounds']} alternating rounds of {s['steps']} timed steps per recipe, {s['threads']} threads, "
@@ -284,7 +249,7 @@ def markdown(payload: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--task", default="agnews", help="training file examples/data/long_sequence/train/TASK.jsonl.gz")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
@@ -293,43 +258,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round and recipe (one more warms up)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--precisions", default="fp32,bf16")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else the cores)")
+    add_threads_option(parser)
+    add_model_option(parser)
     parser.add_argument("--profile", action="store_true", help="also profile one forward+backward of each recipe")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_step", help="results stem")
     parser.add_argument("--compare", type=Path, default=None,
                         help="the JSON of an earlier run (e.g. of an older commit) to show beside this one")
     args = parser.parse_args()
-    args.threads, tokenizer = smollm2_session(args.threads)
+    args.threads, tokenizer = model_session(args.model, args.threads)
     import torch
 
     from kifmerge.data import Encoder, load_records
     records = load_records(DATA / "train" / f"{args.task}.jsonl.gz", max_examples=(args.steps + 1) * args.batch_size)
     features = [Encoder(tokenizer, False, args.max_length)(r) for r in records]
     batches = [features[i:i + args.batch_size] for i in range(0, len(features), args.batch_size)]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    record = run_record("train_step")  # the load average at the start
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for precision in args.precisions.split(","):
-            rows.append(run_precision(precision, args, features, Path(work)))
+            rows.append(run_precision(precision, args, records, features, Path(work)))
             r = rows[-1]
             for clock in ("wall", "cpu"):
                 c = r[clock]
                 print(f"{precision} {clock}: kifmerge {c['step_ms_kifmerge']:.0f} ms, plain {c['step_ms_plain']:.0f} ms, "
                       f"ratio {c['ratio']:.3f} (rounds {c['ratio_spread'][0]:.3f}–{c['ratio_spread'][1]:.3f})", flush=True)
             print(f"{precision}: callback {r['callback_ms']} ms, max loss Δ {r['max_loss_difference']:.2g}", flush=True)
-    payload = {"benchmark": "train_step", "machine": platform.platform(), "cpus": os.cpu_count(),
-               "load_average": round(load, 2) if load is not None else None, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "torch": torch.__version__, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    payload = {**record, "torch": torch.__version__, "settings": options_record(args),
                "batch_width_mean": statistics.mean(max(len(f["input_ids"]) for f in b) for b in batches),
                "tokens_per_batch_mean": statistics.mean(sum(len(f["input_ids"]) for f in b) for b in batches),
-               "goal_ratio": GOAL, "rows": rows, "git_commit": git_commit(),
-               "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:])}
+               "goal_ratio": GOAL, "rows": rows}
     if args.compare:
         earlier = json.loads(args.compare.read_text())
         payload["compare"] = {k: earlier.get(k) for k in ("git_commit", "command", "load_average", "settings", "rows")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(payload))
+    write_results(args.out.with_suffix(".json"), payload, markdown(payload))
     print(markdown(payload))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kifmerge import limits
 from kifmerge.errors import UsageError
@@ -16,26 +16,53 @@ SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]B)$", re.IGNORECASE)
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub counts
 
 
-class FuseParams(BaseModel):
-    """Fusion parameters (DESIGN.md defaults)."""
+def option(default: Any = None, *, help: str, flag: str | None = None, shown: str | None = None,
+           watch_only: bool = False, **constraints: Any) -> Any:
+    """A field that is also a command-line option, declared once: its default and bounds (pydantic),
+    `help` (the CLI's and docs/cli.md's text), `flag` where it is not the field's name with
+    dashes, `shown`: the default as the help states it where the field's own is None because it
+    is decided later (per mode, per line), and `watch_only` for an option that changes how a run
+    is watched, saved or resumed, not what it trains. kifmerge/cli/options.py builds the CLI's
+    option groups from these."""
+    extra = {"help": help, **({"flag": flag} if flag else {}), **({"shown": shown} if shown else {}),
+             **({"watch_only": True} if watch_only else {})}
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    method: str = Field("kif", description="a fusion method of the registry (kifmerge/fusion/methods.py)")
-    top: float = Field(0.2, gt=0.0, le=1.0, description="fraction of units counted important")
-    tau: float = Field(0.25, gt=0.0, description="softmax temperature of kif-adaptive")
-    scores: Literal["minmax", "rank"] = Field("minmax", description="kif-adaptive: compare min–max normalised scores or their ranks")
-    weights: tuple[float, float, float] = (0.3, 0.7, 0.5)
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the new task (linear and the baselines)")
-    density: float = Field(0.5, gt=0.0, le=1.0, description="fraction of task-vector entries kept (ties, dare)")
-    lam: float = Field(1.0, gt=0.0, description="scale of the merged task vector (baselines)")
-    seed: int = Field(0, description="seed of DARE's random drops")
-    non_diagonal: float = Field(0.9, ge=0.0, le=1.0, description="regmean: scale of the Gram matrices' off-diagonal entries")
-    power: float = Field(0.5, ge=0.0, le=8.0, description="kif-element: exponent on the element scores (0: plain 0.5 average)")
-    grid: tuple[float, ...] = Field((0.3, 0.5, 0.7), min_length=1, max_length=21,
-                                    description="validated: the α values tried, each scored on validation examples")
-    val_examples: int = Field(100, ge=1, le=100_000, description="validation examples scored per task (validated, --max-regression)")
-    shard_size: str = Field("5GB", description="largest output shard, as the hub writes it: 5GB, 500MB, 200KB")
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="output dtype (default: the task's)")
+
+def cli_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """The fields of `model` declared with `option` (those the CLI offers), in declaration order."""
+    return {name: field for name, field in model.model_fields.items()
+            if isinstance(field.json_schema_extra, dict) and "help" in field.json_schema_extra}
+
+
+def flag_of(model: type[BaseModel], name: str) -> str:
+    extra = model.model_fields[name].json_schema_extra if name in model.model_fields else None
+    return (extra or {}).get("flag") or "--" + name.replace("_", "-")
+
+
+class FuseParams(BaseModel):
+    """Fusion parameters (DESIGN.md defaults); each method reads those its registry entry names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    method: str = option("kif", help="A fusion method: {methods}.")
+    top: float = option(0.2, gt=0.0, le=1.0, help="Fraction of units counted important (kif).")
+    tau: float = option(0.25, gt=0.0, help="Softmax temperature (kif-adaptive).")
+    scores: Literal["minmax", "rank"] = option("minmax", help="kif-adaptive compares minmax-normalised scores or their ranks: minmax | rank.")
+    weights: tuple[float, float, float] = option((0.3, 0.7, 0.5), help="NEW_BOTH,OLD_BOTH,NEW_NEITHER (kif).")
+    alpha: float = option(0.5, ge=0.0, le=1.0, help="Weight of the new task (linear, task-vector methods; 1 = sequential).")
+    density: float = option(0.5, gt=0.0, le=1.0, help="Task-vector entries kept (ties, dare).")
+    lam: float = option(1.0, gt=0.0, help="Scale of the merged task vector (task-vector methods).")
+    seed: int = option(0, ge=0, le=limits.MAX_MERGE_SEED, flag="--merge-seed", help="Seed of DARE's random drops.",
+                       validation_alias=AliasChoices("seed", "merge_seed"))
+    power: float = option(0.5, ge=0.0, le=8.0, help="Exponent on the element scores (kif-element; 0: a plain 0.5 average).")
+    non_diagonal: float = option(0.9, ge=0.0, le=1.0, help="Scale of the Gram matrices' off-diagonal entries (regmean; 1: "
+                                                           "exact least squares, 0: per-feature weights).")
+    grid: tuple[float, ...] = option((0.3, 0.5, 0.7), min_length=1, max_length=21,
+                                     help="α values tried by --method validated, each scored on the tasks' validation examples.")
+    val_examples: int = option(100, ge=1, le=100_000, help="Validation examples scored per task (validated, --max-regression).")
+    shard_size: str = option("5GB", help="Largest output shard, e.g. 5GB or 500MB.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = option(None, shown="the task's",
+                                                                     help="Output dtype: float32 | float16 | bfloat16.")
     profile_weights: tuple[float, float] = (0.3, 0.7)
 
     @field_validator("shard_size")
@@ -97,33 +124,49 @@ class TrainOptions(BaseModel):
     bounded (kifmerge/limits.py): a run that cannot work is refused before any model loads."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    mode: Literal["lora", "full"] = "lora"
-    lora_r: int | None = Field(None, ge=1, le=65536, description="default 8; a line's later tasks keep its rank")
-    lora_alpha: int | None = Field(None, ge=1, le=2**31 - 1, description="default: 2·r")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...] | None = None
-    epochs: float = Field(1.0, gt=0.0, le=limits.MAX_EPOCHS)
-    max_steps: int | None = Field(None, ge=1, le=limits.MAX_STEPS)
-    lr: float | None = Field(None, gt=0.0, le=1e3, description="default: 3e-4 for LoRA, 2e-5 for full")
-    batch_size: int = Field(8, ge=1, le=65536)
-    grad_accum: int = Field(1, ge=1, le=65536)
-    max_length: int = Field(256, ge=8, le=2**20)
-    seed: int = Field(42, ge=0, le=limits.MAX_SEED)
-    max_examples: int | None = Field(None, ge=1, le=limits.MAX_EXAMPLES)
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    importance: Literal["first", "mixed", "change"] = "first"
-    beta1: float = Field(0.85, ge=0.0, lt=1.0)
-    beta2: float = Field(0.85, ge=0.0, lt=1.0)
-    orth_reg: float = Field(0.0, ge=0.0, le=1e6)
-    replay: float = Field(0.0, ge=0.0, lt=1.0)
-    gram: bool = Field(False, description="record each LoRA module's input Gram matrix XᵀX with the profile (for regmean)")
-    warmup_steps: int = Field(0, ge=0, le=limits.MAX_STEPS, description="linear learning-rate warmup before the linear decay")
-    bf16: bool = Field(False, description="bfloat16 autocast (CPUs with avx512_bf16, recent GPUs); weights stay float32")
-    fp16: bool = Field(False, description="float16 autocast with loss scaling (CUDA GPUs only); weights stay float32")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, ~30% slower")
-    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field("none", description="experiment tracker fed by the Trainer")
-    save_steps: int = Field(50, ge=0, le=limits.MAX_STEPS, description="save a resumable checkpoint every N optimizer steps (0: never)")
-    resume: bool = Field(False, description="continue from the newest checkpoint an interrupted run with the same inputs saved")
+    mode: Literal["lora", "full"] = option("lora", help="lora (peft adapter) or full fine-tuning.")
+    lora_r: int | None = option(None, ge=1, le=65536, shown="8; a line keeps its rank", help="LoRA rank.")
+    lora_alpha: int | None = option(None, ge=1, le=2**31 - 1, shown="2·r", help="LoRA alpha.")
+    lora_dropout: float = option(0.0, ge=0.0, lt=1.0, help="LoRA dropout.")
+    target_modules: tuple[str, ...] | None = option(None, shown="per architecture", help="Comma-separated module names.")
+    epochs: float = option(1.0, gt=0.0, le=limits.MAX_EPOCHS, help="Epochs over the data.")
+    max_steps: int | None = option(None, ge=1, le=limits.MAX_STEPS, help="Optimizer steps (overrides --epochs).")
+    lr: float | None = option(None, gt=0.0, le=1e3, shown="3e-4 LoRA, 2e-5 full", help="Learning rate.")
+    batch_size: int = option(8, ge=1, le=65536, help="Examples per device per step.")
+    grad_accum: int = option(1, ge=1, le=65536, help="Gradient accumulation steps.")
+    max_length: int = option(256, ge=8, le=2**20, help="Max tokens per example.")
+    seed: int = option(42, ge=0, le=limits.MAX_SEED, help="Random seed.")
+    max_examples: int | None = option(None, ge=1, le=limits.MAX_EXAMPLES, help="Use only the first N records.")
+    val_fraction: float = option(0.0, ge=0.0, lt=1.0, help="Hold out this fraction for a validation loss.")
+    importance: Literal["first", "mixed", "change"] = option(
+        "first", help="Sensitivity estimator: first |θ·g| | mixed | change |(θ−θ_start)·g|.")
+    beta1: float = option(0.85, ge=0.0, lt=1.0, help="EMA factor of the sensitivity.")
+    beta2: float = option(0.85, ge=0.0, lt=1.0, help="EMA factor of the uncertainty.")
+    orth_reg: float = option(0.0, ge=0.0, le=1e6, help="LoRA orthogonality regulariser λ (0: off).")
+    replay: float = option(0.0, ge=0.0, lt=1.0, help="Fraction of examples replayed from the line's earlier tasks.")
+    warmup_steps: int = option(0, ge=0, le=limits.MAX_STEPS, help="Linear learning-rate warmup steps before the linear decay.")
+    gram: bool = option(False, help="Record each LoRA module's input Gram matrix XᵀX with the profile (for fuse --method "
+                                    "regmean; about in² floats per module).")
+    bf16: bool = option(False, help="bfloat16 autocast for the forward/backward (weights and importance stay float32). On a "
+                                    "CPU without native bf16 (no avx512_bf16/amx_bf16) it falls back to float32 with a warning.")
+    fp16: bool = option(False, help="float16 autocast with loss scaling (CUDA GPUs only; excludes --bf16).")
+    gradient_checkpointing: bool = option(False, watch_only=True,
+                                          help="Recompute activations in the backward pass: less memory, slower steps.")
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = option(
+        "none", watch_only=True, help="Experiment tracker fed by the Trainer: tensorboard | mlflow | wandb | none (tensorboard "
+                                      "writes to $TENSORBOARD_LOGGING_DIR, else runs/TASK).")
+    save_steps: int = option(50, ge=0, le=limits.MAX_STEPS, watch_only=True,
+                             help="Save a resumable checkpoint in the registry's staging area every N steps (0: never); "
+                                  "removed once the task is committed.")
+    resume: bool = option(False, watch_only=True,
+                          help="Continue an interrupted run with the same task, start, data and options from its last "
+                               "saved step (none saved: train from the start, with a note).")
+
+    @classmethod
+    def watch_only(cls) -> frozenset[str]:
+        """The options that change how a run is watched, saved or resumed, not what it trains:
+        left out when matching a run with an earlier one (resume, learn's re-run)."""
+        return frozenset(name for name, field in cli_fields(cls).items() if field.json_schema_extra.get("watch_only"))
 
     @model_validator(mode="after")
     def _lora_only_options(self) -> "TrainOptions":
@@ -150,7 +193,7 @@ def validated(model: type[BaseModel], what: str, values: dict[str, Any]) -> Any:
         first = exc.errors()[0]
         if not first["loc"]:  # a rule across options
             raise UsageError(f"invalid {what} options: {first['msg'].removeprefix('Value error, ')}") from None
-        option = "--" + ".".join(map(str, first["loc"])).replace("_", "-")
+        option = flag_of(model, str(first["loc"][0])) + "".join(f".{part}" for part in first["loc"][1:])
         raise UsageError(f"invalid {what} option {option}: {first['msg'].removeprefix('Value error, ')}") from None
 
 

@@ -36,14 +36,12 @@ from kifmerge.options import TrainOptions
 PREFIX = "resume-"
 STATE_FILE = "kifmerge-importance.safetensors"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# options that change how a run is watched, saved or resumed, not what it trains
-NOT_IDENTITY = frozenset({"report_to", "resume", "save_steps", "gradient_checkpointing"})
 
 
 def resume_key(task: str, start: str, data_sha256: str, opts: TrainOptions) -> str:
     """Fingerprint of a training run's inputs: task, starting point (LINE@vN, or base:NAME for a
     new line), data and the options that change the result."""
-    options = {k: v for k, v in json.loads(opts.model_dump_json()).items() if k not in NOT_IDENTITY}
+    options = {k: v for k, v in json.loads(opts.model_dump_json()).items() if k not in TrainOptions.watch_only()}
     payload = json.dumps({"task": task, "start": start, "data": data_sha256, "options": options}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 

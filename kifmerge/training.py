@@ -7,13 +7,14 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kifmerge.data import IGNORE, Collator, Encoder
 from kifmerge.faults import fault_point
+from kifmerge.importance import GramCollector, ImportanceAccumulator, ImportanceCallback
 from kifmerge.modeling import (
     build_model,
     cast_linear_weights,
@@ -184,21 +185,20 @@ class TrainResult:
     metrics: dict
 
 
-def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: Path | None,
-                 train: list[dict], val: list[dict], out_dir: Path,
-                 progress: Callable[[str, int], Callable[[int], None]] | None = None, description: str = "training",
-                 checkpoints: Path | None = None, run_name: str | None = None) -> TrainResult | None:
-    """Fine-tune with the Trainer while the importance callback scores every unit; save the
-    checkpoint and its profile under `out_dir`. Under torchrun / accelerate only the main
-    process saves (the others return None after the run). `checkpoints`: the resumable folder
-    (kifmerge/resume.py) that the Trainer saves to every `save_steps` and, with `resume`,
-    continues from."""
+def build_trainer(base_dir: Path, config: dict, options: TrainOptions, init_dir: Path | None,
+                  train: list[dict], val: list[dict], output_dir: Path, *, run_name: str | None = None,
+                  save_steps: int = 0, callbacks: Sequence[TrainerCallback] = (),
+                  importance: bool = True) -> tuple[KifTrainer, ImportanceAccumulator | None]:
+    """The Trainer of `kifmerge train`, ready to train: the seeded model, the encoded records, its
+    collator and arguments, and the importance callback ahead of `callbacks`; returns it with the
+    importance accumulator. The one place this is set up, so that the benchmarks time the step that
+    `run_training` runs. `save_steps` > 0: resumable checkpoints in `output_dir`, the accumulator's
+    state beside each. `importance=False`: no accumulator and no callback (what they cost:
+    benchmarks/importance_overhead.py)."""
     from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
 
-    from kifmerge.checkpoints import open_checkpoint
-    from kifmerge.importance import ImportanceAccumulator, ImportanceCallback
-    from kifmerge.profiles import from_unit_scores, write_profile
-    from kifmerge.resume import STATE_FILE, ImportanceCheckpoint, load_importance, prepare
+    from kifmerge.resume import ImportanceCheckpoint
 
     set_seed(options.seed)
     tokenizer = load_tokenizer(base_dir)
@@ -208,30 +208,42 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     if options.gradient_checkpointing and options.mode == "lora":
         model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks' inputs must carry grad
     accumulator = ImportanceAccumulator(model.named_parameters(), estimator=options.importance,
-                                        beta1=options.beta1, beta2=options.beta2)
+                                        beta1=options.beta1, beta2=options.beta2) if importance else None
     train_set, val_set = [encode(r) for r in train], [encode(r) for r in val] or None
     collator = training_collator(model, tokenizer, seq2seq, options)
+    if importance:
+        callbacks = [ImportanceCallback(accumulator, grad_norm=lambda: trainer.take_grad_norm()), *callbacks,
+                     *([ImportanceCheckpoint(accumulator)] if save_steps else [])]
+    trainer = KifTrainer(
+        model=model, args=training_arguments(options, output_dir, run_name, save_steps),
+        train_dataset=train_set, eval_dataset=val_set, data_collator=collator, callbacks=list(callbacks),
+        orth_reg=options.orth_reg,
+    )
+    trainer.remove_callback(PrinterCallback)  # stdout belongs to the command's result (--json)
+    return trainer, accumulator
+
+
+def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: Path | None,
+                 train: list[dict], val: list[dict], out_dir: Path,
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None, description: str = "training",
+                 checkpoints: Path | None = None, run_name: str | None = None) -> TrainResult | None:
+    """Fine-tune with the Trainer while the importance callback scores every unit; save the
+    checkpoint and its profile under `out_dir`. Under torchrun / accelerate only the main
+    process saves (the others return None after the run). `checkpoints`: the resumable folder
+    (kifmerge/resume.py) that the Trainer saves to every `save_steps` and, with `resume`,
+    continues from."""
+    from kifmerge.checkpoints import open_checkpoint
+    from kifmerge.profiles import from_unit_scores, write_profile
+    from kifmerge.resume import STATE_FILE, load_importance, prepare
+
     checkpoints = checkpoints if options.save_steps else None
     start = prepare(checkpoints, options.resume) if checkpoints is not None else None
+    trainer, accumulator = build_trainer(base_dir, config, options, init_dir, train, val, checkpoints or out_dir / "trainer",
+                                         run_name=run_name, save_steps=options.save_steps if checkpoints is not None else 0,
+                                         callbacks=[ProgressBridge(progress, description)])
     if start is not None:
         load_importance(accumulator, start / STATE_FILE)
-    grams = None
-    if options.gram and options.mode == "lora":
-        from kifmerge.importance import GramCollector
-
-        grams = GramCollector(model)
-    trainer = KifTrainer(
-        model=model, args=training_arguments(options, checkpoints or out_dir / "trainer", run_name,
-                                                     options.save_steps if checkpoints is not None else 0),
-        train_dataset=train_set, eval_dataset=val_set,
-        data_collator=collator,
-        callbacks=[ImportanceCallback(accumulator, grad_norm=lambda: trainer.take_grad_norm()),
-                   ProgressBridge(progress, description)]
-        + ([ImportanceCheckpoint(accumulator)] if checkpoints is not None else []), orth_reg=options.orth_reg,
-    )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # stdout belongs to the command's result (--json)
+    grams = GramCollector(trainer.model) if options.gram and options.mode == "lora" else None
     output = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
     metrics = {"train_loss": round(output.training_loss, 6), "steps": output.global_step,
                "runtime_s": round(output.metrics.get("train_runtime", 0.0), 3),

@@ -1,5 +1,5 @@
-"""Tiny models built in code and saved, so the real `from_pretrained` paths run; checkpoints
-and profiles written the way an outside tool would write them."""
+"""Tiny models built in code and saved (kifmerge/testing.py), so the real `from_pretrained` paths
+run; checkpoints and profiles written the way an outside tool would write them."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hypothesis import settings
 from typer.testing import CliRunner
 
 from kifmerge.cli import app
+from kifmerge.testing import WORDS, build_llama, build_t5, task_records, write_jsonl  # noqa: F401  (the tests import them from here)
 
 # Hypothesis profiles. Neither has a per-example deadline (machines here are busy: a deadline is
 # a wall-clock threshold). "ci" is derandomized: every run draws the same examples, so a CI result
@@ -27,73 +28,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.enviro
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 T5_TARGETS = ["q", "v"]
-
-
-VOCAB = 160
-WORDS = ("apple banana cherry grape lemon mango melon olive peach pear plum river stone cloud storm "
-         "red blue green yellow black white small large fast slow yes no even odd one two three four five "
-         "six seven eight nine ten word number colour size answer is the a of what which does it start with vowel "
-         "classify fruit weather").split()
-
-
-def task_records(kind: str, n: int, seed: int = 0) -> list[dict]:
-    """Small synthetic text-to-text tasks in the benchmark's {input, output} format."""
-    import random
-
-    rng = random.Random(seed)
-    numbers = "one two three four five six seven eight nine ten".split()
-    out = []
-    for _ in range(n):
-        if kind == "parity":
-            k = rng.randrange(10)
-            out.append({"input": f"Is the number {numbers[k]} even or odd?\n\nAnswer:", "output": "odd" if k % 2 == 0 else "even"})
-        else:
-            word = rng.choice(WORDS[:15])
-            out.append({"input": f"Does the word {word} start with a vowel? Answer yes or no.\n\nAnswer:",
-                        "output": "yes" if word[0] in "aeiou" else "no"})
-    return out
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def save_tokenizer(folder: Path) -> None:
-    """A small BPE tokenizer trained on the synthetic tasks' words, saved next to the model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = [" ".join(WORDS)] * 4 + [r["input"] + " " + r["output"] for r in task_records("parity", 50) + task_records("vowel", 50)]
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[PAD]", "[EOS]", "[BOS]", "[UNK]"]))
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", eos_token="[EOS]",
-                                      bos_token="[BOS]", unk_token="[UNK]")
-    wrapped.save_pretrained(folder)
-
-
-def build_llama(folder: Path, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, pad_token_id=0, eos_token_id=1, bos_token_id=2, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    save_tokenizer(folder)
-    return folder
-
-
-def build_t5(folder: Path, seed: int = 0) -> Path:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2, dropout_rate=0.0,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    T5ForConditionalGeneration(config).save_pretrained(folder)
-    save_tokenizer(folder)
-    return folder
 
 
 def model_class(base_dir: Path):

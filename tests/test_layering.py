@@ -90,3 +90,13 @@ def test_the_cli_reaches_the_services_through_the_api_only():
     direct = [f"{source} imports {target}" for source, targets in graph().items() if layer(source) == "cli"
               for target, _ in targets if layer(target) == "services"]
     assert not direct, "\n".join(direct)
+
+
+def test_modules_stay_small_and_no_service_shares_a_domain_modules_name():
+    """A newcomer finds one concern per module: none over 650 lines, and `services/fusing.py` is
+    never confused with `fusion/` (a service is named for what it does)."""
+    too_long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 650}
+    assert not too_long, too_long
+    domain = {p.stem for p in PACKAGE.iterdir() if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())}
+    services = {p.stem for p in (PACKAGE / "services").glob("*.py")} - {"__init__", "common"}
+    assert not services & domain, services & domain

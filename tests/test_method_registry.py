@@ -11,10 +11,9 @@ from test_plans import inputs, write_plan  # noqa: F401  (the module-scoped fixt
 
 def test_every_reader_takes_its_methods_and_parameters_from_the_registry():
     from kifmerge.fusion.methods import METHODS, help_text
-    from kifmerge.options import FuseParams
-    from kifmerge.services.planning import FUSE_KWARGS
+    from kifmerge.options import FuseParams, cli_fields
 
-    assert set(FUSE_KWARGS) == set(FuseParams.model_fields) - {"profile_weights"}, "a plan can set every fuse parameter"
+    assert set(cli_fields(FuseParams)) == set(FuseParams.model_fields) - {"profile_weights"}, "a plan and the CLI set every fuse parameter"
     for name, entry in METHODS.items():
         assert set(entry.parameters) <= set(FuseParams.model_fields), name
         assert set(FuseParams(method=name).recorded()) == {*entry.parameters, "profile_weights"}, name

@@ -8,7 +8,7 @@ one tensor, broadcasting each unit's coefficient along the tensor's unit axis.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 

@@ -3,7 +3,6 @@ shape of the public result dicts."""
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ from typing import Any, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from kifmerge.errors import IntegrityError, InvalidInputError, NotFoundError, UsageError
-from kifmerge.limits import MAX_MERGE_SEED, MAX_VERSION
+from kifmerge.limits import MAX_VERSION
 from kifmerge.registry import Registry
 
 if TYPE_CHECKING:
@@ -78,17 +77,9 @@ def opened(root: str | os.PathLike | None) -> Iterator[Registry]:
 
 
 def fuse_params(**values: Any) -> FuseParams:
+    """FuseParams from keyword arguments named as its fields (None: the default), or one-line UsageError."""
     from kifmerge.options import FuseParams, validated  # pydantic: not for the commands that only read the catalog
 
-    seed = values.get("seed")
-    if seed is not None and not (isinstance(seed, int) and 0 <= seed <= MAX_MERGE_SEED):
-        raise UsageError(f"invalid fuse option --merge-seed: {seed} is not a whole number from 0 to {MAX_MERGE_SEED}")
-    for name in ("top", "tau", "alpha", "density", "lam"):
-        value = values.get(name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"invalid fuse option --{name}: {value} is not a finite number")
-    if values.get("weights") is not None and not all(math.isfinite(w) for w in values["weights"]):
-        raise UsageError(f"invalid fuse option --weights: {values['weights']} holds a value that is not a finite number")
     return validated(FuseParams, "fuse", values)
 
 

@@ -30,13 +30,8 @@ from kifmerge.services.common import (
 REBASE_ATTEMPTS = 16
 
 
-def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None, tau: float | None = None,
-         scores: str | None = None,
-         weights: tuple[float, float, float] | None = None, alpha: float | None = None,
-         density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
-         power: float | None = None, non_diagonal: float | None = None, grid: tuple[float, ...] | None = None, val_examples: int | None = None,
-         max_regression: float | None = None, shard_size: str | None = None, dtype: str | None = None, again: bool = False,
-         registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any]:
+def fuse(task: str, into: str, *, again: bool = False, max_regression: float | None = None,
+         registry: str | os.PathLike | None = None, progress: Progress = None, **options: Any) -> dict[str, Any]:
     """Fuse TASK into LINE → a new version. The first task of a line becomes v1 as it is.
 
     A task the line's head already holds (fused into it, and not rolled back since) is refused
@@ -46,10 +41,11 @@ def fuse(task: str, into: str, *, method: str = "kif", top: float | None = None,
 
     `max_regression` (points of exact match): the version is not created (ConflictError, exit 6)
     when a task the line holds would lose more than that on its validation examples against the
-    head (services/validation.py); `method="validated"` chooses linear's α on them from `grid`."""
-    params = fuse_params(method=method, top=top, tau=tau, scores=scores, weights=weights, alpha=alpha, density=density,
-                         lam=lam, seed=merge_seed, power=power, non_diagonal=non_diagonal, grid=grid, val_examples=val_examples, shard_size=shard_size,
-                         dtype=dtype)
+    head (services/validation.py); `method="validated"` chooses linear's α on them from `grid`.
+
+    `options`: the fusion parameters, named as `kifmerge.options.FuseParams`' fields (`method`,
+    `alpha`, `top`, …; `merge_seed` or `seed`); one left out or None takes its default."""
+    params = fuse_params(**options)
     check_max_regression(max_regression)
     check_name(into, "line")
     with opened(registry) as reg:

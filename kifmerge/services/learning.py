@@ -43,13 +43,8 @@ def train(task: str, data: str | Path, line: str, *, base: str | None = None, op
 
 
 def learn(task: str, data: str | Path, into: str, *, base: str | None = None, options: dict[str, Any] | None = None,
-          method: str = "kif", top: float | None = None, tau: float | None = None, scores: str | None = None,
-          weights: tuple[float, float, float] | None = None, alpha: float | None = None,
-          density: float | None = None, lam: float | None = None, merge_seed: int | None = None,
-          power: float | None = None, non_diagonal: float | None = None, grid: tuple[float, ...] | None = None, val_examples: int | None = None,
-          shard_size: str | None = None, dtype: str | None = None, rebase: bool = False,
-          val: str | Path | None = None, max_regression: float | None = None,
-          registry: str | os.PathLike | None = None, progress: Progress = None) -> dict[str, Any] | None:
+          rebase: bool = False, val: str | Path | None = None, max_regression: float | None = None,
+          registry: str | os.PathLike | None = None, progress: Progress = None, **fuse_options: Any) -> dict[str, Any] | None:
     """The pipeline step: train TASK from INTO's newest version, then fuse it into INTO.
     Task and version are committed in one transaction: both, or nothing.
 
@@ -67,14 +62,14 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
     the `fuse` event record `rebased: {"trained_from", "head"}` (and `stale_start`).
 
     `val`: the task's validation examples, stored with it; `max_regression`: the fuse's quality
-    gate (services/validation.py): a refused version leaves neither task nor version behind."""
+    gate (services/validation.py): a refused version leaves neither task nor version behind.
+    `options`: the training options (`kifmerge.options.TrainOptions`' fields); `fuse_options`:
+    the fusion parameters, as `fuse` takes them."""
     from kifmerge.services.fusing import check_max_regression
     from kifmerge.training import wait_for_main_process
 
     opts = training_options(options)
-    params = fuse_params(method=method, top=top, tau=tau, scores=scores, weights=weights, alpha=alpha, density=density, lam=lam,
-                         seed=merge_seed, power=power, non_diagonal=non_diagonal, grid=grid, val_examples=val_examples, shard_size=shard_size,
-                         dtype=dtype)
+    params = fuse_params(**fuse_options)
     check_max_regression(max_regression)
     check_name(task, "task")
     check_name(into, "line")
@@ -177,10 +172,6 @@ def _learn_lock(reg: Registry, task: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# Training options skipped when matching a previous learn: `lr` is compared as the effective
-# learning_rate instead; the others (where TrainOptions has them) change how a run is watched or
-# resumed, not what it trains.
-NOT_IDENTITY_OPTIONS = frozenset({"lr", "report_to", "resume", "save_steps", "threads", "gradient_checkpointing"})
 
 
 def _previous_learn(reg: Registry, task: str, data: Path, line: str, base: str | None, opts: TrainOptions,
@@ -231,15 +222,17 @@ def _comparable(recorded: dict[str, Any]) -> dict[str, Any]:
 
 def _option_differences(config: dict[str, Any], opts: TrainOptions) -> list[str]:
     """`option: recorded ≠ given` for each training option that differs from a task's recorded
-    training config (an option recorded before it existed counts as its default)."""
+    training config (an option recorded before it existed counts as its default). `lr` is
+    compared as the effective learning rate; the watch-only options not at all."""
     defaults = json.loads(TrainOptions().model_dump_json())
+    skipped = TrainOptions.watch_only() | {"lr"}
     given = json.loads(opts.model_dump_json())
     out = []
     for key, value in given.items():
         recorded = config.get(key, defaults[key])
         if key == "replay":  # recorded as replay_fraction (the `replay` entry lists what was replayed)
             recorded = config.get("replay_fraction", 0.0 if config.get("replay") is None else "unrecorded")
-        if key not in NOT_IDENTITY_OPTIONS and recorded != value:
+        if key not in skipped and recorded != value:
             out.append(f"--{key.replace('_', '-')}: {recorded} ≠ {value}")
     if config.get("learning_rate") is not None and config["learning_rate"] != opts.learning_rate:
         out.append(f"--lr: {config['learning_rate']} ≠ {opts.learning_rate}")

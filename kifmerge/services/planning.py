@@ -27,13 +27,6 @@ from kifmerge.registry import Registry, resolve_root
 from kifmerge.registry.blobs import sha256_input
 from kifmerge.services.common import Progress, check_name, fuse_params, parse_ref
 
-# a plan's fuse keys are FuseParams' fields; the service keyword differs for one (seed → merge_seed)
-FUSE_KWARGS = {name: {"seed": "merge_seed"}.get(name, name) for name in
-               ("method", "top", "tau", "scores", "weights", "alpha", "density", "lam", "seed", "power", "non_diagonal", "grid",
-                "val_examples",
-                "shard_size", "dtype")}
-
-
 @dataclass
 class PlannedStep:
     index: int
@@ -127,18 +120,16 @@ def _head_number(root, line: str) -> int:
         reg.close()
 
 
-def _fuse_kwargs(plan: Plan, body: LearnStep | FuseStep, as_params: bool = False) -> dict[str, Any]:
-    """The step's fuse options as `fuse()`'s keyword arguments (`as_params`: as FuseParams names)."""
+def _fuse_kwargs(plan: Plan, body: LearnStep | FuseStep) -> dict[str, Any]:
+    """The step's fuse options as `fuse()`'s keyword arguments: the fields of FuseParams that the
+    CLI offers too (kifmerge/options.py), lists as tuples."""
+    from kifmerge.options import FuseParams, cli_fields
+
     chosen = {**plan.fuse, **body.fuse}
-    unknown = set(chosen) - set(FUSE_KWARGS)
+    unknown = set(chosen) - set(cli_fields(FuseParams))
     if unknown:
         raise InvalidInputError(f"fuse option {sorted(unknown)[0]!r} cannot be set in a plan")
-    if as_params:  # what FuseParams validates (the others are checked by the fuse itself)
-        from kifmerge.options import FuseParams
-
-        return {key: (tuple(value) if isinstance(value, list) else value) for key, value in chosen.items()
-                if key in FuseParams.model_fields}
-    return {FUSE_KWARGS[key]: (tuple(value) if isinstance(value, list) else value) for key, value in chosen.items()}
+    return {key: (tuple(value) if isinstance(value, list) else value) for key, value in chosen.items()}
 
 
 def _record(root, line: str, planned: PlannedStep) -> None:
@@ -312,7 +303,7 @@ def _check_learn(plan: Plan, body: LearnStep, line_row: dict | None, catalog) ->
     from kifmerge.options import training_options
 
     options = training_options({**plan.train, **body.train})
-    fuse_params(**_fuse_kwargs(plan, body, as_params=True))
+    fuse_params(**_fuse_kwargs(plan, body))
     if line_row is not None:
         if line_row["kind"] != options.mode:
             raise UsageError(f"line {plan.line!r} holds {line_row['kind']} versions; train it with mode {line_row['kind']}")
@@ -350,7 +341,7 @@ def _check_add_task(body: AddTaskStep, base_model) -> list[Path]:
 def _check_fuse(plan: Plan, body: FuseStep, task_row: dict | None, line_row: dict | None, catalog) -> None:
     """What `fuse` checks before computing: its options, and for a task already registered its
     profile and that its base and kind are the line's."""
-    fuse_params(**_fuse_kwargs(plan, body, as_params=True))
+    fuse_params(**_fuse_kwargs(plan, body))
     if task_row is None:
         return
     if catalog.find("profiles", task_row["name"]) is None:

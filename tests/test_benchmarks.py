@@ -1,0 +1,167 @@
+"""The benchmark scripts keep working: each answers --help, imports nothing but `common` from its
+folder (no sys.path edits, nothing from tests/), and every one that can run without SmolLM2 runs
+end to end on tiny models, writing its results to a temporary folder (never benchmarks/results/).
+Each run is a subprocess started as the READMEs start it: `python benchmarks/NAME.py` from the
+repository root."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import LORA_TARGETS, Cli, make_lora, task_records, write_jsonl, write_profile
+from test_fuse_export import designed_scores, unit_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "common.py")
+
+
+def run(script: str, *args) -> str:
+    """Run a benchmark script; returns its stdout (fails the test with its stderr's tail)."""
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def record(path: Path, benchmark: str) -> dict:
+    """A result file, checked for the record every result carries."""
+    result = json.loads(path.read_text())
+    assert result["benchmark"] == benchmark
+    assert result["command"].startswith(f"python benchmarks/{benchmark}.py ")
+    assert result["cpus"] >= 1 and result["machine"] and result["when"]
+    assert "git_commit" in result and "load_average" in result
+    return result
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help(script):
+    assert run(script, "--help").startswith("usage:")
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "common.py"])
+def test_scripts_share_code_through_common_only(script):
+    imported = set()
+    for node in ast.walk(ast.parse((ROOT / "benchmarks" / script).read_text())):
+        assert not (isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys")
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    siblings = {Path(s).stem for s in SCRIPTS}
+    assert not imported & (siblings | {"conftest", "tests"})
+
+
+def test_importance_bandwidth(tmp_path):
+    run("importance_bandwidth.py", "--layers", 1, "--vocab", 1024, "--repeats", 2, "--results", tmp_path)
+    result = record(tmp_path / "importance_bandwidth.json", "importance_bandwidth")
+    assert result["parameters"] == 576 * 576 * 2 + 192 * 576 * 2 + 1536 * 576 * 3 + 1024 * 576  # one layer, the embedding
+    assert all(result[k] > 0 for k in ("copy_ms", "copy_GBps", "update_ms", "update_floor_ms"))
+    assert (tmp_path / "importance_bandwidth.md").read_text().startswith("# importance_bandwidth")
+
+
+@pytest.mark.slow
+def test_importance_overhead_on_the_tiny_llama(tmp_path):
+    run("importance_overhead.py", "--only", "tiny-lora", "--steps", 1, "--repeats", 1, "--results", tmp_path)
+    [row] = record(tmp_path / "importance_overhead.json", "importance_overhead")["rows"]
+    assert row["case"] == "tiny-lora" and row["steps"] == 4 and row["trainable_parameters"] > 0
+    assert row["step_s_off"] > 0 and row["step_s_on"] > 0 and row["callback_ms"] > 0
+    assert row["peak_rss_mb_on"] > 0 and row["peak_rss_mb_off"] > 0
+
+
+def test_train_step_on_the_tiny_llama(tmp_path, llama_dir):
+    run("train_step.py", "--model", llama_dir, "--steps", 2, "--rounds", 2, "--precisions", "fp32", "--batch-size", 2,
+        "--max-length", 48, "--threads", 1, "--out", tmp_path / "train_step")
+    result = record(tmp_path / "train_step.json", "train_step")
+    [row] = result["rows"]
+    assert row["precision"] == "fp32" and row["steps_timed_per_recipe"] == 2 * 2  # the first step of each round dropped
+    assert row["wall"]["step_ms_kifmerge"] > 0 and row["cpu"]["step_ms_plain"] > 0 and row["callback_ms"] > 0
+    # the same batches, the same initial adapter: both recipes compute the same losses
+    assert row["max_loss_difference"] < 1e-3
+    assert result["settings"]["model"] == str(llama_dir.resolve())
+    assert f"({llama_dir.name}, LoRA r=8)" in (tmp_path / "train_step.md").read_text()
+
+
+def test_eval_speed_on_the_tiny_llama(tmp_path, llama_dir):
+    run("eval_speed.py", "--model", llama_dir, "--examples", 4, "--chunk", 2, "--batch-size", 4, "--max-length", 48,
+        "--max-new-tokens", 2, "--label-stop", "--threads", 1, "--out", tmp_path / "eval_speed")
+    [task] = record(tmp_path / "eval_speed.json", "eval_speed")["tasks"]
+    assert task["task"] == "agnews" and task["examples"] == 4
+    assert set(task["variants"]) == {"before fp32", "after fp32", "before bf16", "after bf16", "after fp32, label stop"}
+    assert all(v["examples_per_s_wall"] > 0 and 0 <= v["exact_match"] <= 1 for v in task["variants"].values())
+    # kifmerge's loop answers as the loop before it did (float32)
+    assert task["variants"]["after fp32"]["identical_to_before_fp32"] == 4
+
+
+def test_fuse_memory_on_the_tiny_llama(tmp_path, llama_dir):
+    run("fuse_memory.py", "--model", llama_dir, "--repeats", 1, "--work", tmp_path, "--results", tmp_path)
+    result = record(tmp_path / "fuse_memory.json", "fuse_memory")
+    assert [row["method"] for row in result["rows"]] == ["kif", "ties"]
+    assert all(row["wall_s"] > 0 and row["peak_rss_mb"] > 0 for row in result["rows"])
+    assert result["checkpoint_mb"] > 0 and result["imports_rss_mb"] > 0
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # the scratch checkpoints are gone
+
+
+def test_fuse_speed_at_the_tiny_size(tmp_path):
+    run("fuse_speed.py", "--sizes", "tiny", "--repeats", 1, "--mergekit", "", "--work", tmp_path / "work", "--results", tmp_path)
+    result = record(tmp_path / "fuse_speed.json", "fuse_speed")
+    tiny = result["sizes"]["tiny"]
+    assert set(tiny["median"]) == {"floor", "kif", "ties"} and tiny["input_shards"] > 1
+    assert all(m["wall_s"] > 0 and m["peak_rss_mb"] > 0 for m in tiny["median"].values())
+    assert tiny["git_commit"] == result["git_commit"] and tiny["ratios"]["kif"]["wall_vs_floor"] > 0
+
+
+@pytest.mark.slow
+def test_registry_scale_at_the_smallest_size(tmp_path):
+    run("registry_scale.py", "--tasks", 64, "--versions", 60, "--lines", 1, "--repeats", 1,
+        "--work", tmp_path / "work", "--results", tmp_path)
+    result = record(tmp_path / "registry_scale.json", "registry_scale")
+    assert result["build"]["counts"]["tasks"] == 64 and result["build"]["counts"]["versions"] == 60
+    run_ = result["runs"]["current"]
+    assert run_["verify"]["ok"] and run_["inprocess"]["heavy_modules_after_reads"] == []
+    assert all(c["wall_s"] > 0 for c in run_["commands"].values())
+
+
+def test_kif_diagnostics_on_a_two_task_line(tmp_path, llama_dir):
+    cli = Cli(tmp_path / "work" / "registry")
+    cli("init")
+    cli("base", "add", "llama", llama_dir)
+    for seed in (1, 2):
+        adapter = make_lora(llama_dir, tmp_path / f"t{seed}", seed, LORA_TARGETS)
+        profile = write_profile(tmp_path / f"p{seed}.safetensors",
+                                designed_scores(unit_groups(adapter, "lora"), {seed, 2 * seed + 3}, 1.0)[0], "lora-rank")
+        cli("add-task", f"t{seed}", adapter, "--base", "llama", "--profile", profile)
+        cli("fuse", f"t{seed}", "--into", "kif")
+    run("kif_diagnostics.py", "--work", tmp_path / "work", "--name", "tiny", "--results", tmp_path)
+    [row] = record(tmp_path / "kif_diagnostics_tiny_kif.json", "kif_diagnostics")["rows"]
+    assert row["version"] == "kif@v2" and row["task"] == "t2"
+    assert row["both"] + row["old_only"] + row["new_only"] + row["neither"] == row["units"] > 0
+    assert row["factor_space_bias"]["max_vs_fused_product"] >= 0
+
+
+def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
+    """The main benchmark end to end on a two-task sequence: trainings, fuses and evaluations, one
+    cell per method, and the sequence's results assembled from the cells."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for seed, task in enumerate(("parity", "vowel")):
+        write_jsonl(data / f"{task}.jsonl", task_records(task, 8, seed))
+        write_jsonl(data / f"{task}-dev.jsonl", task_records(task, 6, 10 + seed))
+    sequence = {"name": "tiny", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in ("parity", "vowel")]}
+    (data / "sequence.json").write_text(json.dumps(sequence))
+    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,kif", "--steps", 2,
+        "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 4,
+        "--eval-batch-size", 4, "--max-new-tokens", 2, "--precision", "fp32", "--work", tmp_path / "work", "--results", tmp_path)
+    for method in ("seq", "kif"):
+        cell = json.loads((tmp_path / "runs" / "tiny" / "seed42" / f"{method}.json").read_text())
+        assert cell["settings"]["model"] == str(llama_dir.resolve()) and cell["settings"]["tasks"] == ["parity", "vowel"]
+        assert [len(task) for task in cell["examples"]["final"]] == [4, 4]
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    assert result["benchmark"] == "continual" and result["command"].startswith("python benchmarks/continual.py ")
+    assert set(result["statistics"]) == {"seq", "kif"} and 0 <= result["statistics"]["kif"]["AP"]["value"] <= 1
+    assert "AP_minus_default" in result["statistics"]["seq"]
+    assert f"{llama_dir.name}, LoRA r 8" in (tmp_path / "tiny.md").read_text()
