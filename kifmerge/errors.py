@@ -4,6 +4,15 @@ tell "you typed it wrong" from "it does not exist" from "the registry is damaged
 from __future__ import annotations
 
 
+class KifWarning(UserWarning):
+    """Something asked for was replaced by what can run here (the CLI prints it as one line on
+    stderr, every time, --json included); the result records what ran."""
+
+
+class FallbackWarning(KifWarning):
+    """A fusion rule lacked the scores it reads and ran as the rule its missing input reduces to."""
+
+
 class KifError(Exception):
     """Base class: a one-line message that says what is wrong and what to do."""
 

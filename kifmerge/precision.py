@@ -14,10 +14,12 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from kifmerge.errors import KifWarning
+
 SLOWDOWN_WITHOUT_NATIVE_BF16 = 34  # bf16 ÷ fp32 matmul time measured on an AVX2-only EPYC (issue 19)
 
 
-class PrecisionWarning(UserWarning):
+class PrecisionWarning(KifWarning):
     """A precision asked for was replaced by one this machine runs well."""
 
 

@@ -112,7 +112,7 @@ def test_fuse_speed_at_the_tiny_size(tmp_path):
     tiny = result["sizes"]["tiny"]
     assert set(tiny["median"]) == {"floor", "kif", "ties"} and tiny["input_shards"] > 1
     assert all(m["wall_s"] > 0 and m["peak_rss_mb"] > 0 for m in tiny["median"].values())
-    assert tiny["git_commit"] == result["git_commit"] and tiny["ratios"]["kif"]["wall_vs_floor"] > 0
+    assert tiny["git_commit"] and tiny["ratios"]["kif"]["wall_vs_floor"] > 0
 
 
 @pytest.mark.slow

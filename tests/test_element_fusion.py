@@ -77,13 +77,25 @@ def test_train_stores_element_scores_and_kif_element_interpolates_by_them(cli, t
         torch.testing.assert_close(accumulated[name], expected[name], atol=2e-3, rtol=2e-3)
 
 
-def test_kif_element_needs_element_scores(cli, tmp_path, llama_dir):
-    """A task registered with a unit-only profile cannot be fused by kif-element: one line, exit 4."""
+def test_the_default_rule_without_element_scores_is_a_plain_average_and_says_so(cli, tmp_path, llama_dir):
+    """A task registered with a unit-only profile fused by the default (kif-element): every element
+    weighted ½ — the same weights as `--method linear` — with one warning line on stderr, and the
+    version records why. The reference version is fused by linear into a second line."""
     from test_validated_fuse import line_of_two_outside_tasks
 
     line_of_two_outside_tasks(cli, tmp_path, llama_dir)
-    refused = cli("fuse", "l2", "--into", "main", "--method", "kif-element", code=4)
-    assert "element-level importance scores" in refused.stderr and refused.stderr.count("\n") == 1
+    fused = cli("fuse", "l2", "--into", "main", "--json")
+    assert fused.stderr.count("kifmerge: warning: kif-element: task 'l2'") == 1, fused.stderr
+    version = cli.json("show", "main@v2")
+    assert version["method"] == "kif-element" and "no element scores" in version["params"]["elements"]["fallback"]
+    cli("fuse", "l1", "--into", "plain")
+    cli("fuse", "l2", "--into", "plain", "--method", "linear", "--alpha", "0.5")
+    from kifmerge.registry import Registry
+
+    reg = Registry.open(cli.registry)
+    ours, plain = (load_file(reg.weights(reg.catalog.version(line, 2)["weights"]).files["adapter_model.safetensors"])
+                   for line in ("main", "plain"))
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in ours)
 
 
 def test_a_calibrated_task_has_element_scores_and_fuses_by_kif_element(cli, tmp_path, llama_dir):

@@ -58,18 +58,18 @@ def global_options(
     json_out: JsonOpt = False, debug: DebugOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """The options every command takes, accepted before the command too (see `handled`)."""
-    from kifmerge.precision import PrecisionWarning
+    from kifmerge.errors import KifWarning
 
     warnings.showwarning = _show_warning
-    warnings.filterwarnings("always", category=PrecisionWarning)  # every command says it, not only the first in a process
+    warnings.filterwarnings("always", category=KifWarning)  # every command says it, not only the first in a process
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """kifmerge's own warnings (a PrecisionWarning: --bf16 falling back) as one line on stderr,
-    in --json mode too; anyone else's as Python shows them."""
-    from kifmerge.precision import PrecisionWarning
+    """kifmerge's own warnings (--bf16 falling back, a fusion rule lacking its scores) as one line
+    on stderr, in --json mode too; anyone else's as Python shows them."""
+    from kifmerge.errors import KifWarning
 
-    if issubclass(category, PrecisionWarning):
+    if issubclass(category, KifWarning):
         print(f"kifmerge: warning: {message}", file=sys.stderr)
     else:
         _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)

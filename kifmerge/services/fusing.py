@@ -7,11 +7,12 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kifmerge.errors import ConflictError, InvalidInputError, UsageError
+from kifmerge.errors import ConflictError, FallbackWarning, InvalidInputError, UsageError
 from kifmerge.faults import fault_point
 from kifmerge.options import FuseParams
 from kifmerge.registry import Registry
@@ -70,6 +71,21 @@ def fuse(task: str, into: str, *, again: bool = False, max_regression: float | N
                 head = reg.catalog.head(into)
                 if attempt == REBASE_ATTEMPTS or (head["number"] if head else 0) == staged.row["number"] - 1:
                     raise
+
+
+def _element_fallback(method: str, task: str, head: str, task_elements: dict | None, head_elements: dict | None) -> str | None:
+    """Why an element rule cannot weigh this fuse element by element (None: it can). A profile
+    without element scores (a full fine-tuning; a task added with a unit-level profile and no
+    --calibrate; a line begun before they were recorded) says nothing per element, so the rule
+    weighs every element alike, ½ — a plain 0.5 average — and says so once, on stderr and in
+    the version's record."""
+    if task_elements is not None and head_elements is not None:
+        return None
+    whose = f"task {task!r}" if task_elements is None else head
+    why = (f"{whose}'s profile has no element scores (`kifmerge train` records them for LoRA tasks, `add-task "
+           f"--calibrate` for checkpoints trained elsewhere): every element weighted 0.5, a plain average")
+    warnings.warn(f"{method}: {why}", FallbackWarning, stacklevel=3)
+    return why
 
 
 def check_max_regression(points: float | None) -> None:
@@ -212,13 +228,11 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             old_source = TensorSource(old_ws.files, old_ws.weight_map)
             new_source = TensorSource(new_ws.files, new_ws.weight_map)
             units = None
-            if family == ELEMENT:
-                if task_elements is None or head_elements is None:
-                    whose = f"task {task!r}" if task_elements is None else f"{into}@v{head['number']}"
-                    raise InvalidInputError(f"{params.method} needs element-level importance scores, and {whose}'s profile has "
-                                            "none: `kifmerge train` records them for LoRA tasks (since 2026-12-05)")
+            fallback = _element_fallback(params.method, task, f"{into}@v{head['number']}", task_elements, head_elements) \
+                if family == ELEMENT else None
+            if family == ELEMENT and fallback is None:
                 element_weights = {name: METHODS[params.method].element(params, head_elements[name], task_elements[name])
-                           for name in task_elements}
+                                   for name in task_elements}
                 fusion = ElementBlend(old_source, new_source, element_weights)
             elif family == GRAM:
                 if task_grams is None or head_grams is None:
@@ -234,8 +248,9 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 fusion = TaskVectorFusion(old_source, new_source, TensorSource(tensors.files, tensors.weight_map),
                                           params.method, vector_weights=[1 - params.alpha, params.alpha],
                                           density=params.density, lam=params.lam, seed=params.seed)
-            else:
-                c_new, c_old = unit_coefficients(params, p_old, p_new)
+            else:  # a unit rule, or an element rule without its scores: every weight ½ (what equal scores give)
+                c_new, c_old = unit_coefficients(params, p_old, p_new) if fallback is None else (
+                    torch.full((layout.size,), 0.5), torch.full((layout.size,), 0.5))
                 fusion = UnitBlend(old_source, new_source, layout, c_new, c_old)
                 units = {"total": layout.size, "new_weight_mean": round(float(c_new.mean()), 6)}
             pattern, index = ("adapter_model{suffix}.safetensors", None) if kind == "lora" else \
@@ -280,7 +295,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
             if gate is not None:
                 recorded["max_regression"] = gate
             if family == ELEMENT:
-                recorded["elements"] = fusion.summary()
+                recorded["elements"] = fusion.summary() if fallback is None else {"fallback": fallback}
             if family == TASK_VECTOR:
                 recorded["reference"] = "base"
             if family == GRAM or (family == TASK_VECTOR and kind == "lora"):

@@ -215,9 +215,14 @@ def _previous_learn(reg: Registry, task: str, data: Path, line: str, base: str |
     return {**public_version(version, line_row["kind"]), "stale_start": None, "trained": trained, "reused": True}
 
 
+COMPUTED_BY_THE_FUSE = ("units", "reference", "elements", "refactor", "selection", "max_regression")
+
+
 def _comparable(recorded: dict[str, Any]) -> dict[str, Any]:
-    """A version's recorded fuse parameters less what the fuse computed (units, reference)."""
-    return {k: v for k, v in recorded.items() if k not in ("units", "reference")}
+    """A version's recorded fuse parameters less what the fuse computed (its summaries, the α a
+    validated fuse chose), so that the same learn asked again matches it."""
+    chosen = ("alpha",) if "selection" in recorded else ()
+    return {k: v for k, v in recorded.items() if k not in COMPUTED_BY_THE_FUSE + chosen}
 
 
 def _option_differences(config: dict[str, Any], opts: TrainOptions) -> list[str]:
