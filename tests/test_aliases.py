@@ -31,8 +31,8 @@ def build_world(root: Path, llama_dir: Path) -> dict:
         profile = write_profile(root / f"{task}.safetensors", designed_scores(groups, HOT[task], 1.0 + seed)[0], "lora-rank")
         cli("add-task", task, adapter, "--base", "llama", "--profile", profile)
     top = str(3 / sum(n for _, n in groups))
-    cli("fuse", "t1", "--into", "main", "--top", top)
-    cli("fuse", "t2", "--into", "main", "--top", top)
+    cli("fuse", "t1", "--into", "main", "--method", "kif", "--top", top)
+    cli("fuse", "t2", "--into", "main", "--method", "kif", "--top", top)
     return {"registry": root / "registry", "top": top, "groups": groups, "root": root}
 
 
@@ -155,17 +155,17 @@ def test_rollback_then_fuse_continues_from_the_rolled_back_weights(wcli, world, 
     assert w3.keys() == w1.keys() and all(torch.equal(w3[k], w1[k]) for k in w1)
     assert any(not torch.equal(w2[k], w1[k]) for k in w1), "v2 must differ from v1 for this test to mean anything"
 
-    v4 = wcli.json("fuse", "t3", "--into", "main", "--top", world["top"])
+    v4 = wcli.json("fuse", "t3", "--into", "main", "--method", "kif", "--top", world["top"])
     assert (v4["version"], v4["parent"], v4["method"]) == ("main@v4", "v3", "kif")
     # the same fuse onto a line whose head is t1 as it is: what v4 must equal
     wcli("fuse", "t1", "--into", "ref")
-    wcli("fuse", "t3", "--into", "ref", "--top", world["top"])
+    wcli("fuse", "t3", "--into", "ref", "--method", "kif", "--top", world["top"])
     w4, expected = adapter_weights(wcli, "main@v4", tmp_path / "v4"), adapter_weights(wcli, "ref@v2", tmp_path / "ref")
     assert all(torch.equal(w4[k], expected[k]) for k in expected)
     # and not what fusing t3 onto v2 gives
-    wcli("fuse", "t3", "--into", "main", "--top", world["top"], "--again")  # v5 = t3 onto v4; then roll back to v2, fuse again
+    wcli("fuse", "t3", "--into", "main", "--method", "kif", "--top", world["top"], "--again")  # v5 = t3 onto v4; then roll back to v2, fuse again
     wcli("rollback", "main", "--to", "v2")
-    wcli("fuse", "t3", "--into", "main", "--top", world["top"])
+    wcli("fuse", "t3", "--into", "main", "--method", "kif", "--top", world["top"])
     onto_v2 = adapter_weights(wcli, "main@v7", tmp_path / "v7")
     assert any(not torch.equal(onto_v2[k], w4[k]) for k in w4)
     assert [h["method"] for h in wcli.json("history", "main")] == ["initial", "kif", "rollback", "kif", "kif", "rollback", "kif"]

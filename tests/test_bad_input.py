@@ -89,7 +89,7 @@ BAD = [
     ("task without profile", ["fuse", "noprofile", "--into", "main"], 4, "--profile"),
     ("bad weights option", ["fuse", "t1", "--into", "main", "--weights", "0.3,0.7"], 2, "--weights"),
     ("weights not a mix", ["fuse", "t1", "--into", "main", "--weights", "0.9,0.9,0.5"], 2, "must sum to 1"),
-    ("top out of range", ["fuse", "t1", "--into", "main", "--top", "1.5"], 2, "top"),
+    ("top out of range", ["fuse", "t1", "--into", "main", "--method", "kif", "--top", "1.5"], 2, "top"),
     ("unknown method", ["fuse", "t1", "--into", "main", "--method", "magic"], 2, "method"),
     ("unknown line", ["history", "nosuch"], 3, "line 'nosuch' not found"),
     ("unknown version", ["export", "main@v9", "{tmp}/out"], 3, "main@v9 not found"),

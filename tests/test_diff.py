@@ -21,7 +21,7 @@ LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 def world(tmp_path_factory, llama_dir) -> dict:
     """The aliases world plus v3 = t3 fused (so v1 → v3 spans two kif steps)."""
     world = build_world(tmp_path_factory.mktemp("diff"), llama_dir)
-    Cli(world["registry"])("fuse", "t3", "--into", "main", "--top", world["top"])
+    Cli(world["registry"])("fuse", "t3", "--into", "main", "--method", "kif", "--top", world["top"])
     return world
 
 
@@ -139,7 +139,7 @@ def test_full_line_tensor_units(cli, tmp_path, llama_dir):
         full("add-task", task, folder, "--base", "llama", "--profile", profile)
     top = str(3 / len(groups))
     full("fuse", "f1", "--into", "line")
-    full("fuse", "f2", "--into", "line", "--top", top)
+    full("fuse", "f2", "--into", "line", "--method", "kif", "--top", top)
     result = full.json("diff", "line@v1", "line@v2")
     assert result["unit"] == "tensor" and result["summary"]["units"] == len(groups)
     assert result["steps"][0]["counts"] == {"kept": 2, "replaced": 2, "blended": len(groups) - 4}

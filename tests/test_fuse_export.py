@@ -124,13 +124,13 @@ def test_fuse_two_tasks_follows_kif_rules_and_exports_loadable(cli, tmp_path, re
     cli("add-task", "t1", task1, "--base", arch, "--profile", tmp_path / "p1.safetensors")
     cli("add-task", "t2", task2, "--base", arch, "--profile", tmp_path / "p2.safetensors", "--line", "main")
 
-    v1 = cli.json("fuse", "t1", "--into", "main", "--top", top)
+    v1 = cli.json("fuse", "t1", "--into", "main", "--method", "kif", "--top", top)
     assert (v1["version"], v1["method"], v1["parent"]) == ("main@v1", "initial", None)
     cli("export", "main@v1", tmp_path / "v1")
     w1, w_task1, w_task2 = weights_of(tmp_path / "v1", kind), weights_of(task1, kind), weights_of(task2, kind)
     assert w1.keys() == w_task1.keys() and all(torch.equal(w1[k], w_task1[k]) for k in w1)
 
-    v2 = cli.json("fuse", "t2", "--into", "main", "--top", top)
+    v2 = cli.json("fuse", "t2", "--into", "main", "--method", "kif", "--top", top)
     assert (v2["version"], v2["method"], v2["parent"]) == ("main@v2", "kif", "v1")
     cli("export", "main", tmp_path / "v2")
     w2 = weights_of(tmp_path / "v2", kind)
@@ -266,7 +266,7 @@ def test_sharded_inputs_round_trip_to_a_three_shard_model(cli, tmp_path, llama_d
     total = sum(v.numel() * v.element_size() for v in tasks[2].values())
     size_kb = next(kb for kb in range(total // 4000, total // 1000)
                    if len(split_torch_state_dict_into_shards(tasks[2], max_shard_size=kb * 1000).filename_to_tensors) == 3)
-    cli("fuse", "s2", "--into", "sh", "--shard-size", f"{size_kb}KB")
+    cli("fuse", "s2", "--into", "sh", "--method", "kif", "--shard-size", f"{size_kb}KB")
     out = tmp_path / "export"
     cli("export", "sh", out)
     index = json.loads((out / "model.safetensors.index.json").read_text())

@@ -345,7 +345,7 @@ STORAGE = [
     ("permission denied: add-task", errno.EACCES, False, ["add-task", "x", "{lora2}", "--base", "llama"], "permission denied"),
     ("disk full: add-task", errno.ENOSPC, True, ["add-task", "x", "{lora2}", "--base", "llama", "--profile", "{profile}"],
      "disk is full"),
-    ("disk full: fuse", errno.ENOSPC, True, ["fuse", "t2", "--into", "main"], "disk is full"),
+    ("disk full: fuse", errno.ENOSPC, True, ["fuse", "t2", "--into", "main", "--method", "kif"], "disk is full"),
     ("disk full: base add --copy", errno.ENOSPC, True, ["base", "add", "b", "{llama}", "--copy"], "disk is full"),
 ]
 

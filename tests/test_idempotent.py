@@ -13,6 +13,10 @@ import pytest
 from conftest import LORA_TARGETS, Cli, make_lora, task_records, write_jsonl, write_profile
 from test_fuse_export import designed_scores, unit_groups
 
+from kifmerge.options import FuseParams
+
+DEFAULT_METHOD = FuseParams().method  # `fuse` without --method
+
 
 def add_tasks(cli: Cli, tmp_path: Path, llama_dir: Path, tasks: dict[str, str | None], first_seed: int = 1) -> None:
     """LoRA tasks with designed profiles; the value is the line whose head they were trained from."""
@@ -48,7 +52,7 @@ def test_fusing_a_task_the_line_holds_is_refused_unless_again(world):
     assert [v["number"] for v in cli.json("history", "main")] == [1, 2], "nothing was written"
 
     again = cli.json("fuse", "t2", "--into", "main", "--again")
-    assert (again["version"], again["parent"], again["task"], again["method"]) == ("main@v3", "v2", "t2", "kif")
+    assert (again["version"], again["parent"], again["task"], again["method"]) == ("main@v3", "v2", "t2", DEFAULT_METHOD)
     fuses = [e for e in cli.json("history", "main", "--events") if e["action"] == "fuse"]
     assert [e["details"].get("again") for e in fuses] == [None, None, "main@v2"]
 
@@ -89,7 +93,7 @@ def test_a_task_trained_from_an_older_version_is_reported_and_fused(world, tmp_p
     assert fresh["version"] == "main@v2" and fresh["stale_start"] is None, "trained from the head: not stale"
 
     stale = cli.json("fuse", "b", "--into", "main")
-    assert stale["version"] == "main@v3" and stale["method"] == "kif"
+    assert stale["version"] == "main@v3" and stale["method"] == DEFAULT_METHOD
     assert stale["stale_start"] == {"trained_from": "main@v1", "head": "main@v2"}
     event = [e for e in cli.json("history", "main", "--events") if e["action"] == "fuse"][-1]
     assert event["details"]["stale_start"] == {"trained_from": "main@v1", "head": "main@v2"}

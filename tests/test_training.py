@@ -168,7 +168,7 @@ def test_train_registers_task_with_profile_per_module(cli, tmp_path, llama_dir, 
 def test_learn_two_tasks_fuses_by_the_rule(cli, tmp_path, llama_dir, parity, vowel):
     cli("base", "add", "llama", llama_dir)
     v1 = cli.json("learn", "parity", "--data", parity, "--into", "main", "--base", "llama", "--max-steps", "3", "--lr", "1e-2")
-    v2 = cli.json("learn", "vowel", "--data", vowel, "--into", "main", "--max-steps", "3", "--lr", "1e-2")
+    v2 = cli.json("learn", "vowel", "--data", vowel, "--into", "main", "--max-steps", "3", "--lr", "1e-2", "--method", "kif")
     assert (v1["version"], v1["method"], v2["version"], v2["method"]) == ("main@v1", "initial", "main@v2", "kif")
     assert cli.json("show", "vowel")["trained_from"] == "main@v1"
 
