@@ -20,6 +20,7 @@ from common import (
     ORDERS,
     SMOLLM2,
     WORK,
+    add_model_option,
     add_results_option,
     add_sequence_options,
     argument_parser,
@@ -39,10 +40,12 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=4, choices=sorted(ORDERS))
     parser.add_argument("--seed", type=int, default=42)
     add_sequence_options(parser)
+    add_model_option(parser)
     parser.add_argument("--work", type=Path, default=None, help="the benchmark's state folder (default benchmarks/work/orderN/seedS)")
     add_results_option(parser)
     args = parser.parse_args()
-    require_model(SMOLLM2)
+    require_model(args.model)
+    base = "smollm2" if args.model == SMOLLM2 else "base"  # another model: another registry (--work)
 
     from kifmerge import api
     from kifmerge.stats import average_precision, interval, paired_difference, resample_indices
@@ -51,7 +54,7 @@ def main() -> None:
     registry = (args.work or WORK / f"order{args.order}" / f"seed{args.seed}") / "registry"
     api.init(registry)
     if not api.list_items("bases", registry=registry):
-        api.add_base("smollm2", SMOLLM2, registry=registry)
+        api.add_base(base, args.model, registry=registry)
     existing = {row["name"] for row in api.list_items("tasks", registry=registry)}
     trained, train_s = {}, {}
     for precision in ("bf16", "fp32"):
@@ -59,7 +62,7 @@ def main() -> None:
         name = training_name(task, None, options)  # the first task's training from the base, as continual.py names it
         if name not in existing:
             print(f"train {name} ({precision})", file=sys.stderr, flush=True)
-            api.train(name, task.train, f"bf16check-{precision}", base="smollm2", options=options, registry=registry)
+            api.train(name, task.train, f"bf16check-{precision}", base=base, options=options, registry=registry)
         trained[precision] = name
         train_s[precision] = api.show(name, registry=registry)["metrics"]["runtime_s"]
     scores, seconds = {}, {}

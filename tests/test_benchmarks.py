@@ -165,3 +165,15 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     assert set(result["statistics"]) == {"seq", "kif-element"} and 0 <= result["statistics"]["kif-element"]["AP"]["value"] <= 1
     assert "AP_minus_default" in result["statistics"]["seq"], "the paired difference from the default method (kif-element)"
     assert f"{llama_dir.name}, LoRA r 8" in (tmp_path / "tiny.md").read_text()
+
+
+def test_bf16_check_on_the_tiny_llama(tmp_path, llama_dir):
+    """The first task of order 4 trained in bf16 and in float32 (where bf16 is not native here,
+    both run float32 and the check says nothing), each evaluated both ways, with paired intervals."""
+    run("bf16_check.py", "--model", llama_dir, "--steps", 2, "--warmup", 0, "--batch-size", 2, "--max-length", 48,
+        "--train-examples", 8, "--eval-examples", 4, "--eval-batch-size", 4, "--max-new-tokens", 2,
+        "--work", tmp_path / "work", "--results", tmp_path)
+    result = record(tmp_path / "bf16_check.json", "bf16_check")
+    assert result["task"] == "dbpedia" and result["examples"] == 4
+    assert set(result["exact_match"]) == {f"train {t}, eval {e}" for t in ("bf16", "fp32") for e in ("bf16", "fp32")}
+    assert len(result["differences"]) == 3 and all(0 <= n <= 4 for n in result["identical_answers"].values())
