@@ -309,9 +309,7 @@ def test_plan_limits(world, tmp_path, kind):
         plan = tmp_path / "laughs.yaml"
         plan.write_text("\n".join(lines) + "\nline: main\nsteps: [{fuse: {task: t2}}]\n")
         message = "more than 200,000 values"
-    started = time.monotonic()
-    refused(cli("run", plan, "--dry-run", code=4), message)
-    assert time.monotonic() - started < 20
+    refused(cli("run", plan, "--dry-run", code=4), message)  # the message names the limit that stopped it
 
 
 def test_a_plan_run_hashes_and_reads_each_data_file_once(world, tmp_path, monkeypatch):
@@ -469,9 +467,8 @@ def test_a_dry_run_opens_checkpoints_as_the_run_will_and_hashes_nothing_large(wo
     monkeypatch.setattr(blobs, "sha256_file", lambda path: hashed.append(Path(path)) or real(path))
     plan = write_plan(tmp_path, {"line": "main", "base": base, "steps": [
         {"add-task": {"task": "big", "checkpoint": str(big), "profile": str(f["profile"])}}, {"fuse": {"task": "big"}}]}, "big.json")
-    started = time.monotonic()
     assert cli.json("run", plan, "--dry-run")["pending"] == 2
-    assert time.monotonic() - started < 20 and not any("optimizer" in str(p) for p in hashed)
+    assert not any("optimizer" in str(p) for p in hashed), "the 4 GB the run never reads is never hashed"
     bad_profile = tmp_path / "p-wrong.safetensors"
     write_profile(bad_profile, {"nothing.here": [1.0]}, "lora-rank")
     wrong = write_plan(tmp_path, {"line": "main", "base": base, "steps": [
