@@ -8,7 +8,7 @@ score on task j of task j's own trained weights, before any fuse ("learned"):
     AP             = mean_j R[T][j]
     BWT_vs_learned = mean_{j<T} (R[T][j] − L[j])    forgetting, including what the fuse gives up
     BWT_after_fuse = mean_{j<T} (R[T][j] − R[j][j])  forgetting after each task's own fuse
-    fuse_cost      = mean_j (L[j] − R[j][j])         what fusing task j costs it at once
+    fuse_cost      = mean_{j>1} (L[j] − R[j][j])     what fusing task j costs it at once (task 1 becomes v1 as it is)
     FWT            = mean_{j>1} (R[j−1][j] − R[0][j])
 """
 
@@ -229,7 +229,8 @@ def summarise(matrix: list[list[float | None]], learned: list[float | None] | No
     return {"AP": ap,
             "BWT_vs_learned": _mean_difference([(final[j], L[j]) for j in range(done - 1)]),
             "BWT_after_fuse": _mean_difference([(final[j], diagonal[j]) for j in range(done - 1)]),
-            "fuse_cost": _mean_difference([(L[j], diagonal[j]) for j in range(done)]),
+            # over the fused tasks: the first becomes v1 as it is, and its zero would dilute the cost by 1/T
+            "fuse_cost": _mean_difference([(L[j], diagonal[j]) for j in range(1, done)]),
             "FWT": _mean_difference([(matrix[j][j], matrix[0][j]) for j in range(1, done)])}
 
 

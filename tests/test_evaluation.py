@@ -28,7 +28,7 @@ def test_summaries_of_a_hand_made_matrix():
     assert result["AP"] == pytest.approx((0.5 + 0.7 + 0.9) / 3)
     assert result["BWT_vs_learned"] == pytest.approx(((0.5 - 0.85) + (0.7 - 0.95)) / 2)
     assert result["BWT_after_fuse"] == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)
-    assert result["fuse_cost"] == pytest.approx(((0.85 - 0.8) + (0.95 - 0.9) + (0.9 - 0.9)) / 3, abs=1e-6)
+    assert result["fuse_cost"] == pytest.approx(((0.95 - 0.9) + (0.9 - 0.9)) / 2, abs=1e-6)  # the fused tasks 2 and 3
     assert result["FWT"] == pytest.approx(((0.3 - 0.2) + (0.2 - 0.0)) / 2)
     assert "BWT" not in result
     # SeqLoRA-like: the fused diagonal is the learned score, so the two BWTs agree and the fuse costs nothing
@@ -36,6 +36,7 @@ def test_summaries_of_a_hand_made_matrix():
     assert seq["BWT_vs_learned"] == seq["BWT_after_fuse"] and seq["fuse_cost"] == 0
     assert summarise(R)["BWT_vs_learned"] is None and summarise(R)["fuse_cost"] is None  # no learned scores
     assert summarise(R, [0.85, None, 0.9])["fuse_cost"] is None
+    assert summarise(R, [None, 0.95, 0.9])["fuse_cost"] == pytest.approx(0.025), "task 1's own score is not needed"
     assert summarise([[None, None], [0.7, 0.4]]) == {"AP": pytest.approx(0.55), "BWT_vs_learned": None,
                                                      "BWT_after_fuse": None, "fuse_cost": None, "FWT": None}
     assert summarise([[0.1], [None]])["AP"] is None

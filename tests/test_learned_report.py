@@ -88,8 +88,8 @@ def test_report_learned_bwt_and_fuse_cost_from_task_evaluations(cli, two_task_li
     assert report["AP"] == pytest.approx((R[2][0] + R[2][1]) / 2, abs=1e-6)
     assert report["BWT_vs_learned"] == pytest.approx(R[2][0] - L[0], abs=1e-6)
     assert report["BWT_after_fuse"] == pytest.approx(R[2][0] - R[1][0], abs=1e-6)
-    assert report["fuse_cost"] == pytest.approx(((L[0] - R[1][0]) + (L[1] - R[2][1])) / 2, abs=1e-6)
-    assert report["fuse_cost"] == pytest.approx((L[1] - R[2][1]) / 2, abs=1e-6)  # the first task is not fused
+    assert report["fuse_cost"] == pytest.approx(L[1] - R[2][1], abs=1e-6)  # over the fused tasks: vowel only
+    assert L[0] == pytest.approx(R[1][0]), "the first task is not fused: v1 is its own weights"
     assert report["FWT"] == pytest.approx(R[1][1] - R[0][1], abs=1e-6)
     assert "BWT" not in report
 
