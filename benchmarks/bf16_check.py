@@ -24,6 +24,7 @@ from common import (
     add_results_option,
     add_sequence_options,
     argument_parser,
+    check_other_model_folders,
     builtin_sequence,
     eval_options,
     options_record,
@@ -45,6 +46,7 @@ def main() -> None:
     add_results_option(parser)
     args = parser.parse_args()
     require_model(args.model)
+    check_other_model_folders(args)
     base = "smollm2" if args.model == SMOLLM2 else "base"  # another model: another registry (--work)
 
     from kifmerge import api

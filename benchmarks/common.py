@@ -150,6 +150,13 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
                              "model checks the script in seconds)")
 
 
+def check_other_model_folders(args: argparse.Namespace) -> None:
+    """A model other than SmolLM2 runs in folders of its own: its trainings would otherwise sit in the
+    SmolLM2 registry under names that do not say the model, and its cells beside the committed ones."""
+    if args.model != SMOLLM2 and (args.work is None or args.results == RESULTS):
+        sys.exit(f"--model {args.model} needs --work DIR and --results DIR of its own (the defaults hold SmolLM2's runs)")
+
+
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else the cores)")
 

@@ -54,6 +54,7 @@ from common import (
     add_results_option,
     add_sequence_options,
     argument_parser,
+    check_other_model_folders,
     builtin_sequence,
     command_line,
     eval_options,
@@ -656,6 +657,7 @@ def main() -> None:
             args.precision = "bf16" if supported else "fp32"
             log(f"precision auto → {args.precision} ({why})")
         require_model(args.model)
+        check_other_model_folders(args)
         work = args.work or WORK / name
         for seed in args.seeds:
             experiment = Experiment(args, tasks, seed, work / f"seed{seed}", cells)

@@ -169,6 +169,13 @@ class TrainOptions(BaseModel):
         left out when matching a run with an earlier one (resume, learn's re-run)."""
         return frozenset(name for name, field in cli_fields(cls).items() if field.json_schema_extra.get("watch_only"))
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not value:
+            raise ValueError("name at least one module, e.g. q_proj,v_proj (leave the option out for the architecture's)")
+        return value
+
     @model_validator(mode="after")
     def _lora_only_options(self) -> "TrainOptions":
         if self.mode == "full" and (self.orth_reg or self.lora_r or self.lora_alpha or self.target_modules):

@@ -91,6 +91,8 @@ BAD = [
     ("weights not a mix", ["fuse", "t1", "--into", "main", "--weights", "0.9,0.9,0.5"], 2, "must sum to 1"),
     ("top out of range", ["fuse", "t1", "--into", "main", "--method", "kif", "--top", "1.5"], 2, "top"),
     ("unknown method", ["fuse", "t1", "--into", "main", "--method", "magic"], 2, "method"),
+    ("no target modules", ["train", "x", "--data", "{tmp}/none.jsonl", "--line", "main", "--target-modules", ","], 2,
+     "--target-modules: name at least one module"),
     ("unknown line", ["history", "nosuch"], 3, "line 'nosuch' not found"),
     ("unknown version", ["export", "main@v9", "{tmp}/out"], 3, "main@v9 not found"),
     ("unknown line export", ["export", "nosuch", "{tmp}/out"], 3, "not found"),

@@ -111,3 +111,42 @@ def test_a_calibrated_task_has_element_scores_and_fuses_by_kif_element(cli, tmp_
     cli("add-task", "outside", outside, "--base", "llama", "--calibrate", data, "--calibrate-batches", "2")
     version = cli.json("fuse", "outside", "--into", "main", "--method", "kif-element")
     assert version["params"]["elements"]["elements"] > 0
+
+
+def test_a_task_without_element_scores_does_not_erase_the_lines(cli, tmp_path, llama_dir):
+    """A line trained here (element scores), then an outside task with a unit profile only: that
+    fuse is a plain average, and the line keeps its element scores for the next fuse."""
+    from conftest import LORA_TARGETS, make_lora, write_profile
+    from test_fuse_export import designed_scores, unit_groups
+
+    from kifmerge.profiles import read_elements
+    from kifmerge.registry import Registry
+
+    cli("base", "add", "llama", llama_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", task_records("parity", 16, seed=1))
+    cli("train", "here", "--data", data, "--line", "main", "--base", "llama", "--max-steps", "2", "--lora-r", "4")
+    cli("fuse", "here", "--into", "main")
+    outside = make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS)
+    profile = write_profile(tmp_path / "p.safetensors", designed_scores(unit_groups(outside, "lora"), {0}, 1.0)[0], "lora-rank")
+    cli("add-task", "outside", outside, "--base", "llama", "--profile", profile)
+    assert "fallback" in cli.json("fuse", "outside", "--into", "main")["params"]["elements"]
+    reg = Registry.open(cli.registry)
+    shapes = {name: tuple(t.shape) for name, t in load_file(reg.weights(reg.catalog.version("main", 1)["weights"])
+                                                            .files["adapter_model.safetensors"]).items()}
+    v1, v2 = (read_elements(reg.blobs.open_verified(reg.catalog.version("main", n)["profile"]), shapes) for n in (1, 2))
+    assert v2 is not None and all(torch.equal(v1[name], v2[name]) for name in v1), "carried over as they were"
+
+
+def test_learn_refuses_an_ambiguous_seed_and_plans_take_the_clis_merge_seed(cli, tmp_path):
+    from kifmerge import api
+    from kifmerge.errors import UsageError
+
+    with pytest.raises(UsageError, match="merge_seed"):
+        api.learn("t", tmp_path / "d.jsonl", "main", seed=3, registry=cli.registry)
+    from kifmerge.options import FuseParams
+    from kifmerge.services.planning import _fuse_kwargs
+    from kifmerge.plans import FuseStep, Plan
+
+    plan = Plan.model_validate({"line": "main", "fuse": {"merge_seed": 5}, "steps": [{"fuse": {"task": "t"}}]})
+    step = plan.steps[0].body
+    assert isinstance(step, FuseStep) and FuseParams(**_fuse_kwargs(plan, step)).seed == 5

@@ -68,6 +68,8 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
     from kifmerge.services.fusing import check_max_regression
     from kifmerge.training import wait_for_main_process
 
+    if "seed" in fuse_options:  # FuseParams' own name for DARE's seed; here it would read as the training's
+        raise UsageError("learn(seed=…) is ambiguous: give the training seed as options={'seed': …} and DARE's as merge_seed=…")
     opts = training_options(options)
     params = fuse_params(**fuse_options)
     check_max_regression(max_regression)
@@ -170,8 +172,6 @@ def _learn_lock(reg: Registry, task: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 
 
 def _previous_learn(reg: Registry, task: str, data: Path, line: str, base: str | None, opts: TrainOptions,

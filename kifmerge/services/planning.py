@@ -126,6 +126,8 @@ def _fuse_kwargs(plan: Plan, body: LearnStep | FuseStep) -> dict[str, Any]:
     from kifmerge.options import FuseParams, cli_fields
 
     chosen = {**plan.fuse, **body.fuse}
+    if "merge_seed" in chosen:  # the CLI's name (--merge-seed) for FuseParams' `seed`
+        chosen["seed"] = chosen.pop("merge_seed")
     unknown = set(chosen) - set(cli_fields(FuseParams))
     if unknown:
         raise InvalidInputError(f"fuse option {sorted(unknown)[0]!r} cannot be set in a plan")
