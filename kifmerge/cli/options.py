@@ -76,7 +76,8 @@ def _parts(annotation: Any) -> tuple[Any, tuple]:
 def model_options(model: type, panel: str, *, after: dict[str, list[inspect.Parameter]] | None = None,
                   help_values: dict[str, str] | None = None) -> tuple[list[inspect.Parameter], Callable[[dict], dict]]:
     """The CLI options of `model`'s fields declared with `options.option`, in the model's order,
-    and the converter from their values to the model's field names and types. Every option but a
+    and the converter from their values to keyword arguments the model takes (its field names, or
+    the alias a renamed flag stands for: `--merge-seed` → `merge_seed`, FuseParams' `seed`). Every option but a
     flag defaults to None ("the model's default"), and its help shows the model's default.
     Tuple fields are comma-separated on the command line. `after`: extra options placed after a
     field's; `help_values`: text put in for `{name}` in the help."""
@@ -110,7 +111,7 @@ def model_options(model: type, panel: str, *, after: dict[str, list[inspect.Para
                     value = tuple(part.strip() for part in value.split(",") if part.strip())
                 else:
                     value = _float_list(value, None if Ellipsis in args else len(args), flag)
-            out[name] = value
+            out[parameter if "flag" in cli_fields(model)[name].json_schema_extra else name] = value  # merge_seed: seed's alias
         return out
 
     return params, convert

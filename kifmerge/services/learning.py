@@ -68,7 +68,7 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
     from kifmerge.services.fusing import check_max_regression
     from kifmerge.training import wait_for_main_process
 
-    if "seed" in fuse_options:  # FuseParams' own name for DARE's seed; here it would read as the training's
+    if fuse_options.get("seed") is not None:  # FuseParams' own name for DARE's seed; here it reads as the training's
         raise UsageError("learn(seed=…) is ambiguous: give the training seed as options={'seed': …} and DARE's as merge_seed=…")
     opts = training_options(options)
     params = fuse_params(**fuse_options)

@@ -126,9 +126,9 @@ def _fuse_kwargs(plan: Plan, body: LearnStep | FuseStep) -> dict[str, Any]:
     from kifmerge.options import FuseParams, cli_fields
 
     chosen = {**plan.fuse, **body.fuse}
-    if "merge_seed" in chosen:  # the CLI's name (--merge-seed) for FuseParams' `seed`
-        chosen["seed"] = chosen.pop("merge_seed")
-    unknown = set(chosen) - set(cli_fields(FuseParams))
+    if "seed" in chosen:  # DARE's seed, passed under its unambiguous name (learn's `seed` would be the training's)
+        chosen["merge_seed"] = chosen.pop("seed")
+    unknown = set(chosen) - set(cli_fields(FuseParams)) - {"merge_seed"}
     if unknown:
         raise InvalidInputError(f"fuse option {sorted(unknown)[0]!r} cannot be set in a plan")
     return {key: (tuple(value) if isinstance(value, list) else value) for key, value in chosen.items()}
