@@ -94,7 +94,8 @@ def model_options(model: type, panel: str, *, after: dict[str, list[inspect.Para
             default, shown = None, extra.get("shown") or _shown(field.default)
             help += f" Default: {shown}." if shown else ""
         parameter = flag.lstrip("-").replace("-", "_")
-        fields[parameter] = name, flag, (kind, args)
+        key = parameter if "flag" in extra else name  # a renamed flag passes its alias: merge_seed for seed
+        fields[parameter] = key, flag, (kind, args)
         params.append(inspect.Parameter(parameter, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[
             cli_kind, typer.Option(flag, help=help, rich_help_panel=panel)]))
         params.extend((after or {}).get(name, []))
@@ -105,13 +106,13 @@ def model_options(model: type, panel: str, *, after: dict[str, list[inspect.Para
             if parameter not in fields:  # an extra option: passed on as it is
                 out[parameter] = value
                 continue
-            name, flag, (kind, args) = fields[parameter]
+            key, flag, (kind, args) = fields[parameter]
             if typing.get_origin(kind) is tuple and value is not None:
                 if args and args[0] is str:
                     value = tuple(part.strip() for part in value.split(",") if part.strip())
                 else:
                     value = _float_list(value, None if Ellipsis in args else len(args), flag)
-            out[parameter if "flag" in cli_fields(model)[name].json_schema_extra else name] = value  # merge_seed: seed's alias
+            out[key] = value
         return out
 
     return params, convert
