@@ -110,6 +110,15 @@ METHODS = {
                         "of every task so far (dev examples 301–400, never reported)", {"method": "validated"}),
     "replay": Method("SeqLoRA with 2 % of each training set drawn from the line's earlier tasks (--replay 0.02)",
                      SEQ, later={"replay": 0.02}),
+    "recurrent-kif": Method("Recurrent-KIF (arXiv 2502.17510) inside training: every 8 steps, 4 AdamW steps on a 2 % replay "
+                            "buffer of the line's earlier tasks, then inner and outer updates fused per element by their "
+                            "global top-20 % importance (both 0.4/0.6, one loop 1/0, neither 0.5/0.5); the trained task "
+                            "replaces the head (linear, α 1)", SEQ, later={"replay": 0.02, "recurrent": 8}),
+    "replay-linear": Method("replay 2 % of the line's earlier tasks in training (--replay 0.02), then the average "
+                            "0.5·new + 0.5·old of the LoRA factors", {"method": "linear", "alpha": 0.5},
+                            later={"replay": 0.02}),
+    "replay-kif": Method("replay 2 % of the line's earlier tasks in training (--replay 0.02), then KIF's static rule "
+                         "(kifmerge defaults): the paper's KIF-M", {"method": "kif"}, later={"replay": 0.02}),
     "kif-adaptive-rank": Method("KIF softmax rule over rank-normalised profiles (--scores rank), τ 0.25",
                                 {"method": "kif-adaptive", "scores": "rank"}),
     "kif-change": Method("KIF static rule; tasks after the first scored by their own change |(θ − θ_start)·g| "

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterable, Literal
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from transformers import TrainerCallback
@@ -69,6 +70,13 @@ class ImportanceAccumulator:
             torch._foreach_lerp_(unc, s, 1 - self.beta2)             # Ū ← β2·Ū + (1−β2)·|s − Ī|
         self.steps += 1
         return True
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget every step so far (Recurrent-KIF's inner scores start afresh after each fusion)."""
+        for tensor in (*self.ipt.values(), *self.unc.values()):
+            tensor.zero_()
+        self.steps = self.skipped = 0
 
     def _blocks(self, names: list[str]):
         """Groups of (θ, g, Ī, Ū, θ_start or None) views for the multi-tensor (`_foreach`) kernels. On the CPU the
@@ -170,6 +178,7 @@ class GramCollector:
     def __init__(self, model: torch.nn.Module):
         self.grams: dict[str, torch.Tensor] = {}
         self.tokens = 0
+        self.recording = True
         self._handles = []
         for name, module in model.named_modules():
             if hasattr(module, "lora_A") and hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Linear):
@@ -179,7 +188,7 @@ class GramCollector:
     def _hook(self, name: str):
         @torch.no_grad()
         def hook(module, args):
-            if not module.training or not args:
+            if not module.training or not self.recording or not args:
                 return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
             gram = x.T @ x
@@ -188,6 +197,15 @@ class GramCollector:
             else:
                 self.grams[name] = gram
         return hook
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward passes that are not the task's own (Recurrent-KIF's replay steps) add nothing."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     def remove(self) -> None:
         for handle in self._handles:

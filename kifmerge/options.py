@@ -145,6 +145,11 @@ class TrainOptions(BaseModel):
     beta2: float = option(0.85, ge=0.0, lt=1.0, help="EMA factor of the uncertainty.")
     orth_reg: float = option(0.0, ge=0.0, le=1e6, help="LoRA orthogonality regulariser λ (0: off).")
     replay: float = option(0.0, ge=0.0, lt=1.0, help="Fraction of examples replayed from the line's earlier tasks.")
+    recurrent: int = option(0, ge=0, le=limits.MAX_STEPS,
+                            help="Recurrent-KIF: every N training steps, --outer-steps steps on the replay buffer (--replay), "
+                                 "then fuse both updates element by element (0: off; LoRA only).")
+    outer_steps: int = option(4, ge=1, le=limits.MAX_STEPS,
+                              help="Recurrent-KIF's outer steps on the replay buffer per cycle (with --recurrent).")
     warmup_steps: int = option(0, ge=0, le=limits.MAX_STEPS, help="Linear learning-rate warmup steps before the linear decay.")
     gram: bool = option(False, help="Record each LoRA module's input Gram matrix XᵀX with the profile (for fuse --method "
                                     "regmean; about in² floats per module).")
@@ -180,6 +185,10 @@ class TrainOptions(BaseModel):
     def _lora_only_options(self) -> "TrainOptions":
         if self.mode == "full" and (self.orth_reg or self.lora_r or self.lora_alpha or self.target_modules):
             raise ValueError("--orth-reg, --lora-r, --lora-alpha and --target-modules apply to --mode lora only")
+        if self.recurrent and self.mode != "lora":
+            raise ValueError("--recurrent applies to --mode lora only: it fuses the LoRA factors element by element")
+        if self.recurrent and not self.replay:
+            raise ValueError("--recurrent needs --replay F: its outer loop trains on the line's earlier tasks")
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 exclude each other; choose one")
         return self

@@ -76,6 +76,7 @@ class KifTrainer(Trainer):
     """The stock Trainer with the answer-only loss (and the optional orthogonality term)."""
 
     loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by accumulation steps
+    recurrent = None  # the RecurrentFusionCallback under --recurrent (kifmerge/recurrent.py)
 
     def __init__(self, *args: Any, orth_reg: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -188,13 +189,14 @@ class TrainResult:
 def build_trainer(base_dir: Path, config: dict, options: TrainOptions, init_dir: Path | None,
                   train: list[dict], val: list[dict], output_dir: Path, *, run_name: str | None = None,
                   save_steps: int = 0, callbacks: Sequence[TrainerCallback] = (),
-                  importance: bool = True) -> tuple[KifTrainer, ImportanceAccumulator | None]:
+                  importance: bool = True, outer: Sequence[dict] = ()) -> tuple[KifTrainer, ImportanceAccumulator | None]:
     """The Trainer of `kifmerge train`, ready to train: the seeded model, the encoded records, its
     collator and arguments, and the importance callback ahead of `callbacks`; returns it with the
     importance accumulator. The one place this is set up, so that the benchmarks time the step that
     `run_training` runs. `save_steps` > 0: resumable checkpoints in `output_dir`, the accumulator's
     state beside each. `importance=False`: no accumulator and no callback (what they cost:
-    benchmarks/importance_overhead.py)."""
+    benchmarks/importance_overhead.py). `outer`: Recurrent-KIF's replay buffer (`options.recurrent`),
+    batched as the training set is and stepped on by its callback, which follows the importance one."""
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
@@ -211,6 +213,9 @@ def build_trainer(base_dir: Path, config: dict, options: TrainOptions, init_dir:
                                         beta1=options.beta1, beta2=options.beta2) if importance else None
     train_set, val_set = [encode(r) for r in train], [encode(r) for r in val] or None
     collator = training_collator(model, tokenizer, seq2seq, options)
+    recurrent = recurrent_callback(model, options, [encode(r) for r in outer], collator,
+                                   lambda batch: replay_loss(trainer, batch)) if options.recurrent else None
+    callbacks = [*([recurrent] if recurrent else []), *callbacks]
     if importance:
         callbacks = [ImportanceCallback(accumulator, grad_norm=lambda: trainer.take_grad_norm()), *callbacks,
                      *([ImportanceCheckpoint(accumulator)] if save_steps else [])]
@@ -220,18 +225,42 @@ def build_trainer(base_dir: Path, config: dict, options: TrainOptions, init_dir:
         orth_reg=options.orth_reg,
     )
     trainer.remove_callback(PrinterCallback)  # stdout belongs to the command's result (--json)
+    trainer.recurrent = recurrent
     return trainer, accumulator
+
+
+def recurrent_callback(model: torch.nn.Module, options: TrainOptions, buffer: list[dict], collator: Collator,
+                       loss: Callable[[dict], torch.Tensor]):
+    """Recurrent-KIF's callback over the model's trainable weights: replay batches of the
+    training's batch size in a seeded order, an outer AdamW at the training's learning rate."""
+    from kifmerge.recurrent import RecurrentFusionCallback, replay_batches
+
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return RecurrentFusionCallback(params, replay_batches(buffer, collator, options.batch_size, options.seed), loss,
+                                   every=options.recurrent, outer_steps=options.outer_steps, lr=options.learning_rate,
+                                   beta1=options.beta1, beta2=options.beta2)
+
+
+def replay_loss(trainer: KifTrainer, batch: dict[str, Any]) -> torch.Tensor:
+    """The training loss of one replay batch, on the model's device, under the Trainer's autocast
+    (as KifTrainer.prediction_step evaluates)."""
+    device = next(p.device for p in trainer.model.parameters())
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with trainer.compute_loss_context_manager():
+        return answer_loss(trainer.model, batch)
 
 
 def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: Path | None,
                  train: list[dict], val: list[dict], out_dir: Path,
                  progress: Callable[[str, int], Callable[[int], None]] | None = None, description: str = "training",
-                 checkpoints: Path | None = None, run_name: str | None = None) -> TrainResult | None:
+                 checkpoints: Path | None = None, run_name: str | None = None,
+                 outer: Sequence[dict] = ()) -> TrainResult | None:
     """Fine-tune with the Trainer while the importance callback scores every unit; save the
     checkpoint and its profile under `out_dir`. Under torchrun / accelerate only the main
     process saves (the others return None after the run). `checkpoints`: the resumable folder
     (kifmerge/resume.py) that the Trainer saves to every `save_steps` and, with `resume`,
-    continues from."""
+    continues from. `outer`: Recurrent-KIF's replay buffer (`options.recurrent`), kept out of the
+    training set; its cycle restarts from the weights of a resumed run (kifmerge/recurrent.py)."""
     from kifmerge.checkpoints import open_checkpoint
     from kifmerge.profiles import from_unit_scores, write_profile
     from kifmerge.resume import STATE_FILE, load_importance, prepare
@@ -240,10 +269,12 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     start = prepare(checkpoints, options.resume) if checkpoints is not None else None
     trainer, accumulator = build_trainer(base_dir, config, options, init_dir, train, val, checkpoints or out_dir / "trainer",
                                          run_name=run_name, save_steps=options.save_steps if checkpoints is not None else 0,
-                                         callbacks=[ProgressBridge(progress, description)])
+                                         callbacks=[ProgressBridge(progress, description)], outer=outer)
     if start is not None:
         load_importance(accumulator, start / STATE_FILE)
     grams = GramCollector(trainer.model) if options.gram and options.mode == "lora" else None
+    if grams is not None and trainer.recurrent is not None:
+        trainer.recurrent.outside_the_task.append(grams.paused)  # the Gram matrices stay the task's inputs'
     output = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
     metrics = {"train_loss": round(output.training_loss, 6), "steps": output.global_step,
                "runtime_s": round(output.metrics.get("train_runtime", 0.0), 3),
@@ -254,6 +285,8 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     if start is not None:  # the Trainer's training_loss counts only the steps run since the resume
         metrics["resumed_from_step"] = int(start.name.rpartition("-")[2])
         metrics["train_loss"] = round(sum(p["loss"] for p in metrics["curve"]) / max(1, len(metrics["curve"])), 6)
+    if trainer.recurrent is not None:
+        metrics["recurrent"] = trainer.recurrent.report(len(outer))
     if val:
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 6)
     result = None

@@ -269,6 +269,11 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
     records = load_records(data, opts.max_examples)
     train_set, val_set = split_records(records, opts.val_fraction, opts.seed)
     replayed = _replay_examples(reg, line, opts, len(train_set))
+    # --recurrent: the replayed examples are the outer loop's buffer, not part of the training set
+    mixed, outer = ([], replayed["examples"]) if opts.recurrent else (replayed["examples"], [])
+    if opts.recurrent and not outer:
+        raise InvalidInputError(f"--recurrent: --replay {opts.replay:g} of {len(train_set)} training examples replays none; "
+                                "raise --replay so that the outer loop has examples")
     folder = base_dir(reg, base_row)
     data_sha = sha256_input(data)
     start = f"{line}@v{head['number']}" if head else f"base:{base_row['name']}:{base_row['fingerprint']}"
@@ -283,8 +288,8 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
             init_dir.mkdir()
             reg.copy_weights(head["weights"], init_dir)
         with tracker_environment(opts, task, line):
-            result = run_training(folder, base_row["config"], opts, init_dir, train_set + replayed["examples"], val_set,
-                                  staging, progress, f"training {task}", checkpoints, run_name=task)
+            result = run_training(folder, base_row["config"], opts, init_dir, train_set + mixed, val_set,
+                                  staging, progress, f"training {task}", checkpoints, run_name=task, outer=outer)
         if result is None:
             yield None
             return
@@ -318,7 +323,8 @@ def _check_rank_options(line_config: dict, opts: TrainOptions, line: str) -> Non
 
 def _replay_examples(reg: Registry, line: str, opts: TrainOptions, n_train: int) -> dict[str, Any]:
     """`--replay F`: that fraction of the training set drawn from the data of the line's earlier
-    tasks (files found by recorded path and checked against their recorded sha256)."""
+    tasks (files found by recorded path and checked against their recorded sha256); with
+    `--recurrent`, the outer loop's buffer instead of a part of the training set."""
     import random
 
     from kifmerge.data import load_records
