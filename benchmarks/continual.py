@@ -67,7 +67,7 @@ from common import (
     write_results,
 )
 
-DEFAULT_METHOD = "kif-element"
+DEFAULT_METHOD = "magmax"
 REPLICATES = 2000
 ALPHA_ORDER = "order4"  # linear-best's α is chosen on this order and carried to the others
 VALIDATION_EXAMPLES = 100  # per task, after the reported dev examples

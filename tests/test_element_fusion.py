@@ -77,14 +77,14 @@ def test_train_stores_element_scores_and_kif_element_interpolates_by_them(cli, t
         torch.testing.assert_close(accumulated[name], expected[name], atol=2e-3, rtol=2e-3)
 
 
-def test_the_default_rule_without_element_scores_is_a_plain_average_and_says_so(cli, tmp_path, llama_dir):
-    """A task registered with a unit-only profile fused by the default (kif-element): every element
+def test_kif_element_without_element_scores_is_a_plain_average_and_says_so(cli, tmp_path, llama_dir):
+    """A task registered with a unit-only profile fused by kif-element: every element
     weighted ½ — the same weights as `--method linear` — with one warning line on stderr, and the
     version records why. The reference version is fused by linear into a second line."""
     from test_validated_fuse import line_of_two_outside_tasks
 
     line_of_two_outside_tasks(cli, tmp_path, llama_dir)
-    fused = cli("fuse", "l2", "--into", "main", "--json")
+    fused = cli("fuse", "l2", "--into", "main", "--method", "kif-element", "--json")
     assert fused.stderr.count("kifmerge: warning: kif-element: task 'l2'") == 1, fused.stderr
     version = cli.json("show", "main@v2")
     assert version["method"] == "kif-element" and "no element scores" in version["params"]["elements"]["fallback"]
@@ -129,7 +129,7 @@ def test_a_task_without_element_scores_does_not_erase_the_lines(cli, tmp_path, l
     outside = make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS)
     profile = write_profile(tmp_path / "p.safetensors", designed_scores(unit_groups(outside, "lora"), {0}, 1.0)[0], "lora-rank")
     cli("add-task", "outside", outside, "--base", "llama", "--profile", profile)
-    assert "fallback" in cli.json("fuse", "outside", "--into", "main")["params"]["elements"]
+    assert "fallback" in cli.json("fuse", "outside", "--into", "main", "--method", "kif-element")["params"]["elements"]
     reg = Registry.open(cli.registry)
     shapes = {name: tuple(t.shape) for name, t in load_file(reg.weights(reg.catalog.version("main", 1)["weights"])
                                                             .files["adapter_model.safetensors"]).items()}

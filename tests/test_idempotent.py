@@ -151,7 +151,7 @@ def test_learn_again_with_the_same_inputs_reuses_its_version(cli, llama_dir, dat
     assert "trained with other options (--max-steps: 2 ≠ 3)" in other_steps
     other_lr = cli(*vowel, "--lr", "0.01", code=6).stderr
     assert "--lr: 0.0003 ≠ 0.01" in other_lr
-    assert "other fuse options" in cli(*vowel, "--power", "1", code=6).stderr  # the default rule's own parameter
+    assert "other fuse options" in cli(*vowel, "--lam", "0.5", code=6).stderr  # the default rule's own parameter
     assert "line 'elsewhere' does not hold it" in cli("learn", "vowel", "--data", data["vowel"], "--into", "elsewhere",
                                                       "--base", "llama", *steps, code=6).stderr
     assert cli.json(*vowel, "--lr", "0.0003")["reused"], "the default learning rate, given explicitly"

@@ -41,6 +41,10 @@ class FusionMethod:
 
 
 METHODS: dict[str, FusionMethod] = {}
+# What a fuse computes and records beside the parameters it was given (summaries, the reference it
+# used, the α a validated fuse chose, the quality gate's scores): not compared when `learn` matches
+# an earlier run, not listed by `history` (`show` and --json have them).
+COMPUTED_BY_THE_FUSE = ("units", "reference", "elements", "refactor", "selection", "max_regression")
 
 
 def register(method: FusionMethod) -> FusionMethod:
@@ -91,7 +95,7 @@ def _element(params, i_line, i_new):
     return rules.element_weights(i_line, i_new, power=params.power)
 
 
-register(FusionMethod("kif", UNIT, "KIF's static rule over skill units (the default)", ("top", "weights"), coefficients=_kif))
+register(FusionMethod("kif", UNIT, "KIF's static rule over skill units", ("top", "weights"), coefficients=_kif))
 register(FusionMethod("kif-adaptive", UNIT, "softmax over the two profiles' unit scores at temperature tau",
                       ("tau", "scores"), coefficients=_kif_adaptive))
 register(FusionMethod("kif-element", ELEMENT, "element-level importance-weighted interpolation", ("power",), element=_element))

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 from kifmerge.errors import ConflictError, InvalidInputError, NotFoundError, UsageError
 from kifmerge.faults import fault_point
+from kifmerge.fusion.methods import COMPUTED_BY_THE_FUSE
 from kifmerge.options import FuseParams, TrainOptions, training_options
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_input
@@ -213,9 +214,6 @@ def _previous_learn(reg: Registry, task: str, data: Path, line: str, base: str |
     trained = {**public_task(row), "metrics": metrics,
                "profile": {"estimator": profile["estimator"], **(profile["layout"] or {})} if profile else None}
     return {**public_version(version, line_row["kind"]), "stale_start": None, "trained": trained, "reused": True}
-
-
-COMPUTED_BY_THE_FUSE = ("units", "reference", "elements", "refactor", "selection", "max_regression")
 
 
 def _comparable(recorded: dict[str, Any]) -> dict[str, Any]:
