@@ -153,17 +153,17 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
         write_jsonl(data / f"{task}-dev.jsonl", task_records(task, 6, 10 + seed))
     sequence = {"name": "tiny", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in ("parity", "vowel")]}
     (data / "sequence.json").write_text(json.dumps(sequence))
-    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,kif-element", "--steps", 2,
+    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,magmax", "--steps", 2,
         "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 4,
         "--eval-batch-size", 4, "--max-new-tokens", 2, "--precision", "fp32", "--work", tmp_path / "work", "--results", tmp_path)
-    for method in ("seq", "kif-element"):
+    for method in ("seq", "magmax"):
         cell = json.loads((tmp_path / "runs" / "tiny" / "seed42" / f"{method}.json").read_text())
         assert cell["settings"]["model"] == str(llama_dir.resolve()) and cell["settings"]["tasks"] == ["parity", "vowel"]
         assert [len(task) for task in cell["examples"]["final"]] == [4, 4]
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["benchmark"] == "continual" and result["command"].startswith("python benchmarks/continual.py ")
-    assert set(result["statistics"]) == {"seq", "kif-element"} and 0 <= result["statistics"]["kif-element"]["AP"]["value"] <= 1
-    assert "AP_minus_default" in result["statistics"]["seq"], "the paired difference from the default method (kif-element)"
+    assert set(result["statistics"]) == {"seq", "magmax"} and 0 <= result["statistics"]["magmax"]["AP"]["value"] <= 1
+    assert "AP_minus_default" in result["statistics"]["seq"], "the paired difference from the default method (magmax)"
     assert f"{llama_dir.name}, LoRA r 8" in (tmp_path / "tiny.md").read_text()
 
 
