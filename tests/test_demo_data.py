@@ -1,13 +1,17 @@
 """The demo's data ships with the repository (fast, no model): examples/demo.py resolves its
 files inside the checkout and they load with load_records; the vendored files are the ones
-examples/data/README.md lists; the demo's line and task names are not the quick start's."""
+examples/data/README.md lists; the demo's line and task names are not the quick start's; the
+held-out sequence examples/data/heldout/sequence.json loads with its own validation files."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import importlib.util
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,13 +60,46 @@ def test_demo_names_do_not_collide_with_the_quick_starts(demo):
 
 
 def test_vendored_files_match_the_data_readme():
-    folder = REPO / "examples" / "data" / "long_sequence"
-    rows = re.findall(r"^\| `(\w+/\w+\.jsonl\.gz)` \| (\d+) \| ([\d,]+) \| [\d,]+ \| `([0-9a-f]{64})` \|$",
-                      (REPO / "examples" / "data" / "README.md").read_text(), re.M)
-    listed = {name: (int(count), int(size.replace(",", "")), sha) for name, count, size, sha in rows}
-    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert sorted(listed) == on_disk and len(on_disk) == 8
-    for name, (count, size, sha) in listed.items():
+    folder = REPO / "examples" / "data"
+    readme = (folder / "README.md").read_text()
+    rows = re.findall(r"^\| `([\w/-]+\.jsonl\.gz)` \| (\d+) \| ([\d,]+) \| ([\d,]+) \| `([0-9a-f]{64})` \|$", readme, re.M)
+    listed = {name: (int(count), int(size.replace(",", "")), int(plain.replace(",", "")), sha)
+              for name, count, size, plain, sha in rows}
+    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jsonl.gz"))
+    assert sorted(listed) == on_disk and len(on_disk) == 8 + 9   # long_sequence: 4 tasks × 2; heldout: 3 × 3
+    for name, (count, size, plain, sha) in listed.items():
         raw = (folder / name).read_bytes()
         assert (len(raw), hashlib.sha256(raw).hexdigest()) == (size, sha), name
+        assert len(gzip.decompress(raw)) == plain, name
         assert len(load_records(folder / name)) == count, name
+    total = re.search(r"^\| \*\*total\*\* \| (\d+) \| \*\*([\d,]+)\*\* \| ([\d,]+) \| \|$", readme, re.M)
+    assert total and tuple(int(v.replace(",", "")) for v in total.groups()) == tuple(
+        sum(row[i] for row in listed.values()) for i in range(3))
+
+
+def test_the_heldout_sequence_loads_with_its_own_validation_files(monkeypatch):
+    """examples/data/heldout/sequence.json, a user's kind of sequence (none of orders 4–6), loads
+    through continual.py's reader with train, dev and val for every task; val is disjoint from dev
+    and train (by id from dev; by input from train too, as the benchmark numbers ids per split)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))   # continual.py imports `common` from its folder
+    had_common = "common" in sys.modules
+    spec = importlib.util.spec_from_file_location("kifmerge_continual_under_test", REPO / "benchmarks" / "continual.py")
+    continual = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, continual)   # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(continual)
+    finally:
+        if not had_common:
+            sys.modules.pop("common", None)
+    name, tasks = continual.sequence_from_file(REPO / "examples" / "data" / "heldout" / "sequence.json")
+    assert name == "heldout" and [t.name for t in tasks] == ["sst-2", "mnli", "qqp"]
+    assert not {t.name for t in tasks} & {"agnews", "amazon", "dbpedia", "yahoo"}
+    for task in tasks:
+        assert task.val is not None
+        train, dev, val = (load_records(f) for f in (task.train, task.dev, task.val))
+        assert task.val.resolve().is_relative_to(REPO) and (len(train), len(dev), len(val)) == (1000, 300, 100), task.name
+        ids = {f: [json.loads(line)["id"] for line in gzip.decompress(f.read_bytes()).splitlines()]  # load_records keeps no ids
+               for f in (task.dev, task.val)}
+        assert len(set(ids[task.val])) == len(val) and not set(ids[task.val]) & set(ids[task.dev]), task.name
+        val_inputs = {r["input"] for r in val}
+        assert not val_inputs & {r["input"] for r in dev} and not val_inputs & {r["input"] for r in train}, task.name
