@@ -164,8 +164,10 @@ def measure(name: str, root: Path, repeats: int, mergekit: str | None) -> dict:
         for method in ("kif", "ties"):
             line = f"{method}-{started}-{repeat}"
             subprocess.run([*kif, "fuse", "t1", "--into", line], env=env, check=True, capture_output=True)
+            # every method named: a fuse without --method runs whichever rule is the default at the time
             runs[method].append(timed([*kif, "fuse", "t2", "--into", line, "--method", method, "--alpha", "0.5",
-                                       "--density", "0.5"] if method == "ties" else [*kif, "fuse", "t2", "--into", line], env))
+                                       "--density", "0.5"] if method == "ties" else [*kif, "fuse", "t2", "--into", line,
+                                                                                     "--method", method], env))
         if mergekit:
             out = root / "mergekit-out"
             shutil.rmtree(out, ignore_errors=True)
