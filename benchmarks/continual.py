@@ -619,11 +619,89 @@ def write_summary(orders: list[int], results: Path = RESULTS) -> None:
     print("\n".join(lines))
 
 
+# issue 21's candidates, each with the row it has to beat on the screen order (replay-based ones are
+# judged against replay baselines, not replay-free rows), then rows for context
+SCREEN = {
+    "tasl-lora": ("a", ["linear-0.5"]),
+    "kif-element": ("b", ["linear-0.5"]),
+    "recurrent-kif": ("c", ["replay-linear", "replay-kif"]),
+    "regmean": ("d", ["linear-0.5"]),
+    "validated": ("e", ["linear-0.5"]),
+    "kif": ("context", ["linear-0.5"]),
+    "kif-adaptive-rank": ("context", ["linear-0.5"]),
+    "replay-kif": ("context", ["replay-linear"]),
+    "ties": ("context", ["linear-0.5"]),
+    "dare": ("context", ["linear-0.5"]),
+    "magmax": ("context", ["linear-0.5"]),
+}
+
+
+def write_screen(order: str, results: Path = RESULTS) -> None:
+    """`screen-ORDER.{json,md}`: each candidate of issue 21 against the row it has to beat, paired
+    on the same examples (AP, BWT vs learned, fuse cost), and against the default; a candidate
+    without a cell yet is listed as such. Read from the assembled `ORDER.json`."""
+    from kifmerge.stats import combine, interval, paired_difference
+
+    source = results / f"{order}.json"
+    if not source.exists():
+        sys.exit(f"no {source.name}: run or --assemble {order} first")
+    payload = json.loads(source.read_text())
+    tasks, present = payload["tasks"], payload["methods"]
+    sizes = [len(s) for s in payload["examples"][next(iter(present))]["final"][0]]
+    indices = task_indices(tasks, sizes)
+
+    def est(m: str) -> dict:
+        seeds = [{"method": m, "examples": {k: [list(map(int, s)) for s in payload["examples"][m][k][i]]
+                                            for k in ("final", "learned", "diagonal")}} for i in range(len(payload["seeds"]))]
+        per = [estimates(seed, indices) for seed in seeds]
+        return {key: combine([p[key] for p in per]) for key in per[0]}
+
+    cache = {m: est(m) for m in present if m != "mtl"}
+    rows = {}
+    for m, (candidate, against) in SCREEN.items():
+        if m not in cache:
+            rows[m] = {"candidate": candidate, "against": against, "status": "not run yet"}
+            continue
+        row = {"candidate": candidate, "against": against, "status": "screened",
+               "AP": interval(cache[m]["AP"][1], cache[m]["AP"][0]),
+               "BWT_vs_learned": interval(cache[m]["BWT_vs_learned"][1], cache[m]["BWT_vs_learned"][0]),
+               "fuse_cost": interval(cache[m]["fuse_cost"][1], cache[m]["fuse_cost"][0]), "versus": {}}
+        for other in [*against, DEFAULT_METHOD]:
+            if other in cache and other != m:
+                row["versus"][other] = {key: paired_difference(cache[m][key], cache[other][key])
+                                        for key in ("AP", "BWT_vs_learned", "fuse_cost")}
+        rows[m] = row
+    out = {"benchmark": "continual-screen", "order": order, "seeds": payload["seeds"], "default_method": DEFAULT_METHOD,
+           "settings": payload.get("settings"), "rows": rows, "git_commit": git_commit(),
+           "command": f"python benchmarks/continual.py --screen  # from {source.name}"}
+    lines = [f"# Screen of issue 21's candidates on {order}", "",
+             f"Each candidate against the row it has to beat, paired on the same examples ({payload['seeds']} seed(s); "
+             "points ×100, 95 % paired-bootstrap intervals; a difference is called only when its interval excludes 0). "
+             f"Fuse cost: lower is better. Default method: **{DEFAULT_METHOD}**. From `{source.name}`; "
+             "rerun with `python benchmarks/continual.py --screen` after each cell lands.", "",
+             "| candidate | row | AP | against | AP − it | BWT vs learned − it | fuse cost − it |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m, row in rows.items():
+        if row["status"] != "screened":
+            lines.append(f"| {row['candidate']} | {m} | not run yet | {', '.join(row['against'])} | | | |")
+            continue
+        for other in [o for o in [*row["against"], DEFAULT_METHOD] if o in row["versus"]]:
+            d = row["versus"][other]
+            lines.append(f"| {row['candidate']} | {m} | {ci(row['AP'])} | {other} | {ci(d['AP'], True)} {d['AP']['called']} | "
+                         f"{ci(d['BWT_vs_learned'], True)} | {ci(d['fuse_cost'], True)} |")
+    lines.append("")
+    write_results(results / f"screen-{order}.json", out, "\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--order", type=int, default=4, choices=sorted(ORDERS))
     parser.add_argument("--sequence", type=Path, help="a JSON sequence file instead of a built-in order")
     parser.add_argument("--summary", action="store_true", help="only write summary.{json,md} from the order results")
+    parser.add_argument("--screen", action="store_true",
+                        help="only write screen-<order>.{json,md} from the assembled order (--order, default 4, or "
+                             "--sequence): issue 21's candidates against the rows they have to beat")
     parser.add_argument("--assemble", action="store_true", help="only write the order's results from the cells present")
     parser.add_argument("--export-finished", action="store_true",
                         help="only write the cells of methods finished in the work registry (a run in progress elsewhere)")
@@ -657,6 +735,9 @@ def main() -> None:
     else:
         name, tasks = f"order{args.order}", builtin_sequence(args.order)
     label = name if not args.tasks else f"{name}-first{args.tasks}"
+    if args.screen:
+        write_screen(label, args.results)
+        return
     cells = cells_folder(args.results, label)
     if not args.assemble:
         if args.precision == "auto":

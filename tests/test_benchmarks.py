@@ -145,7 +145,8 @@ def test_kif_diagnostics_on_a_two_task_line(tmp_path, llama_dir):
 
 def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     """The main benchmark end to end on a two-task sequence: trainings, fuses and evaluations, one
-    cell per method, and the sequence's results assembled from the cells."""
+    cell per method, the sequence's results assembled from the cells, and the screen of the
+    candidates against the rows they have to beat."""
     data = tmp_path / "data"
     data.mkdir()
     for seed, task in enumerate(("parity", "vowel")):
@@ -153,7 +154,7 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
         write_jsonl(data / f"{task}-dev.jsonl", task_records(task, 6, 10 + seed))
     sequence = {"name": "tiny", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in ("parity", "vowel")]}
     (data / "sequence.json").write_text(json.dumps(sequence))
-    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,magmax", "--steps", 2,
+    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,magmax,linear-0.5,kif-element", "--steps", 2,
         "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 4,
         "--eval-batch-size", 4, "--max-new-tokens", 2, "--precision", "fp32", "--work", tmp_path / "work", "--results", tmp_path)
     for method in ("seq", "magmax"):
@@ -162,9 +163,18 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
         assert [len(task) for task in cell["examples"]["final"]] == [4, 4]
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["benchmark"] == "continual" and result["command"].startswith("python benchmarks/continual.py ")
-    assert set(result["statistics"]) == {"seq", "magmax"} and 0 <= result["statistics"]["magmax"]["AP"]["value"] <= 1
+    assert set(result["statistics"]) == {"seq", "magmax", "linear-0.5", "kif-element", "linear-best"}
+    assert 0 <= result["statistics"]["magmax"]["AP"]["value"] <= 1
     assert "AP_minus_default" in result["statistics"]["seq"], "the paired difference from the default method (magmax)"
     assert f"{llama_dir.name}, LoRA r 8" in (tmp_path / "tiny.md").read_text()
+
+    run("continual.py", "--sequence", data / "sequence.json", "--screen", "--results", tmp_path)
+    screen = json.loads((tmp_path / "screen-tiny.json").read_text())["rows"]
+    assert screen["kif-element"]["status"] == "screened" and set(screen["kif-element"]["versus"]) == {"linear-0.5", "magmax"}
+    versus = screen["kif-element"]["versus"]["linear-0.5"]["AP"]
+    assert versus["low"] <= versus["value"] <= versus["high"] and versus["called"] in ("higher", "lower", "no difference")
+    assert screen["regmean"]["status"] == "not run yet" and screen["recurrent-kif"]["against"] == ["replay-linear", "replay-kif"]
+    assert "| b | kif-element |" in (tmp_path / "screen-tiny.md").read_text()
 
 
 def test_bf16_check_on_the_tiny_llama(tmp_path, llama_dir):
