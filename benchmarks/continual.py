@@ -100,6 +100,11 @@ METHODS = {
                         "rank-unit scores, τ 0.25, line profile 0.3·new + 0.7·old, scores from the second-order "
                         "'param_mix' sensitivity |θg − ½(θg)²| (--importance mixed) for every task",
                         {"method": "kif-adaptive", "tau": 0.25}, {"importance": "mixed"}),
+    # τ swept on order 4 only (issue 21 a); orders 5 and 6 would judge the chosen one
+    "tasl-lora-t0.1": Method("the TaSL authors' LoRA rule as tasl-lora, at τ 0.1 (sharper: nearer a hard per-unit choice)",
+                             {"method": "kif-adaptive", "tau": 0.1}, {"importance": "mixed"}),
+    "tasl-lora-t1": Method("the TaSL authors' LoRA rule as tasl-lora, at τ 1 (softer: nearer a 0.5 average)",
+                           {"method": "kif-adaptive", "tau": 1.0}, {"importance": "mixed"}),
     "kif-element": Method("element-level importance-weighted interpolation: head + w ⊙ Δ per LoRA factor element, "
                           "w = I_new^½ / (I_new^½ + I_line^½), element scores Ī·Ū from training (mean-1 normalised, "
                           "the line's a running mean)", {"method": "kif-element"}),
@@ -623,6 +628,8 @@ def write_summary(orders: list[int], results: Path = RESULTS) -> None:
 # judged against replay baselines, not replay-free rows), then rows for context
 SCREEN = {
     "tasl-lora": ("a", ["linear-0.5"]),
+    "tasl-lora-t0.1": ("a, τ 0.1", ["linear-0.5"]),
+    "tasl-lora-t1": ("a, τ 1", ["linear-0.5"]),
     "kif-element": ("b", ["linear-0.5"]),
     "recurrent-kif": ("c", ["replay-linear", "replay-kif"]),
     "regmean": ("d", ["linear-0.5"]),
