@@ -88,6 +88,9 @@ METHODS = {
     "kif-adaptive": Method("KIF softmax rule, τ 0.25", {"method": "kif-adaptive"}),
     "linear-0.3": Method("average 0.3·new + 0.7·old of the LoRA factors", {"method": "linear", "alpha": 0.3}),
     "linear-0.5": Method("average 0.5·new + 0.5·old of the LoRA factors", {"method": "linear", "alpha": 0.5}),
+    "linear-mean": Method("the running mean of the tasks: α = 1/t at the t-th task (0.5, 0.33, 0.25, …), so every task "
+                          "keeps an equal weight; the weighting RegMean's summed Gram matrices give the line",
+                          {"method": "linear", "alpha": "1/t"}),
     "linear-0.7": Method("average 0.7·new + 0.3·old of the LoRA factors", {"method": "linear", "alpha": 0.7}),
     "ties": Method("TIES of two task vectors against the base, the line's head and the new task, merged as ΔW = B·A "
                    "(density 0.5, weights 0.5/0.5) and re-factored to rank r by truncated SVD",
@@ -240,8 +243,9 @@ class Experiment:
             options = self.options_for(method, step)
             name = training_name(task, self.head_weights(line), options, line if options.get("replay") else None)
             self.train(name, task.train, line, options)
-            log(f"seed {self.seed}: fuse {name} into {line} ({METHODS[method].fuse})")
-            self.timed(f"fuse:{line}@{step}", lambda: self.api.fuse(name, line, registry=self.registry, **METHODS[method].fuse))
+            fuse = fuse_options(method, step)
+            log(f"seed {self.seed}: fuse {name} into {line} ({fuse})")
+            self.timed(f"fuse:{line}@{step}", lambda: self.api.fuse(name, line, registry=self.registry, **fuse))
 
     def line(self, method: str) -> str:
         """A method's line: its name, or `METHOD-firstN` when only the first N tasks are run
@@ -640,7 +644,17 @@ SCREEN = {
     "ties": ("context", ["linear-0.5"]),
     "dare": ("context", ["linear-0.5"]),
     "magmax": ("context", ["linear-0.5"]),
+    "linear-mean": ("context", ["linear-0.5"]),
 }
+
+
+def fuse_options(method: str, step: int) -> dict:
+    """The row's fuse options at the step-th task; `alpha: "1/t"` is the running mean of the tasks
+    the line holds (α = 1/step: each task ends with the same weight in the line)."""
+    fuse = dict(METHODS[method].fuse)
+    if fuse.get("alpha") == "1/t":
+        fuse["alpha"] = 1.0 / step
+    return fuse
 
 
 def write_screen(order: str, results: Path = RESULTS) -> None:

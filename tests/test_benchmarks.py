@@ -177,6 +177,26 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     assert "| b | kif-element |" in (tmp_path / "screen-tiny.md").read_text()
 
 
+def test_the_running_mean_row_weighs_the_t_th_task_1_over_t(tmp_path, llama_dir):
+    """`linear-mean` fuses the t-th task with α = 1/t (every task ends with the same weight), as
+    its versions record: the control for RegMean, whose summed Gram matrices weigh tasks alike."""
+    data = tmp_path / "data"
+    data.mkdir()
+    names = ("parity", "vowel", "parity2")
+    for seed, task in enumerate(names):
+        write_jsonl(data / f"{task}.jsonl", task_records(task.rstrip("2"), 8, seed))
+        write_jsonl(data / f"{task}-dev.jsonl", task_records(task.rstrip("2"), 4, 10 + seed))
+    sequence = {"name": "three", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in names]}
+    (data / "sequence.json").write_text(json.dumps(sequence))
+    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "linear-mean", "--steps", 1,
+        "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 2,
+        "--eval-batch-size", 2, "--max-new-tokens", 1, "--precision", "fp32", "--work", tmp_path / "work", "--results", tmp_path)
+    history = Cli(tmp_path / "work" / "seed42" / "registry").json("history", "linear-mean")
+    alphas = [(v["params"] or {}).get("alpha") for v in history]
+    assert [v["method"] for v in history] == ["initial", "linear", "linear"]
+    assert alphas[0] is None and alphas[1] == 0.5 and abs(alphas[2] - 1 / 3) < 1e-6, alphas
+
+
 def test_bf16_check_on_the_tiny_llama(tmp_path, llama_dir):
     """The first task of order 4 trained in bf16 and in float32 (where bf16 is not native here,
     both run float32 and the check says nothing), each evaluated both ways, with paired intervals."""
