@@ -44,8 +44,8 @@ class FuseParams(BaseModel):
     """Fusion parameters (DESIGN.md defaults); each method reads those its registry entry names."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    method: str = option("magmax", help="A fusion method: {methods}. The default has the best mean AP over the "
-                                             "benchmark's orders 4–6 (README: The fusion rules).")
+    method: str = option("magmax", help="A fusion method: {methods}. The default ties for the best mean AP over the "
+                                             "benchmark's orders 4–6 and needs no recorded data (README: The fusion rules).")
     top: float = option(0.2, gt=0.0, le=1.0, help="Fraction of units counted important (kif).")
     tau: float = option(0.25, gt=0.0, help="Softmax temperature (kif-adaptive).")
     scores: Literal["minmax", "rank"] = option("minmax", help="kif-adaptive compares minmax-normalised scores or their ranks: minmax | rank.")
