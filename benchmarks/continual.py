@@ -567,9 +567,10 @@ def draw(p: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def write_summary(orders: list[int], results: Path = RESULTS) -> None:
+def write_summary(orders: list[int], results: Path = RESULTS, reference: str = DEFAULT_METHOD) -> None:
     """Across orders: per method the mean AP and BWT vs learned with intervals (resamples
-    shared per task across orders, seeds averaged first) and the AP difference from the default."""
+    shared per task across orders, seeds averaged first) and the AP difference from the default, or
+    from `reference` (then written as `summary-vs-REFERENCE`; the summary itself keeps the default's)."""
     from kifmerge.stats import combine, interval, paired_difference
 
     found = {o: json.loads((results / f"order{o}.json").read_text()) for o in orders if (results / f"order{o}.json").exists()}
@@ -593,8 +594,8 @@ def write_summary(orders: list[int], results: Path = RESULTS) -> None:
         for key, values in est[m].items():
             point, replicates = combine(values)
             stats[m][key] = interval(replicates, point)
-        if m != DEFAULT_METHOD and DEFAULT_METHOD in est:
-            stats[m]["AP_minus_default"] = paired_difference(combine(est[m]["AP"]), combine(est[DEFAULT_METHOD]["AP"]))
+        if m != reference and reference in est:
+            stats[m]["AP_minus_default"] = paired_difference(combine(est[m]["AP"]), combine(est[reference]["AP"]))
     chosen = found.get(int(ALPHA_ORDER.removeprefix("order")), {}).get("statistics", {}).get("linear-best", {}).get("is")
     if chosen in stats:
         for m in methods:  # the bar a fusion rule has to clear: the best plain average
@@ -602,7 +603,7 @@ def write_summary(orders: list[int], results: Path = RESULTS) -> None:
                 stats[m]["AP_minus_linear_best"] = paired_difference(combine(est[m]["AP"]), combine(est[chosen]["AP"]))
         stats["linear-best"] = {**stats[chosen], "is": chosen, "chosen_on": ALPHA_ORDER}
     precisions = {o: p["settings"].get("precision", "bf16" if p["settings"].get("bf16") else "fp32") for o, p in found.items()}
-    payload = {"benchmark": "continual-summary", "orders": sorted(found), "default_method": DEFAULT_METHOD,
+    payload = {"benchmark": "continual-summary", "orders": sorted(found), "default_method": DEFAULT_METHOD, "reference": reference,
                "methods": {m: METHODS[m].describe for m in methods}, "statistics": stats, "precision": precisions,
                "seeds": {o: p["seeds"] for o, p in found.items()},
                "wall_s_per_order": {o: round(sum(sum((w or {}).get(k, 0) for w in seeds.values() for k in ("train", "fuse", "eval"))
@@ -616,7 +617,7 @@ def write_summary(orders: list[int], results: Path = RESULTS) -> None:
              f"the other orders. Seeds: {'; '.join(f'order {o}: {s}' for o, s in payload['seeds'].items())}. Precision: "
              + ("; ".join(f"order {o}: {v}" for o, v in precisions.items()) if len(set(precisions.values())) > 1
                 else f"{next(iter(precisions.values()))} everywhere") + ".", "",
-             f"| method | AP | AP − {DEFAULT_METHOD} | AP − linear-best | BWT vs learned | fuse cost |",
+             f"| method | AP | AP − {reference} | AP − linear-best | BWT vs learned | fuse cost |",
              "| --- | --- | --- | --- | --- | --- |"]
     for m, row in stats.items():
         name = f"{m} (= {row['is']}, α chosen on {row['chosen_on']})" if "is" in row else m
@@ -624,7 +625,11 @@ def write_summary(orders: list[int], results: Path = RESULTS) -> None:
         lines.append(f"| {name} | {ci(row['AP'])} | {cells[0]} | {cells[1]} | "
                      f"{ci(row.get('BWT_vs_learned'), True)} | {ci(row.get('fuse_cost'), True)} |")
     lines += ["", "Wall time per order: " + ", ".join(f"order {o}: {s / 60:.1f} min" for o, s in payload["wall_s_per_order"].items()), ""]
-    write_results(results / "summary.json", payload, "\n".join(lines))
+    if reference not in est:
+        sys.exit(f"--reference {reference}: no such row in every order ({', '.join(methods)})")
+    stem = "summary" if reference == DEFAULT_METHOD else f"summary-vs-{reference}"
+    payload["command"] += "" if reference == DEFAULT_METHOD else f" --reference {reference}"
+    write_results(results / f"{stem}.json", payload, "\n".join(lines))
     print("\n".join(lines))
 
 
@@ -720,6 +725,8 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=4, choices=sorted(ORDERS))
     parser.add_argument("--sequence", type=Path, help="a JSON sequence file instead of a built-in order")
     parser.add_argument("--summary", action="store_true", help="only write summary.{json,md} from the order results")
+    parser.add_argument("--reference", help="with --summary: the row every AP is paired with (default: the default method; "
+                                            "written as summary-vs-REFERENCE.{json,md})")
     parser.add_argument("--screen", action="store_true",
                         help="only write screen-<order>.{json,md} from the assembled order (--order, default 4, or "
                              "--sequence): issue 21's candidates against the rows they have to beat")
@@ -741,7 +748,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: <results>/<name>)")
     args = parser.parse_args()
     if args.summary:
-        write_summary(sorted(ORDERS), args.results)
+        write_summary(sorted(ORDERS), args.results, args.reference or DEFAULT_METHOD)
         return
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
