@@ -176,6 +176,22 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     assert screen["regmean"]["status"] == "not run yet" and screen["recurrent-kif"]["against"] == ["replay-linear", "replay-kif"]
     assert "| b | kif-element |" in (tmp_path / "screen-tiny.md").read_text()
 
+    # the summary over orders 4–6 (here three copies of the tiny sequence's results), paired with the
+    # default and, asked, with another row
+    summary = tmp_path / "summary"
+    summary.mkdir()
+    for order in (4, 5, 6):
+        (summary / f"order{order}.json").write_text((tmp_path / "tiny.json").read_text())
+    run("continual.py", "--summary", "--results", summary)
+    run("continual.py", "--summary", "--reference", "seq", "--results", summary)
+    default, versus_seq = (json.loads((summary / f"{stem}.json").read_text())["statistics"]
+                           for stem in ("summary", "summary-vs-seq"))
+    assert "AP_minus_default" in default["seq"] and "AP_minus_default" not in default["magmax"]
+    assert "AP_minus_default" in versus_seq["magmax"] and "AP_minus_default" not in versus_seq["seq"]
+    gap = versus_seq["magmax"]["AP_minus_default"]["value"]
+    assert abs(gap - (default["magmax"]["AP"]["value"] - default["seq"]["AP"]["value"])) < 1e-6
+    assert "| method | AP | AP − seq |" in (summary / "summary-vs-seq.md").read_text()
+
 
 def test_the_running_mean_row_weighs_the_t_th_task_1_over_t(tmp_path, llama_dir):
     """`linear-mean` fuses the t-th task with α = 1/t (every task ends with the same weight), as
