@@ -201,11 +201,11 @@ class GramCollector:
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Forward passes that are not the task's own (Recurrent-KIF's replay steps) add nothing."""
-        self.recording = False
+        was, self.recording = self.recording, False
         try:
             yield
         finally:
-            self.recording = True
+            self.recording = was
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -189,6 +189,15 @@ class TrainOptions(BaseModel):
             raise ValueError("--recurrent applies to --mode lora only: it fuses the LoRA factors element by element")
         if self.recurrent and not self.replay:
             raise ValueError("--recurrent needs --replay F: its outer loop trains on the line's earlier tasks")
+        if "outer_steps" in self.model_fields_set and not self.recurrent:
+            raise ValueError("--outer-steps applies to --recurrent N only")
+        if self.recurrent and self.max_steps and self.recurrent > self.max_steps:
+            raise ValueError(f"--recurrent {self.recurrent} exceeds --max-steps {self.max_steps}: no cycle would run")
+        if self.recurrent and self.fp16:
+            raise ValueError("--recurrent does not support --fp16 (its outer steps have no loss scaling); use --bf16")
+        if self.recurrent and self.resume:
+            raise ValueError("a --recurrent run cannot be resumed: its cycle state (θ_t, the outer optimizer, both "
+                             "importance averages) is not checkpointed; run it again without --resume")
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 exclude each other; choose one")
         return self

@@ -91,9 +91,11 @@ class RecurrentFusionCallback(TrainerCallback):
     steps and the fusion (`on_step_end`). The weights change in place; the Trainer's optimizer
     state is left as it is and every gradient is None again afterwards.
 
-    `loss(batch)`: the training loss of one replay batch (under the Trainer's autocast).
-    Resuming: the cycle starts again from the resumed weights with a fresh outer optimizer and
-    fresh EMAs (neither is saved with the checkpoints), and `fusions` counts this run's only."""
+    `loss(batch)`: the training loss of one replay batch (under the Trainer's autocast). The outer
+    AdamW keeps the training's peak learning rate throughout, like the reference's separate outer
+    optimizer: late cycles' replay steps move the weights more than the decayed inner steps do.
+    Its state is not checkpointed, so a --recurrent run keeps no resumable checkpoints and refuses
+    --resume (kifmerge/options.py); a killed run starts again from the line's head."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], batches: Iterator[dict], loss: Callable[[dict], torch.Tensor],
                  *, every: int, outer_steps: int, lr: float, beta1: float, beta2: float, top: float = TOP):
@@ -106,12 +108,13 @@ class RecurrentFusionCallback(TrainerCallback):
         self.fusions = self.skipped = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """Set up where the Trainer has put the weights, after a resume has loaded them."""
+        """Set up from the weights the Trainer starts from (the line's head, or the base)."""
         beta1, beta2 = self.betas
         self.inner = ImportanceAccumulator(self.params.items(), estimator="first", beta1=beta1, beta2=beta2)
         self.outer = ImportanceAccumulator(self.params.items(), estimator="first", beta1=beta1, beta2=beta2)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.lr, weight_decay=0.0)
         self.theta_t = self._snapshot()
+        self.fusions = self.skipped = 0
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.inner.update()

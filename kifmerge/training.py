@@ -260,7 +260,7 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     process saves (the others return None after the run). `checkpoints`: the resumable folder
     (kifmerge/resume.py) that the Trainer saves to every `save_steps` and, with `resume`,
     continues from. `outer`: Recurrent-KIF's replay buffer (`options.recurrent`), kept out of the
-    training set; its cycle restarts from the weights of a resumed run (kifmerge/recurrent.py)."""
+    training set (kifmerge/recurrent.py; such a run is never resumed)."""
     from kifmerge.checkpoints import open_checkpoint
     from kifmerge.profiles import from_unit_scores, write_profile
     from kifmerge.resume import STATE_FILE, load_importance, prepare

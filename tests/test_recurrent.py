@@ -112,10 +112,16 @@ def test_recurrent_training_through_the_cli(cli, two_task_line):
     assert "replays none" in result.stderr and "t4" not in [t["name"] for t in cli.json("list", "tasks")]
 
 
-@pytest.mark.parametrize("extra, needle", [((), "--recurrent needs --replay"),
-                                           (("--mode", "full", "--replay", "0.2"), "--mode lora only")])
-def test_recurrent_without_replay_or_on_full_fine_tuning_is_refused(cli, tmp_path, extra, needle):
+@pytest.mark.parametrize("extra, needle", [
+    (("--recurrent", "4"), "--recurrent needs --replay"),
+    (("--recurrent", "4", "--mode", "full", "--replay", "0.2"), "--mode lora only"),
+    (("--recurrent", "4", "--replay", "0.2", "--resume"), "cannot be resumed"),  # its cycle state is not checkpointed
+    (("--recurrent", "4", "--replay", "0.2", "--fp16"), "does not support --fp16"),
+    (("--recurrent", "4", "--replay", "0.2", "--max-steps", "3"), "exceeds --max-steps 3"),
+    (("--outer-steps", "2",), "--outer-steps applies to --recurrent N only"),
+])
+def test_recurrent_options_that_cannot_work_are_refused(cli, tmp_path, extra, needle):
     data = write_jsonl(tmp_path / "vowel.jsonl", task_records("vowel", 4))
-    result = cli("train", "t", "--data", data, "--line", "main", "--base", "llama", "--recurrent", "4", *extra, code=2)
+    result = cli("train", "t", "--data", data, "--line", "main", "--base", "llama", *extra, code=2)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr

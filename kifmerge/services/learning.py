@@ -275,7 +275,10 @@ def _trained_task(reg: Registry, task: str, data: Path, line: str, base: str | N
     folder = base_dir(reg, base_row)
     data_sha = sha256_input(data)
     start = f"{line}@v{head['number']}" if head else f"base:{base_row['name']}:{base_row['fingerprint']}"
-    checkpoints = resume_folder(reg.blobs.staging, resume_key(task, start, data_sha, opts)) if opts.save_steps else None
+    # a --recurrent run keeps no resumable checkpoints: its cycle state is not saved with them, and a
+    # resumed run would differ from an uninterrupted one (kifmerge/recurrent.py)
+    resumable = opts.save_steps and not opts.recurrent
+    checkpoints = resume_folder(reg.blobs.staging, resume_key(task, start, data_sha, opts)) if resumable else None
     staging = reg.blobs.staging_dir()
     try:
         init_dir = None
