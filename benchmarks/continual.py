@@ -567,6 +567,17 @@ def draw(p: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def seed_averaged_estimates(payload: dict, method: str, indices: list) -> dict:
+    """(point, replicates) per summary of one method in an assembled order's results, its seeds
+    averaged on the shared resamples."""
+    from kifmerge.stats import combine
+
+    seeds = [{"method": method, "examples": {k: [list(map(int, s)) for s in payload["examples"][method][k][i]]
+                                             for k in ("final", "learned", "diagonal")}} for i in range(len(payload["seeds"]))]
+    per = [estimates(seed, indices) for seed in seeds]
+    return {key: combine([p[key] for p in per]) for key in per[0]}
+
+
 def write_summary(orders: list[int], results: Path = RESULTS, reference: str = DEFAULT_METHOD) -> None:
     """Across orders: per method the mean AP and BWT vs learned with intervals (resamples
     shared per task across orders, seeds averaged first) and the AP difference from the default, or
@@ -583,11 +594,8 @@ def write_summary(orders: list[int], results: Path = RESULTS, reference: str = D
         sizes = [len(s) for s in payload["examples"][methods[0]]["final"][0]]
         indices = task_indices(tasks, sizes)
         for m in methods:
-            seeds = [{"method": m, "examples": {k: [list(map(int, s)) for s in payload["examples"][m][k][i]]
-                                                for k in ("final", "learned", "diagonal")}} for i in range(len(payload["seeds"]))]
-            per = [estimates(seed, indices) for seed in seeds]
-            for key in per[0]:
-                est[m].setdefault(key, []).append(combine([p[key] for p in per]))
+            for key, value in seed_averaged_estimates(payload, m, indices).items():
+                est[m].setdefault(key, []).append(value)
     stats = {}
     for m in methods:
         stats[m] = {}
@@ -666,7 +674,7 @@ def write_screen(order: str, results: Path = RESULTS) -> None:
     """`screen-ORDER.{json,md}`: each candidate of issue 21 against the row it has to beat, paired
     on the same examples (AP, BWT vs learned, fuse cost), and against the default; a candidate
     without a cell yet is listed as such. Read from the assembled `ORDER.json`."""
-    from kifmerge.stats import combine, interval, paired_difference
+    from kifmerge.stats import interval, paired_difference
 
     source = results / f"{order}.json"
     if not source.exists():
@@ -676,13 +684,7 @@ def write_screen(order: str, results: Path = RESULTS) -> None:
     sizes = [len(s) for s in payload["examples"][next(iter(present))]["final"][0]]
     indices = task_indices(tasks, sizes)
 
-    def est(m: str) -> dict:
-        seeds = [{"method": m, "examples": {k: [list(map(int, s)) for s in payload["examples"][m][k][i]]
-                                            for k in ("final", "learned", "diagonal")}} for i in range(len(payload["seeds"]))]
-        per = [estimates(seed, indices) for seed in seeds]
-        return {key: combine([p[key] for p in per]) for key in per[0]}
-
-    cache = {m: est(m) for m in present if m != "mtl"}
+    cache = {m: seed_averaged_estimates(payload, m, indices) for m in present if m != "mtl"}
     rows = {}
     for m, (candidate, against) in SCREEN.items():
         if m not in cache:
