@@ -106,3 +106,26 @@ def test_split_layer_names():
                               "encoder.block.2.x": np.array([0.2]), "shared.weight": np.array([0.3])})
     assert grid["rows"] == ["decoder.0", "encoder.2", "encoder.10", "other"]
     assert grid["values"] == [[1.0, None], [0.2, None], [0.25, None], [None, 0.3]]
+
+
+def test_a_task_added_without_a_profile_fuses_by_the_default_and_keeps_the_line_profile(cli, tmp_path, llama_dir):
+    """`add-task` with neither --profile nor --calibrate (a checkpoint trained elsewhere, no data at
+    hand): the default rule (magmax) reads no profile, so the fuse goes through. The task counts as
+    all-equal scores, which leave the line's accumulated profile as it was, and the version says so."""
+    cli("base", "add", "llama", llama_dir)
+    first = make_lora(llama_dir, tmp_path / "a", 1, LORA_TARGETS)
+    scores = {g: [float(i + 1), 0.0, 0.5, 2.0] for i, g in enumerate(lora_groups())}
+    cli("add-task", "a", first, "--base", "llama", "--profile", write_profile(tmp_path / "a.safetensors", scores, "lora-rank"))
+    cli("fuse", "a", "--into", "main")
+    cli("add-task", "b", make_lora(llama_dir, tmp_path / "b", 2, LORA_TARGETS), "--base", "llama")
+
+    fused = cli.json("fuse", "b", "--into", "main")
+    assert fused["version"] == "main@v2"
+    shown = cli.json("show", "main@v2")
+    assert shown["method"] == "magmax"
+    assert shown["params"]["task_profile"] == "none: the line's profile carried over unchanged"
+    v1, v2 = (cli.json("profile", "show", f"main@v{n}", "--top", "100") for n in (1, 2))
+    assert [(u["unit"], u["score"]) for u in v2["top"]] == [(u["unit"], u["score"]) for u in v1["top"]]
+    # a rule that reads profiles still refuses, and names the ones that do not
+    result = cli("fuse", "b", "--into", "main", "--method", "kif", "--again", code=4)
+    assert "no importance profile, which --method kif reads" in result.stderr

@@ -44,7 +44,7 @@ METHODS: dict[str, FusionMethod] = {}
 # What a fuse computes and records beside the parameters it was given (summaries, the reference it
 # used, the α a validated fuse chose, the quality gate's scores): not compared when `learn` matches
 # an earlier run, not listed by `history` (`show` and --json have them).
-COMPUTED_BY_THE_FUSE = ("units", "reference", "elements", "refactor", "selection", "max_regression")
+COMPUTED_BY_THE_FUSE = ("units", "reference", "elements", "refactor", "selection", "max_regression", "task_profile")
 
 
 def register(method: FusionMethod) -> FusionMethod:
@@ -56,6 +56,16 @@ def register(method: FusionMethod) -> FusionMethod:
 
 def method(name: str) -> FusionMethod:
     return METHODS[name]
+
+
+def reads_profile(name: str) -> bool:
+    """Whether the rule reads importance profiles: the task-vector rules read none, so a task
+    registered without one (`add-task` with neither --profile nor --calibrate) can still be fused by them."""
+    return METHODS[name].family != TASK_VECTOR
+
+
+def profile_free() -> list[str]:
+    return [name for name in METHODS if not reads_profile(name)]
 
 
 def names() -> list[str]:

@@ -52,13 +52,11 @@ def fuse(task: str, into: str, *, again: bool = False, max_regression: float | N
     with opened(registry) as reg:
         task_row = reg.catalog.get("tasks", task, "task")
         profile_row = reg.catalog.find("profiles", task)
-        if profile_row is None:
-            raise InvalidInputError(
-                f"task {task!r} has no importance profile; re-register it with `kifmerge add-task … --profile FILE` "
-                "or `--calibrate DATA` (or train it with `kifmerge train`, which records one)")
+        check_profile_for(params.method, task, profile_row)
         for attempt in range(1, REBASE_ATTEMPTS + 1):  # the line moved meanwhile: fuse again onto its new head
             holder = refuse_fused_again(reg, task_row, into, again)
-            staged = stage_version(reg, task_row, profile_row["scores"], into, params, progress, max_regression=max_regression)
+            staged = stage_version(reg, task_row, profile_row["scores"] if profile_row else None, into, params, progress,
+                                   max_regression=max_regression)
             if holder is not None:
                 staged.notes["again"] = f"{into}@v{holder['number']}"
             fault_point("fuse.staged")
@@ -71,6 +69,17 @@ def fuse(task: str, into: str, *, again: bool = False, max_regression: float | N
                 head = reg.catalog.head(into)
                 if attempt == REBASE_ATTEMPTS or (head["number"] if head else 0) == staged.row["number"] - 1:
                     raise
+
+
+def check_profile_for(method: str, task: str, profile_row: dict | None) -> None:
+    """A task registered without an importance profile can be fused only by a rule that reads none."""
+    from kifmerge.fusion.methods import profile_free, reads_profile
+
+    if profile_row is None and reads_profile(method):
+        raise InvalidInputError(
+            f"task {task!r} has no importance profile, which --method {method} reads; fuse it with a rule that reads "
+            f"none ({', '.join(profile_free())}), or re-register it with `kifmerge add-task … --profile FILE` "
+            "or `--calibrate DATA` (`kifmerge train` records one)")
 
 
 def _element_fallback(method: str, task: str, head: str, task_elements: dict | None, head_elements: dict | None) -> str | None:
@@ -169,10 +178,12 @@ def stale_start(reg: Registry, task_row: dict, line: str, head: dict | None) -> 
     return {"trained_from": ref, "head": f"{line}@v{head['number']}"}
 
 
-def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, params: FuseParams,
+def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: str, params: FuseParams,
                    progress: Progress, max_regression: float | None = None) -> StagedVersion:
     """Compute the fused weights and the line's new profile and store their blobs; no rows yet.
-    With validation (`validated`, `max_regression`) the weights are checked before any is stored."""
+    With validation (`validated`, `max_regression`) the weights are checked before any is stored.
+    A task without a profile (`profile_sha` None; only rules that read none get here) counts as
+    all-equal scores, which leave the line's accumulated profile as it was (min–max normalised)."""
     from kifmerge.checkpoints import read_headers
     from kifmerge.fusion.methods import DATA, ELEMENT, GRAM, METHODS, TASK_VECTOR
     from kifmerge.fusion.engine import (
@@ -207,9 +218,12 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
     new_ws = reg.weights(task_row["weights"])
     new_headers = read_headers(new_ws.tensor_files(), new_ws.weight_map)
     layout = layout_for(kind, new_headers.shapes)
-    p_new = read_profile(reg.blobs.open_verified(profile_sha), layout)
-    task_elements = read_elements(reg.blobs.open_verified(profile_sha), new_headers.shapes)
-    task_grams = read_grams(reg.blobs.open_verified(profile_sha), list(layout.groups)) if kind == "lora" else None
+    if profile_sha is None:
+        p_new, task_elements, task_grams = torch.zeros(layout.size), None, None
+    else:
+        p_new = read_profile(reg.blobs.open_verified(profile_sha), layout)
+        task_elements = read_elements(reg.blobs.open_verified(profile_sha), new_headers.shapes)
+        task_grams = read_grams(reg.blobs.open_verified(profile_sha), list(layout.groups)) if kind == "lora" else None
     line_elements, line_grams = None, None
     staging = reg.blobs.staging_dir()
     timings: dict[str, float] = {}
@@ -310,6 +324,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str, into: str, pa
                 recorded["elements"] = fusion.summary() if fallback is None else {"fallback": fallback}
             if family == TASK_VECTOR:
                 recorded["reference"] = "base"
+            if profile_sha is None:
+                recorded["task_profile"] = "none: the line's profile carried over unchanged"
             if family == GRAM or (family == TASK_VECTOR and kind == "lora"):
                 recorded["refactor"] = fusion.summary()
             p_line = accumulate(p_old, p_new, params.profile_weights)

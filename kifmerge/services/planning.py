@@ -343,11 +343,12 @@ def _check_add_task(body: AddTaskStep, base_model) -> list[Path]:
 def _check_fuse(plan: Plan, body: FuseStep, task_row: dict | None, line_row: dict | None, catalog) -> None:
     """What `fuse` checks before computing: its options, and for a task already registered its
     profile and that its base and kind are the line's."""
-    fuse_params(**_fuse_kwargs(plan, body))
+    params = fuse_params(**_fuse_kwargs(plan, body))
     if task_row is None:
         return
-    if catalog.find("profiles", task_row["name"]) is None:
-        raise InvalidInputError(f"task {task_row['name']!r} has no importance profile; it cannot be fused")
+    from kifmerge.services.fusing import check_profile_for
+
+    check_profile_for(params.method, task_row["name"], catalog.find("profiles", task_row["name"]))
     if line_row is not None and (line_row["base"], line_row["kind"]) != (task_row["base"], task_row["kind"]):
         raise InvalidInputError(f"line {plan.line!r} holds {line_row['kind']} versions of base {line_row['base']!r}; "
                                 f"task {task_row['name']!r} is {task_row['kind']} on base {task_row['base']!r}")
