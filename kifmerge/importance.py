@@ -36,8 +36,10 @@ class ImportanceAccumulator:
             raise ValueError(f"unknown importance estimator {estimator!r}")
         self.params = {name: p for name, p in named_parameters if p.requires_grad}
         self.estimator, self.beta1, self.beta2 = estimator, beta1, beta2
-        self.ipt = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
-        self.unc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        # contiguous whatever the parameter's strides: the CPU path updates them through flat views
+        # (`reshape(-1)` of a transposed buffer would be a copy, and its scores would stay 0)
+        self.ipt = {n: torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format) for n, p in self.params.items()}
+        self.unc = {n: torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format) for n, p in self.params.items()}
         # `change`: the starting weights, one more float32 copy of the trainable parameters
         self.start = {n: p.detach().float().clone() for n, p in self.params.items()} if estimator == "change" else None
         self.steps = 0
@@ -177,7 +179,6 @@ class GramCollector:
 
     def __init__(self, model: torch.nn.Module):
         self.grams: dict[str, torch.Tensor] = {}
-        self.tokens = 0
         self.recording = True
         self._handles = []
         for name, module in model.named_modules():

@@ -14,6 +14,8 @@ does not know them ignores them.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import torch
@@ -78,8 +80,9 @@ def read_profile(path: str | Path, layout: UnitLayout) -> torch.Tensor:
         scores = groups[name]
         if scores.dim() != 1 or scores.numel() != count:
             raise InvalidInputError(f"profile {path}: {name} has {list(scores.shape)} scores, expected 1-D of length {count}")
-        if not scores.is_floating_point() or not bool(torch.isfinite(scores).all()):
-            raise InvalidInputError(f"profile {path}: {name} holds NaN, infinite or non-float scores")
+        # finite after the float32 conversion the scores are used in (a float64 1e300 would become inf)
+        if not scores.is_floating_point() or not bool(torch.isfinite(scores.to(torch.float32)).all()):
+            raise InvalidInputError(f"profile {path}: {name} holds NaN, infinite or non-float scores (or beyond float32's range)")
         if bool((scores < 0).any()):
             raise InvalidInputError(f"profile {path}: {name} holds negative scores (importance scores are >= 0)")
     return flatten(groups, layout)
@@ -112,10 +115,10 @@ def normalise_elements(elements: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     float32, and clipped at float16's largest value ÷ 2 so that they store in float16."""
     total = sum(float(t.to(torch.float64).clamp_min(0).sum()) for t in elements.values())
     count = sum(t.numel() for t in elements.values())
-    if not total > 0 or count == 0:
+    if not (math.isfinite(total) and total > 0):  # no elements, all zero, or a sum beyond float64: no signal
         return {name: torch.ones_like(t, dtype=torch.float32) for name, t in elements.items()}
-    scale = count / total
-    return {name: (t.to(torch.float64).clamp_min(0) * scale).clamp_max(32000.0).to(torch.float32) for name, t in elements.items()}
+    mean = total / count  # divided by, not multiplied by its inverse: a subnormal mean's inverse overflows
+    return {name: (t.to(torch.float64).clamp_min(0) / mean).clamp_max(32000.0).to(torch.float32) for name, t in elements.items()}
 
 
 def _prefixed(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
