@@ -135,6 +135,12 @@ def test_element_normalisation_to_mean_one_survives_tiny_huge_and_few_scores():
     # a float64 subnormal total (1e-320 over 2 elements): mean 5e-321, its inverse would overflow to inf
     # (then [inf, nan]); divided by the mean: [1e-320 / 5e-321, 0] = [2, 0]
     assert normalise_elements({"a": torch.tensor([1e-320, 0.0], dtype=torch.float64)})["a"].tolist() == [2.0, 0.0]
+    # 3e38 + 1e38 = 4e38 in float64 (inf in float32, which would read as no signal): mean 2e38 → [1.5, 0.5]
+    assert normalise_elements({"a": torch.tensor([3e38, 1e38])})["a"].tolist() == [1.5, 0.5]
+    # float16 scores (as element scores are stored) divided in float64, then rounded once to float32:
+    # [1, 2, 4], mean 7/3 → [3/7, 6/7, 12/7]; divided in float16 they would come out 0.4287, 0.857, 1.714
+    halves = normalise_elements({"a": torch.tensor([1.0, 2.0, 4.0], dtype=torch.float16)})["a"]
+    assert halves.tolist() == torch.tensor([3 / 7, 6 / 7, 12 / 7], dtype=torch.float32).tolist()
     # an infinite score says nothing comparable: no signal, all ones (not NaN)
     assert normalise_elements({"a": torch.tensor([float("inf"), 1.0])})["a"].tolist() == [1.0, 1.0]
     # no elements at all: nothing to return, no division by a zero count
