@@ -123,7 +123,7 @@ def test_a_task_added_without_a_profile_fuses_by_the_default_and_keeps_the_line_
     assert fused["version"] == "main@v2"
     shown = cli.json("show", "main@v2")
     assert shown["method"] == "magmax"
-    assert shown["params"]["task_profile"] == "none: the line's profile carried over unchanged"
+    assert shown["params"]["task_profile"] == "none: the line's importance scores carried over unchanged"
     v1, v2 = (cli.json("profile", "show", f"main@v{n}", "--top", "100") for n in (1, 2))
     assert [(u["unit"], u["score"]) for u in v2["top"]] == [(u["unit"], u["score"]) for u in v1["top"]]
     # a rule that reads profiles still refuses, and names the ones that do not

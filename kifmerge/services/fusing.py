@@ -325,7 +325,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
             if family == TASK_VECTOR:
                 recorded["reference"] = "base"
             if profile_sha is None:
-                recorded["task_profile"] = "none: the line's profile carried over unchanged"
+                recorded["task_profile"] = "none: the line's importance scores carried over unchanged"
             if family == GRAM or (family == TASK_VECTOR and kind == "lora"):
                 recorded["refactor"] = fusion.summary()
             p_line = accumulate(p_old, p_new, params.profile_weights)
