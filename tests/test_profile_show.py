@@ -126,6 +126,9 @@ def test_a_task_added_without_a_profile_fuses_by_the_default_and_keeps_the_line_
     assert shown["params"]["task_profile"] == "none: the line's importance scores carried over unchanged"
     v1, v2 = (cli.json("profile", "show", f"main@v{n}", "--top", "100") for n in (1, 2))
     assert [(u["unit"], u["score"]) for u in v2["top"]] == [(u["unit"], u["score"]) for u in v1["top"]]
+    # a line that begins with such a task starts from all-equal scores, and its v1 says so
+    cli("fuse", "b", "--into", "other")
+    assert cli.json("show", "other@v1")["params"]["task_profile"] == "none: the line starts with all-equal scores"
     # a rule that reads profiles still refuses, and names the ones that do not
     result = cli("fuse", "b", "--into", "main", "--method", "kif", "--again", code=4)
     assert "no importance profile, which --method kif reads" in result.stderr

@@ -229,7 +229,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
     timings: dict[str, float] = {}
     try:
         if head is None:
-            method, recorded = "initial", {}
+            method, recorded = "initial", {} if profile_sha else {"task_profile": "none: the line starts with all-equal scores"}
             weights_sha, p_line = task_row["weights"], normalise(p_new)
             line_elements, line_grams = task_elements, task_grams
         else:
