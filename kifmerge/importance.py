@@ -180,6 +180,7 @@ class GramCollector:
     def __init__(self, model: torch.nn.Module):
         self.grams: dict[str, torch.Tensor] = {}
         self.recording = True
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last input seen and its XᵀX
         self._handles = []
         for name, module in model.named_modules():
             if hasattr(module, "lora_A") and hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Linear):
@@ -191,12 +192,16 @@ class GramCollector:
         def hook(module, args):
             if not module.training or not self.recording or not args:
                 return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            gram = x.T @ x
+            if self._last is not None and self._last[0] is args[0]:
+                gram = self._last[1]  # q/k/v of a layer see the same tensor: one product, bit-equal sums
+            else:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+                gram = x.T @ x
+                self._last = (args[0], gram)
             if name in self.grams:
                 self.grams[name].add_(gram)
             else:
-                self.grams[name] = gram
+                self.grams[name] = gram.clone()  # its own sum: modules that share an input must not share a buffer
         return hook
 
     @contextmanager
@@ -209,6 +214,7 @@ class GramCollector:
             self.recording = was
 
     def remove(self) -> None:
+        self._last = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -10,10 +10,17 @@ parameter element, shaped like the checkpoint's tensor, float16 (`kifmerge train
 them for LoRA adapters: the adapter's size, at half its bytes). They are normalised to mean 1
 over the whole checkpoint, so two tasks' scores compare element by element; a reader that
 does not know them ignores them.
+
+Gram matrices (optional, same file, for RegMean): keys `gram:<module>` hold a LoRA module's
+input Gram matrix `XᵀX`, float32, as its upper triangle packed row by row (1-D, n(n+1)/2; a
+full n × n matrix reads too, as written before 2026-12-06). Modules that see the same inputs
+(q/k/v of one attention layer) store it once: metadata `gram-shared` maps each such module to
+the one whose key holds it (JSON). Both halve the storage, exactly: a Gram is symmetric.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 from pathlib import Path
@@ -29,6 +36,7 @@ FORMAT = "kifmerge-profile"
 VERSION = "1"
 ELEMENT = "element:"  # key prefix of element-level scores
 GRAM = "gram:"  # key prefix of a LoRA module's input Gram matrix (RegMean)
+GRAM_SHARED = "gram-shared"  # metadata: {module: the module whose stored Gram matrix it shares}
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
@@ -95,19 +103,81 @@ def write_profile(path: str | Path, flat: torch.Tensor, layout: UnitLayout, extr
     if elements:
         tensors.update({ELEMENT + name: score.to(torch.float16).contiguous() for name, score in normalise_elements(elements).items()})
     if grams:
-        tensors.update({GRAM + name: gram.to(torch.float32).contiguous() for name, gram in grams.items()})
+        packed, shared = pack_grams(grams)
+        tensors.update({GRAM + name: gram for name, gram in packed.items()})
+        if shared:
+            meta[GRAM_SHARED] = json.dumps(shared, sort_keys=True)
     save_file(tensors, str(path), metadata=meta)
 
 
-def read_grams(path: str | Path, modules: list[str]) -> dict[str, torch.Tensor] | None:
-    """A profile's Gram matrices, one per LoRA module (all of `modules`, square, finite), or None."""
-    found = _prefixed(path, GRAM)
-    if not found or set(found) != set(modules):
+def pack_grams(grams: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each distinct Gram matrix once, as its packed upper triangle, and which modules share one
+    (bit-equal matrices: q/k/v of a layer see the same inputs). The triangle of the symmetrised
+    matrix, so an XᵀX whose float sums differ in the last bit across the diagonal still packs."""
+    packed: dict[str, torch.Tensor] = {}
+    shared: dict[str, str] = {}
+    seen: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    for name in sorted(grams):
+        gram = grams[name].to(torch.float32)
+        if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+            raise ValueError(f"the Gram matrix of {name} is not square: {list(gram.shape)}")
+        fingerprint = (gram.shape[0], float(gram.sum()), float(gram[0].sum()))
+        owner = next((other for other, kept in seen.get(fingerprint, []) if kept is gram or torch.equal(kept, gram)), None)
+        if owner is not None:
+            shared[name] = owner
+            continue
+        seen.setdefault(fingerprint, []).append((name, gram))
+        rows, cols = torch.triu_indices(gram.shape[0], gram.shape[0])
+        packed[name] = (0.5 * gram + 0.5 * gram.T)[rows, cols].contiguous()
+    return packed, shared
+
+
+def unpack_gram(packed: torch.Tensor) -> torch.Tensor | None:
+    """The n × n symmetric matrix of a packed upper triangle (a 2-D matrix is returned as it is),
+    or None when the length is no triangular number."""
+    if packed.dim() == 2:
+        return packed
+    if packed.dim() != 1:
         return None
-    for name, gram in found.items():
-        if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or not bool(torch.isfinite(gram).all()):
-            raise InvalidInputError(f"profile {path}: the Gram matrix of {name} is not a finite square matrix")
-    return found
+    n = (math.isqrt(8 * packed.numel() + 1) - 1) // 2
+    if n < 1 or n * (n + 1) // 2 != packed.numel():
+        return None
+    rows, cols = torch.triu_indices(n, n)
+    full = torch.zeros(n, n, dtype=packed.dtype)
+    full[rows, cols] = packed
+    full[cols, rows] = packed
+    return full
+
+
+def read_grams(path: str | Path, modules: list[str]) -> dict[str, torch.Tensor] | None:
+    """A profile's Gram matrices, one per LoRA module (all of `modules`, square, finite), or None.
+    Modules that share one get the same tensor."""
+    found = _prefixed(path, GRAM)
+    if not found:
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        raw_shared = (handle.metadata() or {}).get(GRAM_SHARED)
+    try:
+        shared = json.loads(raw_shared) if raw_shared else {}
+        if not isinstance(shared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items()):
+            raise ValueError("not a mapping of module names")
+    except ValueError as exc:
+        raise InvalidInputError(f"profile {path}: metadata {GRAM_SHARED!r} is not a JSON mapping of module names ({exc})") from None
+    orphans = sorted(name for name, owner in shared.items() if owner not in found)
+    if orphans:
+        raise InvalidInputError(f"profile {path}: the Gram matrix of {orphans[0]} is shared with "
+                                f"{shared[orphans[0]]}, which has none")
+    if set(found) | set(shared) != set(modules):
+        return None
+    grams = {}
+    for name, stored in found.items():
+        gram = unpack_gram(stored)
+        if gram is None or gram.shape[0] != gram.shape[1] or not gram.is_floating_point() or not bool(torch.isfinite(gram).all()):
+            raise InvalidInputError(f"profile {path}: the Gram matrix of {name} is not a finite square matrix "
+                                    f"(n × n, or its upper triangle of n(n+1)/2 values)")
+        grams[name] = gram
+    grams.update({name: grams[owner] for name, owner in shared.items()})
+    return grams
 
 
 def normalise_elements(elements: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

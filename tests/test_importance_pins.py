@@ -154,3 +154,32 @@ def test_gram_collector_records_only_lora_adapted_linear_layers():
     # XᵀX = [[1·1 + 3·3, 1·2 + 3·0], [2·1 + 0·3, 2·2 + 0·0]] = [[10, 2], [2, 4]]
     assert set(grams.grams) == {"base_model.model.lin"}
     close(grams.grams["base_model.model.lin"], [[10.0, 2.0], [2.0, 4.0]])
+
+
+def test_two_modules_on_the_same_input_get_equal_separate_sums_over_steps():
+    """q and v of a layer read one tensor: the collector multiplies once, and each module keeps its
+    own sum (a shared buffer would count every step twice)."""
+    from peft import LoraConfig, get_peft_model
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(3, 2)
+            self.q = torch.nn.Linear(2, 1, bias=False)
+            self.v = torch.nn.Linear(2, 1, bias=False)
+
+        def forward(self, ids):
+            hidden = self.emb(ids)
+            return self.q(hidden) + self.v(hidden)
+
+    tiny = TwoHeads()
+    with torch.no_grad():
+        tiny.emb.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]]))
+    model = get_peft_model(tiny, LoraConfig(r=1, target_modules=["q", "v"]))
+    grams = GramCollector(model)
+    model.train()
+    model(torch.tensor([[0, 1]]))  # X = [[1, 2], [3, 0]] → XᵀX = [[10, 2], [2, 4]]
+    model(torch.tensor([[2]]))  # X = [[0, 1]] → XᵀX = [[0, 0], [0, 1]]
+    q, v = grams.grams["base_model.model.q"], grams.grams["base_model.model.v"]
+    close(q, [[10.0, 2.0], [2.0, 5.0]])
+    assert torch.equal(q, v) and q is not v

@@ -82,23 +82,67 @@ def test_a_profile_that_is_not_there_is_not_found(tmp_path):
 
 def test_write_profile_stores_float32_scores_and_grams_as_the_format_says(tmp_path):
     path = tmp_path / "out.safetensors"
-    grams = {"m.p": torch.eye(3, dtype=torch.float64), "m.q": 2 * torch.eye(3, dtype=torch.float64)}
+    # G = [[1, 2, 3], [2, 4, 5], [3, 5, 6]]: its upper triangle row by row is 1 2 3 | 4 5 | 6
+    gram = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 5.0], [3.0, 5.0, 6.0]], dtype=torch.float64)
+    grams = {"m.p": gram, "m.q": 2 * torch.eye(3, dtype=torch.float64)}
     write_profile(path, torch.tensor([0.5, 0.0, 2.0, 1.0], dtype=torch.float64), LAYOUT, grams=grams)
     with safe_open(str(path), framework="pt") as handle:
         assert handle.metadata() == META
         stored = {name: handle.get_tensor(name) for name in handle.keys()}
     assert {name: t.dtype for name, t in stored.items()} == dict.fromkeys(["m.p", "m.q", "gram:m.p", "gram:m.q"], torch.float32)
-    assert stored["m.q"].tolist() == [2.0, 1.0] and stored["gram:m.q"].tolist() == (2 * torch.eye(3)).tolist()
+    assert stored["m.q"].tolist() == [2.0, 1.0]
+    assert stored["gram:m.p"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert stored["gram:m.q"].tolist() == [2.0, 0.0, 0.0, 2.0, 0.0, 2.0]
+    back = read_grams(path, ["m.p", "m.q"])
+    assert back["m.p"].tolist() == gram.tolist() and back["m.q"].tolist() == (2 * torch.eye(3)).tolist()
+
+
+def test_modules_that_saw_the_same_inputs_store_their_gram_once(tmp_path):
+    path = tmp_path / "out.safetensors"
+    gram = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    other = torch.tensor([[2.0, 1.0], [1.0, 3.5]])
+    write_profile(path, torch.zeros(4), LAYOUT, grams={"m.p": gram.clone(), "m.q": gram.clone()})
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["gram-shared"] == '{"m.q": "m.p"}'
+        assert sorted(k for k in handle.keys() if k.startswith("gram:")) == ["gram:m.p"]
+    back = read_grams(path, ["m.p", "m.q"])
+    assert back["m.q"].tolist() == gram.tolist() and back["m.q"] is back["m.p"]
+    write_profile(path, torch.zeros(4), LAYOUT, grams={"m.p": gram, "m.q": other})  # one entry apart: both stored
+    with safe_open(str(path), framework="pt") as handle:
+        assert "gram-shared" not in handle.metadata()
+    assert read_grams(path, ["m.p", "m.q"])["m.q"].tolist() == other.tolist()
+
+
+def test_a_gram_that_is_symmetric_but_for_rounding_packs_as_its_symmetric_mean(tmp_path):
+    path = tmp_path / "out.safetensors"
+    lopsided = torch.tensor([[1.0, 2.0], [2.5, 4.0]])  # G₀₁ = 2, G₁₀ = 2.5 → both 2.25
+    write_profile(path, torch.zeros(4), LAYOUT, grams={"m.p": lopsided, "m.q": torch.eye(2)})
+    assert read_grams(path, ["m.p", "m.q"])["m.p"].tolist() == [[1.0, 2.25], [2.25, 4.0]]
 
 
 def test_grams_count_only_when_every_module_has_a_finite_square_one(tmp_path):
     eye = torch.eye(3)
     assert read_grams(profile(tmp_path, {**GOOD, "gram:m.p": eye}), ["m.p", "m.q"]) is None, "one module of two: none"
     assert read_grams(profile(tmp_path, GOOD), ["m.p", "m.q"]) is None
+    # full matrices, as profiles before 2026-12-06 stored them, still read
     assert read_grams(profile(tmp_path, {**GOOD, "gram:m.p": eye, "gram:m.q": eye}), ["m.p", "m.q"])["m.q"].tolist() == eye.tolist()
-    for bad in (torch.ones(3, 4), torch.ones(3), torch.tensor([[1.0, float("inf")], [0.0, 1.0]])):
+    # 4 values are no triangle (1, 3, 6, 10, ...)
+    for bad in (torch.ones(3, 4), torch.ones(4), torch.ones(1, 1, 1), torch.tensor([[1.0, float("inf")], [0.0, 1.0]]),
+                torch.tensor([1.0, float("nan"), 1.0]), torch.tensor([1, 0, 1])):
         with pytest.raises(InvalidInputError, match=r"the Gram matrix of m\.q is not a finite square matrix"):
             read_grams(profile(tmp_path, {**GOOD, "gram:m.p": eye, "gram:m.q": bad}), ["m.p", "m.q"])
+
+
+@pytest.mark.parametrize("shared,match", [
+    ("not json", r"metadata 'gram-shared' is not a JSON mapping of module names"),
+    ('["m.q"]', r"metadata 'gram-shared' is not a JSON mapping of module names"),
+    ('{"m.q": 1}', r"metadata 'gram-shared' is not a JSON mapping of module names"),
+    ('{"m.q": "m.z"}', r"the Gram matrix of m\.q is shared with m\.z, which has none"),
+])
+def test_a_bad_gram_sharing_map_is_refused_by_name(tmp_path, shared, match):
+    path = profile(tmp_path, {**GOOD, "gram:m.p": torch.tensor([1.0, 0.0, 1.0])}, {**META, "gram-shared": shared})
+    with pytest.raises(InvalidInputError, match=match):
+        read_grams(path, ["m.p", "m.q"])
 
 
 def test_element_scores_count_only_when_every_tensor_has_fitting_ones(tmp_path):

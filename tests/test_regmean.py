@@ -3,8 +3,11 @@ sum in a line, and the closed-form merge of the ΔW = B·A updates, re-factored 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import task_records, write_jsonl
@@ -50,7 +53,12 @@ def test_train_gram_and_regmean_through_the_cli(cli, tmp_path, llama_dir):
     modules = sorted({name.rsplit(".lora_", 1)[0] for name in weights["t1"]})
     grams = {n: read_grams(profiles[n], modules) for n in ("t1", "t2")}
     assert all(g[m].shape == (32, 32) and bool(torch.all(torch.diagonal(g[m]) > 0)) for g in grams.values() for m in modules)
-    assert {k for k in load_file(profiles["t2"]) if k.startswith(GRAM)} == {GRAM + m for m in modules}
+    # q and v of a layer read the same input: one packed upper triangle (32·33/2 values) stored for both
+    assert {k: v.shape for k, v in load_file(profiles["t2"]).items() if k.startswith(GRAM)} == {
+        GRAM + m: (528,) for m in modules if m.endswith("q_proj")}
+    with safe_open(str(profiles["t2"]), framework="pt") as handle:
+        assert json.loads(handle.metadata()["gram-shared"]) == {m: m.replace("v_proj", "q_proj") for m in modules if m.endswith("v_proj")}
+    assert all(torch.equal(g[m], g[m.replace("v_proj", "q_proj")]) for g in grams.values() for m in modules)
     fused = load_file(reg.weights(v2["weights"]).files["adapter_model.safetensors"])
     rank = weights["t1"][f"{modules[0]}.lora_A.weight"].shape[0]
     for module in modules:
