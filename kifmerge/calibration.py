@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from kifmerge.checkpoints import Checkpoint
-from kifmerge.importance import ImportanceAccumulator, calibrate
+from kifmerge.importance import GramCollector, ImportanceAccumulator, calibrate
 from kifmerge.options import TrainOptions
 from kifmerge.profiles import from_unit_scores, write_profile
 from kifmerge.data import Collator, Encoder, load_records
@@ -25,6 +25,10 @@ def calibrate_profile(checkpoint: Checkpoint, base_dir: Path, base_config: dict,
 
         raise UsageError("--importance change needs a training run (it scores the task's own change); "
                          "calibrate with first or mixed")
+    if options.gram and checkpoint.kind != "lora":
+        from kifmerge.errors import UsageError
+
+        raise UsageError("--gram applies to LoRA adapters only: RegMean merges LoRA lines")
     records = load_records(data, max_examples=batches * options.batch_size)
     tokenizer = load_tokenizer(base_dir)
     seq2seq = is_seq2seq(base_config)
@@ -35,8 +39,13 @@ def calibrate_profile(checkpoint: Checkpoint, base_dir: Path, base_config: dict,
     chunks = [collate(encoded[i:i + options.batch_size]) for i in range(0, len(encoded), options.batch_size)]
     accumulator = ImportanceAccumulator(model.named_parameters(), estimator=options.importance,
                                         beta1=options.beta1, beta2=options.beta2)
+    grams = GramCollector(model, in_eval=True) if options.gram else None
     torch.manual_seed(options.seed)
-    calibrate(model, chunks, accumulator, answer_loss, advance)
+    try:
+        calibrate(model, chunks, accumulator, answer_loss, advance)
+    finally:
+        if grams is not None:
+            grams.remove()
     flat = from_unit_scores(accumulator.unit_scores(checkpoint.kind), checkpoint.layout)
     elements = None
     if checkpoint.kind == "lora":  # element-level scores too, as training records them (for kif-element)
@@ -44,5 +53,5 @@ def calibrate_profile(checkpoint: Checkpoint, base_dir: Path, base_config: dict,
         elements = {name: score for name, score in accumulator.lora_element_scores().items() if name in shapes}
         elements = elements if set(elements) == set(shapes) else None
     write_profile(out, flat, checkpoint.layout, {"estimator": options.importance, "steps": str(accumulator.steps)},
-                  elements=elements)
+                  elements=elements, grams={k: v for k, v in grams.grams.items() if k in checkpoint.layout.groups} if grams else None)
     return out

@@ -175,10 +175,12 @@ class GramCollector:
     """RegMean's statistics: for every LoRA-adapted linear module, the Gram matrix `XᵀX` of the
     inputs it saw while training (float32, in × in), summed over the steps' tokens (padding
     included; a step whose forward is recomputed under gradient checkpointing counts twice).
-    Forward pre-hooks on peft's LoRA layers; nothing is kept on evaluation passes."""
+    Forward pre-hooks on peft's LoRA layers; nothing is kept on evaluation passes, unless
+    `in_eval` (calibration runs its passes in eval mode: they are the task's inputs there)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, in_eval: bool = False):
         self.grams: dict[str, torch.Tensor] = {}
+        self.in_eval = in_eval
         self.recording = True
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last input seen and its XᵀX
         self._handles = []
@@ -190,7 +192,7 @@ class GramCollector:
     def _hook(self, name: str):
         @torch.no_grad()
         def hook(module, args):
-            if not module.training or not self.recording or not args:
+            if not (module.training or self.in_eval) or not self.recording or not args:
                 return
             if self._last is not None and self._last[0] is args[0]:
                 gram = self._last[1]  # q/k/v of a layer see the same tensor: one product, bit-equal sums

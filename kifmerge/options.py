@@ -185,6 +185,8 @@ class TrainOptions(BaseModel):
     def _lora_only_options(self) -> "TrainOptions":
         if self.mode == "full" and (self.orth_reg or self.lora_r or self.lora_alpha or self.target_modules):
             raise ValueError("--orth-reg, --lora-r, --lora-alpha and --target-modules apply to --mode lora only")
+        if self.mode == "full" and self.gram:
+            raise ValueError("--gram applies to --mode lora only: RegMean merges LoRA lines")
         if self.recurrent and self.mode != "lora":
             raise ValueError("--recurrent applies to --mode lora only: it fuses the LoRA factors element by element")
         if self.recurrent and not self.replay:

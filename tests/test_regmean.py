@@ -86,3 +86,50 @@ def test_regmean_needs_gram_matrices(cli, tmp_path, llama_dir):
     assert len(errors) == 1 and "--gram" in errors[0]
     with pytest.raises(AssertionError):
         cli("fuse", "t2", "--into", "main", "--method", "regmean", "--non-diagonal", "2")
+
+
+def test_a_checkpoint_trained_elsewhere_gets_gram_matrices_from_calibration(cli, tmp_path, llama_dir):
+    """`add-task --calibrate DATA --gram` records the checkpoint's input Gram matrices on that data
+    (summed over its tokens, as training sums over its steps), so RegMean fuses it into a line trained here."""
+    from conftest import LORA_TARGETS, make_lora
+
+    from kifmerge.profiles import read_grams
+    from kifmerge.registry import Registry
+
+    cli("base", "add", "llama", llama_dir)
+    records = task_records("parity", 4, seed=3)
+    twice = write_jsonl(tmp_path / "twice.jsonl", records + records)  # batches 3 and 4 repeat batches 1 and 2
+    cli("train", "here", "--data", twice, "--line", "main", "--base", "llama", "--max-steps", "2", "--lora-r", "4", "--gram")
+    cli("fuse", "here", "--into", "main")
+    outside = make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS)
+    for name, batches in (("two", "2"), ("four", "4")):
+        cli("add-task", name, outside, "--base", "llama", "--calibrate", twice, "--calibrate-batches", batches,
+            "--batch-size", "2", "--gram")
+    reg = Registry.open(cli.registry)
+    profiles = {row["task"]: reg.blobs.open_verified(row["scores"]) for row in reg.catalog.rows("profiles")}
+    modules = sorted({name.rsplit(".lora_", 1)[0] for name in load_file(outside / "adapter_model.safetensors")})
+    two, four = (read_grams(profiles[n], modules) for n in ("two", "four"))
+    for module in modules:  # the same inputs twice over: twice the Gram matrix
+        assert bool(torch.all(torch.diagonal(two[module]) > 0))
+        torch.testing.assert_close(four[module], 2 * two[module], msg=module)
+    version = cli.json("fuse", "four", "--into", "main", "--method", "regmean")
+    assert version["method"] == "regmean" and 0 <= version["params"]["refactor"]["relative_error"] < 1
+    cli("add-task", "plain", outside, "--base", "llama", "--calibrate", twice, "--calibrate-batches", "2")
+    refused = cli("fuse", "plain", "--into", "main", "--method", "regmean", code=4)
+    assert "--gram" in refused.stderr
+
+
+def test_gram_is_refused_where_it_cannot_record_anything(cli, tmp_path, llama_dir):
+    from conftest import LORA_TARGETS, make_full, make_lora
+
+    cli("base", "add", "llama", llama_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", task_records("parity", 8))
+    outside = make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS)
+    result = cli("add-task", "x", outside, "--base", "llama", "--gram", code=2)
+    assert "--gram needs --calibrate" in result.stderr
+    full = make_full(llama_dir, tmp_path / "full", 4)
+    result = cli("add-task", "y", full, "--base", "llama", "--calibrate", data, "--gram", code=2)
+    assert "--gram applies to LoRA adapters only" in result.stderr
+    result = cli("train", "z", "--data", data, "--line", "main", "--base", "llama", "--mode", "full", "--gram", code=2)
+    assert "--gram applies to --mode lora only" in result.stderr
+    assert cli.json("list", "tasks") == []

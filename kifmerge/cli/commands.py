@@ -118,6 +118,8 @@ def add_task(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Calibration batch size (default: 8).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Calibration max tokens (default: 256).")] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="first | mixed (default: first).")] = None,
+    gram: Annotated[bool, typer.Option("--gram", help="With --calibrate: record each LoRA module's input Gram matrix on the "
+                                                      "calibration data (for fuse --method regmean).")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP + ".")] = False,
     val: ValOpt = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
@@ -129,7 +131,7 @@ def add_task(
     with progress_bars() as progress:
         result = api.add_task(task, checkpoint, base=base, profile=profile, line=line, calibrate=calibrate,
                               calibrate_batches=calibrate_batches,
-                              calibrate_options={"batch_size": batch_size, "max_length": max_length, "importance": importance},
+                              calibrate_options={"batch_size": batch_size, "max_length": max_length, "importance": importance, "gram": gram},
                               allow_pickle=allow_pickle, val=val, registry=registry, progress=progress)
     emit(result, json_out, render_mapping)
 

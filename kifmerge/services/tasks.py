@@ -26,6 +26,8 @@ def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Pat
     safetensors first; otherwise they are refused."""
     if profile and calibrate:
         raise UsageError("give either --profile or --calibrate, not both")
+    if (calibrate_options or {}).get("gram") and not calibrate:
+        raise UsageError("--gram needs --calibrate: the Gram matrices are the checkpoint's inputs on that data")
     check_name(name, "task")
     with opened(registry) as reg:
         base_row = reg.catalog.get("bases", base, "base")
@@ -40,7 +42,7 @@ def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Pat
                 opts = validated(TrainOptions, "calibration", calibrate_options or {})
                 extra = {"estimator": f"calibrated-{opts.importance}",
                          "training_config": {"calibration": {"data": str(Path(calibrate).resolve()), "batches": calibrate_batches,
-                                                             **opts.model_dump(include={"importance", "beta1", "beta2", "batch_size", "max_length"})}},
+                                                             **opts.model_dump(include={"importance", "beta1", "beta2", "batch_size", "max_length", "gram"})}},
                          "data_fingerprint": sha256_input(Path(calibrate)) if Path(calibrate).is_file() else None}
                 folder = base_dir(reg, base_row)
 
