@@ -62,11 +62,14 @@ class AddTaskStep(Strict):
     profile: Path | None = None
     calibrate: Path | None = None
     calibrate_batches: int = Field(8, ge=1, le=100_000)
+    gram: bool = False  # with calibrate: record the Gram matrices too (fuse method regmean)
 
     @model_validator(mode="after")
     def _one_profile_source(self) -> "AddTaskStep":
         if self.profile and self.calibrate:
             raise ValueError("give profile or calibrate, not both")
+        if self.gram and not self.calibrate:
+            raise ValueError("gram needs calibrate: the Gram matrices are the checkpoint's inputs on that data")
         return self
 
 

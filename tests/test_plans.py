@@ -66,6 +66,7 @@ def test_dry_run_checks_and_estimates_without_touching_anything(cli, tmp_path, i
     (lambda p: p["steps"].append({"fuse": {"task": "t1"}, "eval": {"data": {}}}), 4, "exactly one of"),
     (lambda p: p["steps"][2]["add-task"].update(task="t1"), 4, "made twice"),
     (lambda p: p["steps"][0]["add-task"].update(task="bad/name"), 2, "invalid task name"),
+    (lambda p: p["steps"][0]["add-task"].update(gram=True), 4, "gram needs calibrate"),
 ])
 def test_invalid_plans_fail_fast_with_one_line(cli, tmp_path, inputs, change, code, message):
     import yaml
@@ -159,3 +160,19 @@ def test_a_plan_of_learn_steps_trains_fuses_and_evaluates(cli, tmp_path, inputs)
     assert [(v["task"], v["method"]) for v in history] == [("vowel", "initial"), ("vowel2", "linear")]
     assert cli.json("show", "vowel2")["trained_from"] == "main@v1"
     assert cli.json("run", plan)["pending"] == 0
+
+
+def test_a_plan_calibrates_gram_matrices_for_regmean(cli, tmp_path, inputs):
+    steps = [{"add-task": {"task": f"t{n}", "checkpoint": str(inputs[f"t{n}"]), "calibrate": str(inputs["train"]),
+                           "calibrate_batches": 1, "gram": True}} for n in (1, 2)]
+    steps = [steps[0], {"fuse": {"task": "t1"}}, steps[1], {"fuse": {"task": "t2", "fuse": {"method": "regmean"}}}]
+    result = cli.json("run", write_plan(tmp_path, inputs, steps))
+    assert [s["status"] for s in result["steps"]] == ["done"] * 4
+    assert cli.json("show", "main@v2")["method"] == "regmean"
+    # `gram: false` is the step without it: plans written before the field keep their identities
+    plain = [{"add-task": {"task": "t1", "checkpoint": str(inputs["t1"]), "calibrate": str(inputs["train"])}}]
+    off = [{"add-task": {**plain[0]["add-task"], "gram": False}}]
+    on = [{"add-task": {**plain[0]["add-task"], "gram": True}}]
+    prints = [cli.json("run", write_plan(tmp_path, inputs, s, line="other"), "--dry-run")["steps"][0]["fingerprint"]
+              for s in (plain, off, on)]
+    assert prints[0] == prints[1] != prints[2]
