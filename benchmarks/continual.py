@@ -111,6 +111,11 @@ METHODS = {
     "kif-element": Method("element-level importance-weighted interpolation: head + w ⊙ Δ per LoRA factor element, "
                           "w = I_new^½ / (I_new^½ + I_line^½), element scores Ī·Ū from training (mean-1 normalised, "
                           "the line's a running mean)", {"method": "kif-element"}),
+    "kif-fisher": Method("Fisher-weighted element interpolation (Fisher merging, CoFiMA-style): head + w ⊙ Δ per LoRA "
+                         "factor element, w = F_new / (F_new + F_line), F the smoothed squared gradient of training "
+                         "(--importance fisher; no |θ| factor, which every task trained from the head shares), mean-1 "
+                         "normalised, the line's a running mean (kif-element with power 1)",
+                         {"method": "kif-element", "power": 1.0}, {"importance": "fisher"}),
     "regmean": Method("RegMean in ΔW = B·A space: each module's updates weighted by the Gram matrices of the inputs "
                       "they saw in training (train --gram; the line's is the sum over its tasks), off-diagonals ×0.9, "
                       "re-factored to rank 8", {"method": "regmean"}, {"gram": True}),
@@ -648,6 +653,7 @@ SCREEN = {
     "tasl-lora-t0.1": ("a, τ 0.1", ["linear-0.5"]),
     "tasl-lora-t1": ("a, τ 1", ["linear-0.5"]),
     "kif-element": ("b", ["linear-0.5"]),
+    "kif-fisher": ("b, Fisher", ["linear-0.5"]),
     "recurrent-kif": ("c", ["replay-linear", "replay-kif"]),
     "regmean": ("d", ["linear-0.5"]),
     "validated": ("e", ["linear-0.5"]),

@@ -4,9 +4,11 @@
 sensitivity Ī and its uncertainty Ū (DESIGN.md):
     s = |θ·g| (first), |θ·g − ½(θ·g)²| (mixed), or |(θ − θ_start)·g| (change: the task's own
     change, θ_start the weights training started from; scores what this task moved rather than
-    re-finding the units that were already large in the running model)
+    re-finding the units that were already large in the running model), or g² (fisher)
     Ī ← β1·Ī + (1−β1)·s,   Ū ← β2·Ū + (1−β2)·|s − Ī|
-Element score Ī·Ū; unit score = mean over the unit (for a LoRA rank unit, the mean of the
+Element score Ī·Ū, except `fisher`: Ī alone, the smoothed squared gradient (a diagonal empirical
+Fisher, as Fisher merging and CoFiMA weigh parameters; it carries no |θ| factor, which every
+task trained from the same running model shares); unit score = mean over the unit (for a LoRA rank unit, the mean of the
 outer product of B's column scores and A's row scores, i.e. the product of their means).
 
 It is fed by `ImportanceCallback.on_optimizer_step` during training (gradients of the step
@@ -24,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 from transformers import TrainerCallback
 
-Estimator = Literal["first", "mixed", "change"]
+Estimator = Literal["first", "mixed", "change", "fisher"]
 CPU_BLOCK = 1 << 18  # elements per multi-tensor call on the CPU (1 MiB of float32 per operand)
 LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(\.[^.]+)?\.weight$")
 
@@ -32,7 +34,7 @@ LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(\.[^.]+)?\.weig
 class ImportanceAccumulator:
     def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], *,
                  estimator: Estimator = "first", beta1: float = 0.85, beta2: float = 0.85):
-        if estimator not in ("first", "mixed", "change"):
+        if estimator not in ("first", "mixed", "change", "fisher"):
             raise ValueError(f"unknown importance estimator {estimator!r}")
         self.params = {name: p for name, p in named_parameters if p.requires_grad}
         self.estimator, self.beta1, self.beta2 = estimator, beta1, beta2
@@ -62,7 +64,7 @@ class ImportanceAccumulator:
         for theta, grad, ipt, unc, start in self._blocks(names):
             if start is not None:
                 theta = torch._foreach_sub(theta, start)             # θ − θ_start
-            s = torch._foreach_mul(theta, grad)                      # θ·g
+            s = torch._foreach_mul(grad, grad) if self.estimator == "fisher" else torch._foreach_mul(theta, grad)  # g² | θ·g
             if self.estimator == "mixed":
                 torch._foreach_add_(s, torch._foreach_mul(s, s), alpha=-0.5)  # θ·g − ½(θ·g)²
             torch._foreach_abs_(s)
@@ -109,6 +111,8 @@ class ImportanceAccumulator:
         return columns if self.start is not None else columns + (None,)
 
     def element_scores(self) -> dict[str, torch.Tensor]:
+        if self.estimator == "fisher":
+            return {n: self.ipt[n].clone() for n in self.params}
         return {n: self.ipt[n] * self.unc[n] for n in self.params}
 
     def lora_element_scores(self) -> dict[str, torch.Tensor]:

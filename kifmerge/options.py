@@ -139,8 +139,8 @@ class TrainOptions(BaseModel):
     seed: int = option(42, ge=0, le=limits.MAX_SEED, help="Random seed.")
     max_examples: int | None = option(None, ge=1, le=limits.MAX_EXAMPLES, help="Use only the first N records.")
     val_fraction: float = option(0.0, ge=0.0, lt=1.0, help="Hold out this fraction for a validation loss.")
-    importance: Literal["first", "mixed", "change"] = option(
-        "first", help="Sensitivity estimator: first |θ·g| | mixed | change |(θ−θ_start)·g|.")
+    importance: Literal["first", "mixed", "change", "fisher"] = option(
+        "first", help="Sensitivity estimator: first |θ·g| | mixed | change |(θ−θ_start)·g| | fisher g² (score: its EMA).")
     beta1: float = option(0.85, ge=0.0, lt=1.0, help="EMA factor of the sensitivity.")
     beta2: float = option(0.85, ge=0.0, lt=1.0, help="EMA factor of the uncertainty.")
     orth_reg: float = option(0.0, ge=0.0, le=1e6, help="LoRA orthogonality regulariser λ (0: off).")

@@ -183,3 +183,20 @@ def test_two_modules_on_the_same_input_get_equal_separate_sums_over_steps():
     q, v = grams.grams["base_model.model.q"], grams.grams["base_model.model.v"]
     close(q, [[10.0, 2.0], [2.0, 5.0]])
     assert torch.equal(q, v) and q is not v
+
+
+def test_fisher_scores_are_the_smoothed_squared_gradient_whatever_the_weight():
+    # θ = [2, −1] and θ = [200, −100] give the same scores: g = [3, 4] → g² = [9, 16]
+    # step 1: Ī = 0.15·[9, 16] = [1.35, 2.4]; step 2 with g = [1, 0]: Ī = 0.85·[1.35, 2.4] + 0.15·[1, 0] = [1.2975, 2.04]
+    # the score is Ī alone (no Ū factor); a LoRA rank unit's, the product of its factors' means
+    for scale in (1.0, 100.0):
+        param = torch.nn.Parameter(scale * torch.tensor([2.0, -1.0]))
+        acc = ImportanceAccumulator([("w", param)], estimator="fisher")
+        param.grad = torch.tensor([3.0, 4.0])
+        assert acc.update()
+        close(acc.element_scores()["w"], [1.35, 2.4])
+        param.grad = torch.tensor([1.0, 0.0])
+        assert acc.update()
+        close(acc.element_scores()["w"], [1.2975, 2.04])
+        close(acc.unit_scores("full")["w"], [(1.2975 + 2.04) / 2])
+    assert acc.report()["estimator"] == "fisher"

@@ -76,11 +76,11 @@ def reference_importance(model, batches: list[dict], estimator: str, steps: int,
         with torch.no_grad():
             for n, p in params.items():
                 x = p * p.grad
-                s = x.abs() if estimator == "first" else (x - 0.5 * x * x).abs()
+                s = {"first": x.abs(), "mixed": (x - 0.5 * x * x).abs(), "fisher": p.grad * p.grad}[estimator]
                 ipt[n] = BETA * ipt[n] + (1 - BETA) * s
                 unc[n] = BETA * unc[n] + (1 - BETA) * (s - ipt[n]).abs()
         model.zero_grad()
-    scores = {n: ipt[n] * unc[n] for n in params}
+    scores = {n: ipt[n] if estimator == "fisher" else ipt[n] * unc[n] for n in params}
     if not any(".lora_" in n for n in scores):
         return {n: s.mean().reshape(1) for n, s in scores.items()}
     units = {}
@@ -119,7 +119,7 @@ def start_line_with_adapter(cli, tmp_path, llama_dir, line="line") -> Path:
     return adapter
 
 
-@pytest.mark.parametrize("mode,estimator", [("lora", "first"), ("lora", "mixed"), ("full", "first")])
+@pytest.mark.parametrize("mode,estimator", [("lora", "first"), ("lora", "mixed"), ("lora", "fisher"), ("full", "first")])
 def test_callback_scores_equal_a_reference_loop(cli, tmp_path, llama_dir, parity, mode, estimator):
     from peft import PeftModel
 

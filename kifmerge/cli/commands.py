@@ -117,7 +117,7 @@ def add_task(
     calibrate_batches: Annotated[int, typer.Option("--calibrate-batches", help="Batches of --calibrate data.")] = 8,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Calibration batch size (default: 8).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Calibration max tokens (default: 256).")] = None,
-    importance: Annotated[Optional[str], typer.Option("--importance", help="first | mixed (default: first).")] = None,
+    importance: Annotated[Optional[str], typer.Option("--importance", help="first | mixed | fisher (default: first).")] = None,
     gram: Annotated[bool, typer.Option("--gram", help="With --calibrate: record each LoRA module's input Gram matrix on the "
                                                       "calibration data (for fuse --method regmean).")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP + ".")] = False,
