@@ -30,13 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kifmerge.errors import InvalidInputError, NotFoundError
+from kifmerge.profile_format import ELEMENT, FORMAT, GRAM, GRAM_SHARED, NOT_UNITS, VERSION  # noqa: F401 (re-exported)
 from kifmerge.units import UnitLayout
-
-FORMAT = "kifmerge-profile"
-VERSION = "1"
-ELEMENT = "element:"  # key prefix of element-level scores
-GRAM = "gram:"  # key prefix of a LoRA module's input Gram matrix (RegMean)
-GRAM_SHARED = "gram-shared"  # metadata: {module: the module whose stored Gram matrix it shares}
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
@@ -71,7 +66,7 @@ def read_profile(path: str | Path, layout: UnitLayout) -> torch.Tensor:
     try:
         with safe_open(path, framework="pt") as handle:
             meta = handle.metadata() or {}
-            groups = {name: handle.get_tensor(name) for name in handle.keys() if not name.startswith((ELEMENT, GRAM))}
+            groups = {name: handle.get_tensor(name) for name in handle.keys() if not name.startswith(NOT_UNITS)}
     except SafetensorError as exc:
         raise InvalidInputError(f"profile {path} is not a safetensors file ({exc})") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

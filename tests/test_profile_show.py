@@ -132,3 +132,17 @@ def test_a_task_added_without_a_profile_fuses_by_the_default_and_keeps_the_line_
     # a rule that reads profiles still refuses, and names the ones that do not
     result = cli("fuse", "b", "--into", "main", "--method", "kif", "--again", code=4)
     assert "no importance profile, which --method kif reads" in result.stderr
+
+
+def test_a_trained_profile_shows_its_units_not_its_element_scores_or_gram_matrices(cli, tmp_path, llama_dir):
+    """`train --gram` stores element scores and Gram matrices in the same file as the unit scores;
+    only the unit scores are units (2 layers × q, v × rank 4 = 16, not the 1,000s of elements)."""
+    from conftest import task_records, write_jsonl
+
+    cli("base", "add", "llama", llama_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", task_records("parity", 8))
+    cli("train", "t", "--data", data, "--line", "main", "--base", "llama", "--max-steps", "1", "--lora-r", "4", "--gram")
+    shown = cli.json("profile", "show", "t", "--top", "20")
+    assert (shown["groups"], shown["units"]) == (4, 16)
+    assert {entry["group"] for entry in shown["top"]} <= set(lora_groups())
+    assert sorted(shown["grid"]["columns"]) == ["self_attn.q_proj", "self_attn.v_proj"] and len(shown["grid"]["rows"]) == 2

@@ -62,10 +62,14 @@ def profile_show(ref: str, *, line: bool = False, top: int = 10, registry: str |
 def _read_groups(path) -> tuple[dict[str, Any], str]:
     from safetensors import SafetensorError, safe_open
 
+    from kifmerge.profile_format import NOT_UNITS
+
     try:
         with safe_open(str(path), framework="numpy") as handle:
             meta = handle.metadata() or {}
-            groups = {name: handle.get_tensor(name).reshape(-1).astype("float64") for name in handle.keys()}
+            # unit scores only: element scores and Gram matrices would count as millions of "units"
+            groups = {name: handle.get_tensor(name).reshape(-1).astype("float64") for name in handle.keys()
+                      if not name.startswith(NOT_UNITS)}
     except SafetensorError as exc:
         raise IntegrityError(f"stored profile {path} cannot be read ({exc}); run `kifmerge verify --deep`") from None
     # keep the layout order the profile was written in (sorted group names, as units.py orders them)
