@@ -583,13 +583,17 @@ def seed_averaged_estimates(payload: dict, method: str, indices: list) -> dict:
     return {key: combine([p[key] for p in per]) for key in per[0]}
 
 
-def write_summary(orders: list[int], results: Path = RESULTS, reference: str = DEFAULT_METHOD) -> None:
+def write_summary(orders: list[int], results: Path = RESULTS, reference: str = DEFAULT_METHOD, suffix: str = "") -> None:
     """Across orders: per method the mean AP and BWT vs learned with intervals (resamples
     shared per task across orders, seeds averaged first) and the AP difference from the default, or
-    from `reference` (then written as `summary-vs-REFERENCE`; the summary itself keeps the default's)."""
+    from `reference` (then written as `summary-vs-REFERENCE`; the summary itself keeps the default's).
+    `suffix`: read `order{o}-SUFFIX.json` (e.g. `seeds42-43`: the rows run on both seeds) and write
+    `summary-SUFFIX`."""
+    suffix = f"-{suffix}" if suffix else ""
     from kifmerge.stats import combine, interval, paired_difference
 
-    found = {o: json.loads((results / f"order{o}.json").read_text()) for o in orders if (results / f"order{o}.json").exists()}
+    found = {o: json.loads((results / f"order{o}{suffix}.json").read_text()) for o in orders
+             if (results / f"order{o}{suffix}.json").exists()}
     if not found:
         sys.exit("no order results yet: run benchmarks/continual.py --order N first")
     methods = [m for m in next(iter(found.values()))["methods"] if all(m in r["methods"] for r in found.values())]
@@ -640,8 +644,8 @@ def write_summary(orders: list[int], results: Path = RESULTS, reference: str = D
     lines += ["", "Wall time per order: " + ", ".join(f"order {o}: {s / 60:.1f} min" for o, s in payload["wall_s_per_order"].items()), ""]
     if reference != DEFAULT_METHOD and reference not in est:  # the default missing: the table goes without its column
         sys.exit(f"--reference {reference}: no such row in every order ({', '.join(methods)})")
-    stem = "summary" if reference == DEFAULT_METHOD else f"summary-vs-{reference}"
-    payload["command"] += "" if reference == DEFAULT_METHOD else f" --reference {reference}"
+    stem = ("summary" if reference == DEFAULT_METHOD else f"summary-vs-{reference}") + suffix
+    payload["command"] += ("" if reference == DEFAULT_METHOD else f" --reference {reference}") + (f" --suffix {suffix[1:]}" if suffix else "")
     write_results(results / f"{stem}.json", payload, "\n".join(lines))
     print("\n".join(lines))
 
@@ -735,6 +739,8 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=4, choices=sorted(ORDERS))
     parser.add_argument("--sequence", type=Path, help="a JSON sequence file instead of a built-in order")
     parser.add_argument("--summary", action="store_true", help="only write summary.{json,md} from the order results")
+    parser.add_argument("--suffix", default="", help="with --summary: read order{N}-SUFFIX.json (e.g. seeds42-43, written by "
+                                                     "--seeds 42,43 --assemble --out .../order{N}-seeds42-43) and write summary-SUFFIX")
     parser.add_argument("--reference", help="with --summary: the row every AP is paired with (default: the default method; "
                                             "written as summary-vs-REFERENCE.{json,md})")
     parser.add_argument("--screen", action="store_true",
@@ -757,12 +763,14 @@ def main() -> None:
     add_results_option(parser)
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: <results>/<name>)")
     args = parser.parse_args()
+    if args.suffix and not args.summary:
+        parser.error("--suffix goes with --summary")
     if args.reference and not args.summary:
         parser.error("--reference goes with --summary")
     if args.summary and args.screen:
         parser.error("--summary and --screen write different files: give one")
     if args.summary:
-        write_summary(sorted(ORDERS), args.results, args.reference or DEFAULT_METHOD)
+        write_summary(sorted(ORDERS), args.results, args.reference or DEFAULT_METHOD, args.suffix)
         return
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

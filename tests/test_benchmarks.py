@@ -191,6 +191,13 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     gap = versus_seq["magmax"]["AP_minus_default"]["value"]
     assert abs(gap - (default["magmax"]["AP"]["value"] - default["seq"]["AP"]["value"])) < 1e-6
     assert "| method | AP | AP − seq |" in (summary / "summary-vs-seq.md").read_text()
+    # --suffix: the same summary over order{N}-SUFFIX.json files (the rows assembled over two seeds), kept apart
+    for order in (4, 5):
+        (summary / f"order{order}-seeds42-43.json").write_text((tmp_path / "tiny.json").read_text())
+    run("continual.py", "--summary", "--suffix", "seeds42-43", "--results", summary)
+    suffixed = json.loads((summary / "summary-seeds42-43.json").read_text())
+    assert suffixed["orders"] == [4, 5] and suffixed["statistics"]["seq"]["AP"] == default["seq"]["AP"]
+    assert json.loads((summary / "summary.json").read_text())["orders"] == [4, 5, 6]
 
 
 def test_the_running_mean_row_weighs_the_t_th_task_1_over_t(tmp_path, llama_dir):
