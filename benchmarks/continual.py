@@ -595,7 +595,8 @@ def write_summary(orders: list[int], results: Path = RESULTS, reference: str = D
     found = {o: json.loads((results / f"order{o}{suffix}.json").read_text()) for o in orders
              if (results / f"order{o}{suffix}.json").exists()}
     if not found:
-        sys.exit("no order results yet: run benchmarks/continual.py --order N first")
+        sys.exit(f"no order results yet ({', '.join(f'order{o}{suffix}.json' for o in orders)} under {results}): "
+                 "run benchmarks/continual.py --order N first" + (" and assemble it with --out" if suffix else ""))
     methods = [m for m in next(iter(found.values()))["methods"] if all(m in r["methods"] for r in found.values())]
     est: dict[str, dict] = {m: {} for m in methods}
     for o, payload in found.items():

@@ -5,7 +5,10 @@ overlap, and how many units fall in each case of the static rule.
     python benchmarks/kif_diagnostics.py [--work benchmarks/work/order4/seed42] [--line kif] [--top 0.2] [--name order4]
 
 Also measures, for every fuse of a LoRA line, how far fusing the factors lands from fusing
-their products (DESIGN's rank-unit fusion blends A rows and B columns separately).
+their products (DESIGN's rank-unit fusion blends A rows and B columns separately), and, where
+the profiles hold element scores (`train` records them), how alike the task's and the line's
+element scores rank and how much of that the starting weights' |θ| explain (first-order scores
+|θ·g| carry it; `--importance fisher` scores do not): `--line kif-element`, `--line kif-fisher`.
 """
 
 from __future__ import annotations
@@ -16,15 +19,43 @@ import torch
 from common import WORK, add_results_option, argument_parser, run_record, write_results
 
 from kifmerge.fusion.rules import important_units
-from kifmerge.profiles import normalise
+from kifmerge.profiles import ELEMENT, NOT_UNITS, normalise
 from kifmerge.registry import Registry
 
 
 def flat(path: Path) -> torch.Tensor:
+    """The unit scores in layout order (element scores and Gram matrices left out)."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as handle:
-        return torch.cat([handle.get_tensor(k).float() for k in sorted(handle.keys())])
+        return torch.cat([handle.get_tensor(k).float() for k in sorted(handle.keys()) if not k.startswith(NOT_UNITS)])
+
+
+def element_scores(path: Path) -> dict[str, torch.Tensor]:
+    """The profile's element scores by tensor name (empty when it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        return {k[len(ELEMENT):]: handle.get_tensor(k).float().reshape(-1) for k in handle.keys() if k.startswith(ELEMENT)}
+
+
+def element_rows(reg: Registry, line_profile: Path, task_profile: Path, start_weights: str) -> dict[str, float]:
+    """Rank correlations over every LoRA factor element: the task's element scores against the
+    line's, and each against |θ| of the adapter the task started from."""
+    from safetensors.torch import load_file
+
+    new, old = element_scores(task_profile), element_scores(line_profile)
+    if not new or new.keys() != old.keys():
+        return {}
+    tensors = {}
+    for _, path in reg.weights(start_weights).tensor_files().items():
+        tensors.update(load_file(path))
+    names = sorted(new)
+    new_flat, old_flat = torch.cat([new[n] for n in names]), torch.cat([old[n] for n in names])
+    start = torch.cat([tensors[n].float().abs().reshape(-1) for n in names])
+    return {"elements": len(new_flat), "spearman_elements_old_new": round(rank_corr(old_flat, new_flat), 3),
+            "spearman_elements_new_vs_start_abs": round(rank_corr(new_flat, start), 3),
+            "spearman_elements_old_vs_start_abs": round(rank_corr(old_flat, start), 3)}
 
 
 def rank_corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,6 +147,8 @@ def main() -> None:
             "module_share_new": round(module_share(p_new, version["adapter_config"]["r"]), 3),
             "both": both, "old_only": int((old_hot & ~new_hot).sum()), "new_only": int((new_hot & ~old_hot).sum()),
             "neither": int((~old_hot & ~new_hot).sum()),
+            **element_rows(reg, reg.blobs.open_verified(previous["profile"]), reg.blobs.open_verified(task_profile["scores"]),
+                           previous["weights"]),
             "factor_space_bias": factor_space_bias(lora_factors(reg, previous["weights"]),
                                                    lora_factors(reg, reg.catalog.get("tasks", version["task"], "task")["weights"]),
                                                    lora_factors(reg, version["weights"])),
@@ -128,6 +161,9 @@ def main() -> None:
               f"{r['spearman_old_new']:>9.3f} {r['spearman_new_vs_start_norm']:>8.3f} {r['module_share_new']:>6.3f} {r['both']:>5} {r['old_only']:>5} {r['new_only']:>5} {r['neither']:>7}")
     for r in rows:
         print(f"{r['version']}: factor-space fusion vs product-space blend: {r['factor_space_bias']}")
+        if "elements" in r:
+            print(f"{r['version']}: element scores ({r['elements']}): rank corr line/task {r['spearman_elements_old_new']}, "
+                  f"task vs |θ_start| {r['spearman_elements_new_vs_start_abs']}, line vs |θ_start| {r['spearman_elements_old_vs_start_abs']}")
     out = write_results(args.results / f"kif_diagnostics_{args.name or args.work.name}_{args.line}.json",
                         {**run_record("kif_diagnostics"), "top": args.top, "rows": rows})
     print(f"wrote {out}")

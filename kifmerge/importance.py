@@ -6,8 +6,8 @@ sensitivity Ī and its uncertainty Ū (DESIGN.md):
     change, θ_start the weights training started from; scores what this task moved rather than
     re-finding the units that were already large in the running model), or g² (fisher)
     Ī ← β1·Ī + (1−β1)·s,   Ū ← β2·Ū + (1−β2)·|s − Ī|
-Element score Ī·Ū, except `fisher`: Ī alone, the smoothed squared gradient (a diagonal empirical
-Fisher, as Fisher merging and CoFiMA weigh parameters; it carries no |θ| factor, which every
+Element score Ī·Ū, except `fisher`: Ī alone, the smoothed square of the step's (clipped, batch-mean)
+gradient (a diagonal empirical Fisher of batches, as CoFiMA weighs parameters; Ū is not kept; it carries no |θ| factor, which every
 task trained from the same running model shares); unit score = mean over the unit (for a LoRA rank unit, the mean of the
 outer product of B's column scores and A's row scores, i.e. the product of their means).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -64,7 +65,10 @@ class ImportanceAccumulator:
         for theta, grad, ipt, unc, start in self._blocks(names):
             if start is not None:
                 theta = torch._foreach_sub(theta, start)             # θ − θ_start
-            s = torch._foreach_mul(grad, grad) if self.estimator == "fisher" else torch._foreach_mul(theta, grad)  # g² | θ·g
+            if self.estimator == "fisher":                           # g², its score Ī alone: no Ū to keep
+                torch._foreach_lerp_(ipt, torch._foreach_mul(grad, grad), 1 - self.beta1)
+                continue
+            s = torch._foreach_mul(theta, grad)                      # θ·g
             if self.estimator == "mixed":
                 torch._foreach_add_(s, torch._foreach_mul(s, s), alpha=-0.5)  # θ·g − ½(θ·g)²
             torch._foreach_abs_(s)
@@ -175,6 +179,15 @@ def calibrate(model: torch.nn.Module, batches: Iterable[dict], accumulator: Impo
         p.grad = None
 
 
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (None where it has none: inference tensors), so an
+    input changed in place between two modules is never taken for the one already multiplied."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 class GramCollector:
     """RegMean's statistics: for every LoRA-adapted linear module, the Gram matrix `XᵀX` of the
     inputs it saw while training (float32, in × in), summed over the steps' tokens (padding
@@ -186,7 +199,8 @@ class GramCollector:
         self.grams: dict[str, torch.Tensor] = {}
         self.in_eval = in_eval
         self.recording = True
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last input seen and its XᵀX
+        # the last input seen (weakly: it is the model's activation), its version counter and its XᵀX
+        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
         self._handles = []
         for name, module in model.named_modules():
             if hasattr(module, "lora_A") and hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Linear):
@@ -198,12 +212,14 @@ class GramCollector:
         def hook(module, args):
             if not (module.training or self.in_eval) or not self.recording or not args:
                 return
-            if self._last is not None and self._last[0] is args[0]:
-                gram = self._last[1]  # q/k/v of a layer see the same tensor: one product, bit-equal sums
+            inputs, last = args[0], self._last
+            version = _version_of(inputs)
+            if last is not None and version is not None and last[0]() is inputs and last[1] == version:
+                gram = last[2]  # q/k/v of a layer read the same, unchanged tensor: one product, bit-equal sums
             else:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+                x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
                 gram = x.T @ x
-                self._last = (args[0], gram)
+                self._last = (weakref.ref(inputs), version, gram) if version is not None else None
             if name in self.grams:
                 self.grams[name].add_(gram)
             else:

@@ -122,8 +122,7 @@ def pack_grams(grams: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
             shared[name] = owner
             continue
         seen.setdefault(fingerprint, []).append((name, gram))
-        rows, cols = torch.triu_indices(gram.shape[0], gram.shape[0])
-        packed[name] = (0.5 * gram + 0.5 * gram.T)[rows, cols].contiguous()
+        packed[name] = (0.5 * gram + 0.5 * gram.T)[_upper(gram.shape[0])]  # row by row: a boolean mask keeps that order
     return packed, shared
 
 
@@ -137,11 +136,15 @@ def unpack_gram(packed: torch.Tensor) -> torch.Tensor | None:
     n = (math.isqrt(8 * packed.numel() + 1) - 1) // 2
     if n < 1 or n * (n + 1) // 2 != packed.numel():
         return None
-    rows, cols = torch.triu_indices(n, n)
     full = torch.zeros(n, n, dtype=packed.dtype)
-    full[rows, cols] = packed
-    full[cols, rows] = packed
-    return full
+    full[_upper(n)] = packed
+    return full + full.triu(1).T
+
+
+def _upper(n: int) -> torch.Tensor:
+    """The upper triangle of an n × n matrix, diagonal included, as a boolean mask (n² bytes: index
+    pairs would take 8 n² for a 4096-wide Gram matrix)."""
+    return torch.ones(n, n, dtype=torch.bool).triu()
 
 
 def read_grams(path: str | Path, modules: list[str]) -> dict[str, torch.Tensor] | None:
@@ -158,6 +161,10 @@ def read_grams(path: str | Path, modules: list[str]) -> dict[str, torch.Tensor] 
             raise ValueError("not a mapping of module names")
     except ValueError as exc:
         raise InvalidInputError(f"profile {path}: metadata {GRAM_SHARED!r} is not a JSON mapping of module names ({exc})") from None
+    contradictions = sorted(name for name, owner in shared.items() if name in found or name == owner)
+    if contradictions:
+        raise InvalidInputError(f"profile {path}: the Gram matrix of {contradictions[0]} is both stored and shared "
+                                f"(metadata {GRAM_SHARED!r})")
     orphans = sorted(name for name, owner in shared.items() if owner not in found)
     if orphans:
         raise InvalidInputError(f"profile {path}: the Gram matrix of {orphans[0]} is shared with "

@@ -143,6 +143,22 @@ def test_kif_diagnostics_on_a_two_task_line(tmp_path, llama_dir):
     assert row["factor_space_bias"]["max_vs_fused_product"] >= 0
 
 
+def test_kif_diagnostics_reads_unit_and_element_scores_apart(tmp_path, llama_dir):
+    """A line trained here: its profiles hold element scores beside the unit scores; the unit rows
+    count the 16 rank units only, and the element rows rank-correlate every factor element."""
+    cli = Cli(tmp_path / "work" / "registry")
+    cli("init")
+    cli("base", "add", "llama", llama_dir)
+    for n, kind in enumerate(("parity", "vowel")):
+        data = write_jsonl(tmp_path / f"{kind}.jsonl", task_records(kind, 8, seed=n))
+        cli("learn", kind, "--data", data, "--into", "kif", "--max-steps", "2", "--lora-r", "4", "--method", "kif",
+            *(["--base", "llama"] if n == 0 else []))
+    run("kif_diagnostics.py", "--work", tmp_path / "work", "--name", "trained", "--results", tmp_path)
+    [row] = record(tmp_path / "kif_diagnostics_trained_kif.json", "kif_diagnostics")["rows"]
+    assert row["units"] == 16 and row["elements"] > row["units"]
+    assert all(-1 <= row[k] <= 1 for k in ("spearman_elements_old_new", "spearman_elements_new_vs_start_abs"))
+
+
 def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     """The main benchmark end to end on a two-task sequence: trainings, fuses and evaluations, one
     cell per method, the sequence's results assembled from the cells, and the screen of the

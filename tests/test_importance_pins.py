@@ -200,3 +200,30 @@ def test_fisher_scores_are_the_smoothed_squared_gradient_whatever_the_weight():
         close(acc.element_scores()["w"], [1.2975, 2.04])
         close(acc.unit_scores("full")["w"], [(1.2975 + 2.04) / 2])
     assert acc.report()["estimator"] == "fisher"
+
+
+def test_an_input_changed_in_place_between_two_modules_is_multiplied_again():
+    from peft import LoraConfig, get_peft_model
+
+    class Doubling(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(3, 2)
+            self.q = torch.nn.Linear(2, 1, bias=False)
+            self.v = torch.nn.Linear(2, 1, bias=False)
+
+        def forward(self, ids):
+            hidden = self.emb(ids)
+            out = self.q(hidden)
+            hidden.mul_(2)  # the same tensor object, other values: v's Gram is 4 × q's
+            return out + self.v(hidden)
+
+    tiny = Doubling()
+    with torch.no_grad():
+        tiny.emb.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]]))
+    model = get_peft_model(tiny, LoraConfig(r=1, target_modules=["q", "v"]))
+    grams = GramCollector(model)
+    model.train()
+    model(torch.tensor([[0, 1]]))  # X = [[1, 2], [3, 0]] → XᵀX = [[10, 2], [2, 4]]
+    close(grams.grams["base_model.model.q"], [[10.0, 2.0], [2.0, 4.0]])
+    close(grams.grams["base_model.model.v"], [[40.0, 8.0], [8.0, 16.0]])

@@ -138,6 +138,8 @@ def test_grams_count_only_when_every_module_has_a_finite_square_one(tmp_path):
     ('["m.q"]', r"metadata 'gram-shared' is not a JSON mapping of module names"),
     ('{"m.q": 1}', r"metadata 'gram-shared' is not a JSON mapping of module names"),
     ('{"m.q": "m.z"}', r"the Gram matrix of m\.q is shared with m\.z, which has none"),
+    ('{"m.q": "m.q"}', r"the Gram matrix of m\.q is both stored and shared"),
+    ('{"m.p": "m.q"}', r"the Gram matrix of m\.p is both stored and shared"),
 ])
 def test_a_bad_gram_sharing_map_is_refused_by_name(tmp_path, shared, match):
     path = profile(tmp_path, {**GOOD, "gram:m.p": torch.tensor([1.0, 0.0, 1.0])}, {**META, "gram-shared": shared})
