@@ -147,9 +147,9 @@ def _upper(n: int) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool).triu()
 
 
-def read_grams(path: str | Path, modules: list[str]) -> dict[str, torch.Tensor] | None:
-    """A profile's Gram matrices, one per LoRA module (all of `modules`, square, finite), or None.
-    Modules that share one get the same tensor."""
+def read_grams(path: str | Path, modules: list[str], widths: dict[str, int] | None = None) -> dict[str, torch.Tensor] | None:
+    """A profile's Gram matrices, one per LoRA module (all of `modules`, square, finite, and as wide
+    as the module's input where `widths` says), or None. Modules that share one get the same tensor."""
     found = _prefixed(path, GRAM)
     if not found:
         return None
@@ -177,6 +177,9 @@ def read_grams(path: str | Path, modules: list[str]) -> dict[str, torch.Tensor] 
         if gram is None or gram.shape[0] != gram.shape[1] or not gram.is_floating_point() or not bool(torch.isfinite(gram).all()):
             raise InvalidInputError(f"profile {path}: the Gram matrix of {name} is not a finite square matrix "
                                     f"(n × n, or its upper triangle of n(n+1)/2 values)")
+        if widths and name in widths and gram.shape[0] != widths[name]:
+            raise InvalidInputError(f"profile {path}: the Gram matrix of {name} is {gram.shape[0]} × {gram.shape[0]}, but the "
+                                    f"module reads {widths[name]} input features")
         grams[name] = gram
     grams.update({name: grams[owner] for name, owner in shared.items()})
     return grams

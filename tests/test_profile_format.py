@@ -133,6 +133,13 @@ def test_grams_count_only_when_every_module_has_a_finite_square_one(tmp_path):
             read_grams(profile(tmp_path, {**GOOD, "gram:m.p": eye, "gram:m.q": bad}), ["m.p", "m.q"])
 
 
+def test_a_gram_matrix_narrower_than_its_modules_input_is_refused_by_name(tmp_path):
+    path = profile(tmp_path, {**GOOD, "gram:m.p": torch.eye(3), "gram:m.q": torch.tensor([1.0, 0.0, 1.0])})
+    assert read_grams(path, ["m.p", "m.q"], {"m.p": 3, "m.q": 2})["m.q"].shape == (2, 2)
+    with pytest.raises(InvalidInputError, match=r"the Gram matrix of m\.q is 2 × 2, but the module reads 3 input features"):
+        read_grams(path, ["m.p", "m.q"], {"m.p": 3, "m.q": 3})
+
+
 @pytest.mark.parametrize("shared,match", [
     ("not json", r"metadata 'gram-shared' is not a JSON mapping of module names"),
     ('["m.q"]', r"metadata 'gram-shared' is not a JSON mapping of module names"),

@@ -223,7 +223,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
     else:
         p_new = read_profile(reg.blobs.open_verified(profile_sha), layout)
         task_elements = read_elements(reg.blobs.open_verified(profile_sha), new_headers.shapes)
-        task_grams = read_grams(reg.blobs.open_verified(profile_sha), list(layout.groups)) if kind == "lora" else None
+        task_grams = read_grams(reg.blobs.open_verified(profile_sha), list(layout.groups),
+                                lora_input_widths(new_headers.shapes)) if kind == "lora" else None
     line_elements, line_grams = None, None
     staging = reg.blobs.staging_dir()
     timings: dict[str, float] = {}
@@ -241,7 +242,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                                         "(other modules, ranks or tensors); it must be trained from the same running model")
             p_old = read_profile(reg.blobs.open_verified(head["profile"]), layout)
             head_elements = read_elements(reg.blobs.open_verified(head["profile"]), new_headers.shapes)
-            head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups)) if task_grams else None
+            head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups),
+                                    lora_input_widths(new_headers.shapes)) if task_grams else None
             family = METHODS[params.method].family
             validation, selection = None, None
             if family == DATA or max_regression is not None:
@@ -396,3 +398,9 @@ def check_lora_compatible(line_config: dict, task_config: dict, task: str, line:
 
 def as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value or [])
+
+
+def lora_input_widths(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Each LoRA module's input features (A is [r, in]), by module name: a Gram matrix must be that wide."""
+    suffix = ".lora_A.weight"
+    return {name[: -len(suffix)]: shape[1] for name, shape in shapes.items() if name.endswith(suffix) and len(shape) == 2}
