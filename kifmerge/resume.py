@@ -87,23 +87,34 @@ def note(message: str) -> None:
 
 
 # ---- the importance accumulator's state ------------------------------------------------------
-def save_importance(accumulator, path: Path) -> None:
+def save_importance(accumulator, path: Path, grams=None) -> None:
     """The accumulator's EMAs (Ī, Ū) and counters as safetensors, written under a temporary name
-    and renamed (the file marks its checkpoint complete)."""
+    and renamed (the file marks its checkpoint complete); with `grams` (a GramCollector), its sums
+    so far, packed as in a profile."""
+    from kifmerge.profiles import GRAM, GRAM_SHARED, pack_grams
+
     tensors = {f"ipt.{n}": t.detach().cpu().contiguous() for n, t in accumulator.ipt.items()}
     tensors |= {f"unc.{n}": t.detach().cpu().contiguous() for n, t in accumulator.unc.items()}
     metadata = {"format": "kifmerge-importance-state", "estimator": accumulator.estimator,
                 "steps": str(accumulator.steps), "skipped": str(accumulator.skipped)}
+    if grams is not None:
+        packed, shared = pack_grams({n: g.detach().cpu() for n, g in grams.grams.items()})
+        tensors |= {GRAM + n: g for n, g in packed.items()}
+        metadata |= {"gram-modules": json.dumps(sorted(grams.grams)), GRAM_SHARED: json.dumps(shared, sort_keys=True)}
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     save_file(tensors, str(temp), metadata=metadata)
     os.replace(temp, path)
 
 
 @torch.no_grad()
-def load_importance(accumulator, path: Path) -> None:
+def load_importance(accumulator, path: Path, grams=None) -> None:
+    """Restore what `save_importance` wrote; `grams` (a GramCollector) gets the Gram sums so far, so a
+    resumed `--gram` run's matrices cover every step, not only those after the resume."""
+    from kifmerge.profiles import GRAM, read_grams
+
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        names = set(handle.keys())
+        names = {name for name in handle.keys() if not name.startswith(GRAM)}
         expected = {f"{kind}.{n}" for kind in ("ipt", "unc") for n in accumulator.params}
         if metadata.get("estimator") != accumulator.estimator or names != expected:
             raise InvalidInputError(f"the saved importance state in {path.parent} does not match this run's trainable "
@@ -112,6 +123,15 @@ def load_importance(accumulator, path: Path) -> None:
             accumulator.ipt[name].copy_(handle.get_tensor(f"ipt.{name}"))
             accumulator.unc[name].copy_(handle.get_tensor(f"unc.{name}"))
     accumulator.steps, accumulator.skipped = int(metadata["steps"]), int(metadata["skipped"])
+    if grams is not None:
+        modules = json.loads(metadata.get("gram-modules", "[]"))
+        saved = read_grams(path, modules) if modules else None
+        if saved is None and accumulator.steps > 0:
+            raise InvalidInputError(f"the checkpoint in {path.parent} was saved without --gram: its Gram matrices would "
+                                    "cover only the steps after it; run without --resume to start afresh")
+        device = next(iter(accumulator.ipt.values())).device
+        # each module its own buffer: read_grams gives modules that share a matrix the same tensor
+        grams.grams = {name: gram.to(device).clone() for name, gram in (saved or {}).items()}
 
 
 class ImportanceCheckpoint(TrainerCallback):
@@ -121,6 +141,7 @@ class ImportanceCheckpoint(TrainerCallback):
 
     def __init__(self, accumulator):
         self.accumulator = accumulator
+        self.grams = None  # a GramCollector, when the run records Gram matrices (train --gram)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -130,4 +151,4 @@ class ImportanceCheckpoint(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                save_importance(self.accumulator, folder / STATE_FILE)
+                save_importance(self.accumulator, folder / STATE_FILE, self.grams)

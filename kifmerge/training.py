@@ -270,9 +270,15 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     trainer, accumulator = build_trainer(base_dir, config, options, init_dir, train, val, checkpoints or out_dir / "trainer",
                                          run_name=run_name, save_steps=options.save_steps if checkpoints is not None else 0,
                                          callbacks=[ProgressBridge(progress, description)], outer=outer)
-    if start is not None:
-        load_importance(accumulator, start / STATE_FILE)
     grams = GramCollector(trainer.model) if options.gram and options.mode == "lora" else None
+    if start is not None:
+        load_importance(accumulator, start / STATE_FILE, grams)
+    if grams is not None:
+        from kifmerge.resume import ImportanceCheckpoint
+
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, ImportanceCheckpoint):
+                callback.grams = grams  # saved with each checkpoint, so a resumed run's matrices cover every step
     if grams is not None and trainer.recurrent is not None:
         trainer.recurrent.outside_the_task.append(grams.paused)  # the Gram matrices stay the task's inputs'
     output = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)

@@ -274,3 +274,27 @@ def test_tensorboard_logs_outlive_the_staging_area(tmp_path, monkeypatch):
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "/elsewhere")
     with tracker_environment(TrainOptions(report_to="tensorboard"), "parity"):
         assert os.environ["TENSORBOARD_LOGGING_DIR"] == "/elsewhere"
+
+
+def test_a_resumed_gram_run_records_the_gram_matrices_of_every_step(cli, llama_dir, parity):
+    """The Gram sums are saved with each checkpoint: killed after step 2 and resumed, `--gram` gives
+    the matrices of the uninterrupted run, not those of the steps after the resume only."""
+    from kifmerge.profiles import read_grams
+    from kifmerge.registry import Registry
+
+    cli("base", "add", "llama", llama_dir)
+    steps = ["--max-steps", "4", "--save-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--gram"]
+    cli("train", "ref", "--data", parity, "--line", "a", "--base", "llama", *steps)
+    env = {**os.environ, "KIFMERGE_FAULT_POINT": "train.step#3", "OMP_NUM_THREADS": "1"}  # killed in step 3: step 2 saved
+    killed = subprocess.run([sys.executable, "-m", "kifmerge", "train", "job", "--data", str(parity), "--line", "b",
+                             "--base", "llama", *steps, "--registry", str(cli.registry)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    resumed = cli("train", "job", "--data", parity, "--line", "b", "--base", "llama", *steps, "--resume")
+    assert "resuming from step 2" in resumed.stderr
+    reg = Registry.open(cli.registry)
+    profiles = {row["task"]: reg.blobs.open_verified(row["scores"]) for row in reg.catalog.rows("profiles")}
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in task_weights(cli, cli.json("show", "ref")["weights"])})
+    ref, job = (read_grams(profiles[name], modules) for name in ("ref", "job"))
+    for module in modules:
+        torch.testing.assert_close(job[module], ref[module], rtol=1e-4, atol=1e-3, msg=module)
