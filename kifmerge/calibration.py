@@ -40,6 +40,8 @@ def calibrate_profile(checkpoint: Checkpoint, base_dir: Path, base_config: dict,
     accumulator = ImportanceAccumulator(model.named_parameters(), estimator=options.importance,
                                         beta1=options.beta1, beta2=options.beta2)
     grams = GramCollector(model, in_eval=True) if options.gram else None
+    if grams is not None:
+        grams.refuse_unsupported()
     torch.manual_seed(options.seed)
     try:
         calibrate(model, chunks, accumulator, answer_loss, advance)

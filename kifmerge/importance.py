@@ -202,10 +202,26 @@ class GramCollector:
         # the last input seen (weakly: it is the model's activation), its version counter and its XᵀX
         self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
         self._handles = []
+        self.unsupported: dict[str, str] = {}  # LoRA-adapted modules that are no linear layer: no Gram matrix
         for name, module in model.named_modules():
-            if hasattr(module, "lora_A") and hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Linear):
+            if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")):
+                continue
+            if isinstance(module.base_layer, torch.nn.Linear):
                 # peft's module name is how the module prefixes `.lora_A.weight` in a saved adapter
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            else:
+                self.unsupported[name] = type(module.base_layer).__name__
+
+    def refuse_unsupported(self) -> None:
+        """Before any compute: RegMean would refuse a task whose Gram matrices miss a module."""
+        if self.unsupported:
+            from kifmerge.errors import UsageError
+
+            name, kind = next(iter(self.unsupported.items()))
+            raise UsageError(f"--gram records linear layers only; the LoRA module {name} ({kind}"
+                             + (f", and {len(self.unsupported) - 1} more" if len(self.unsupported) > 1 else "")
+                             + ") would have no Gram matrix, so RegMean could not fuse the task: "
+                             "leave it out of --target-modules or train without --gram")
 
     def _hook(self, name: str):
         @torch.no_grad()

@@ -42,7 +42,8 @@ def packs_sequences(model: torch.nn.Module) -> bool:
     embeddings = model.get_input_embeddings()
     device = embeddings.weight.device
     generator = torch.Generator().manual_seed(0)
-    first, second = (torch.randint(0, embeddings.num_embeddings, (1, n), generator=generator).to(device) for n in (7, 5))
+    vocabulary = embeddings.weight.shape[0]  # not `num_embeddings`: peft's LoRA wrapper of an adapted embedding lacks it
+    first, second = (torch.randint(0, vocabulary, (1, n), generator=generator).to(device) for n in (7, 5))
     was_training = model.training
     model.eval()
     try:
@@ -168,6 +169,11 @@ def build_model(base_dir: Path, config: dict, options: TrainOptions, init_dir: P
                       lora_dropout=options.lora_dropout, target_modules=targets,
                       task_type="SEQ_2_SEQ_LM" if is_seq2seq(config) else "CAUSAL_LM")
     try:
-        return get_peft_model(load_model(base_dir, config), lora)
+        model = get_peft_model(load_model(base_dir, config), lora)
     except ValueError as exc:
         raise InvalidInputError(f"cannot apply LoRA to {config.get('model_type')}: {str(exc).splitlines()[0]}") from None
+    embedded = [name for name, module in model.named_modules() if len(getattr(module, "lora_embedding_A", ()))]
+    if embedded:  # found before training, not when the saved adapter is refused after it
+        raise InvalidInputError(f"--target-modules: {embedded[0].rsplit('.', 1)[-1]} is an embedding layer; LoRA on "
+                                "embeddings is not supported (peft saves the whole embedding matrix with such an adapter)")
+    return model

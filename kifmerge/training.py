@@ -271,6 +271,8 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
                                          run_name=run_name, save_steps=options.save_steps if checkpoints is not None else 0,
                                          callbacks=[ProgressBridge(progress, description)], outer=outer)
     grams = GramCollector(trainer.model) if options.gram and options.mode == "lora" else None
+    if grams is not None:
+        grams.refuse_unsupported()
     if start is not None:
         load_importance(accumulator, start / STATE_FILE, grams)
     if grams is not None:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kifmerge.errors import UsageError
 from kifmerge.importance import CPU_BLOCK, GramCollector, ImportanceAccumulator, ImportanceCallback, calibrate
 
 # θ = [2, −1], g = [3, 4] → s = |θ·g| = [6, 4]; defaults β1 = β2 = 0.85, so each step lerps by 0.15.
@@ -154,6 +155,10 @@ def test_gram_collector_records_only_lora_adapted_linear_layers():
     # XᵀX = [[1·1 + 3·3, 1·2 + 3·0], [2·1 + 0·3, 2·2 + 0·0]] = [[10, 2], [2, 4]]
     assert set(grams.grams) == {"base_model.model.lin"}
     close(grams.grams["base_model.model.lin"], [[10.0, 2.0], [2.0, 4.0]])
+    # train --gram refuses such a model before any step: RegMean could not fuse its task
+    assert grams.unsupported == {"base_model.model.emb": "Embedding"}
+    with pytest.raises(UsageError, match=r"--gram records linear layers only; the LoRA module base_model\.model\.emb \(Embedding\)"):
+        grams.refuse_unsupported()
 
 
 def test_two_modules_on_the_same_input_get_equal_separate_sums_over_steps():

@@ -132,4 +132,7 @@ def test_gram_is_refused_where_it_cannot_record_anything(cli, tmp_path, llama_di
     assert "--gram applies to LoRA adapters only" in result.stderr
     result = cli("train", "z", "--data", data, "--line", "main", "--base", "llama", "--mode", "full", "--gram", code=2)
     assert "--gram applies to --mode lora only" in result.stderr
+    result = cli("train", "e", "--data", data, "--line", "main", "--base", "llama", "--target-modules", "q_proj,embed_tokens",
+                 "--max-steps", "1", code=4)  # peft would save the embedding matrix: refused before training, not after
+    assert "embed_tokens is an embedding layer; LoRA on embeddings is not supported" in result.stderr
     assert cli.json("list", "tasks") == []
