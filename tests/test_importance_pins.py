@@ -161,9 +161,9 @@ def test_gram_collector_records_only_lora_adapted_linear_layers():
         grams.refuse_unsupported()
 
 
-def test_two_modules_on_the_same_input_get_equal_separate_sums_over_steps():
-    """q and v of a layer read one tensor: the collector multiplies once, and each module keeps its
-    own sum (a shared buffer would count every step twice)."""
+def two_heads_collector(double_between: bool = False):
+    """q and v LoRA-adapted linear layers reading one embedding output (rows [1, 2], [3, 0], [0, 1]),
+    and a collector on them; `double_between` doubles that output in place after q has read it."""
     from peft import LoraConfig, get_peft_model
 
     class TwoHeads(torch.nn.Module):
@@ -175,14 +175,23 @@ def test_two_modules_on_the_same_input_get_equal_separate_sums_over_steps():
 
         def forward(self, ids):
             hidden = self.emb(ids)
-            return self.q(hidden) + self.v(hidden)
+            out = self.q(hidden)
+            if double_between:
+                hidden.mul_(2)  # the same tensor object, other values
+            return out + self.v(hidden)
 
     tiny = TwoHeads()
     with torch.no_grad():
         tiny.emb.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]]))
     model = get_peft_model(tiny, LoraConfig(r=1, target_modules=["q", "v"]))
-    grams = GramCollector(model)
     model.train()
+    return model, GramCollector(model)
+
+
+def test_two_modules_on_the_same_input_get_equal_separate_sums_over_steps():
+    """q and v of a layer read one tensor: the collector multiplies once, and each module keeps its
+    own sum (a shared buffer would count every step twice)."""
+    model, grams = two_heads_collector()
     model(torch.tensor([[0, 1]]))  # X = [[1, 2], [3, 0]] → XᵀX = [[10, 2], [2, 4]]
     model(torch.tensor([[2]]))  # X = [[0, 1]] → XᵀX = [[0, 0], [0, 1]]
     q, v = grams.grams["base_model.model.q"], grams.grams["base_model.model.v"]
@@ -208,27 +217,7 @@ def test_fisher_scores_are_the_smoothed_squared_gradient_whatever_the_weight():
 
 
 def test_an_input_changed_in_place_between_two_modules_is_multiplied_again():
-    from peft import LoraConfig, get_peft_model
-
-    class Doubling(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(3, 2)
-            self.q = torch.nn.Linear(2, 1, bias=False)
-            self.v = torch.nn.Linear(2, 1, bias=False)
-
-        def forward(self, ids):
-            hidden = self.emb(ids)
-            out = self.q(hidden)
-            hidden.mul_(2)  # the same tensor object, other values: v's Gram is 4 × q's
-            return out + self.v(hidden)
-
-    tiny = Doubling()
-    with torch.no_grad():
-        tiny.emb.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]]))
-    model = get_peft_model(tiny, LoraConfig(r=1, target_modules=["q", "v"]))
-    grams = GramCollector(model)
-    model.train()
-    model(torch.tensor([[0, 1]]))  # X = [[1, 2], [3, 0]] → XᵀX = [[10, 2], [2, 4]]
+    model, grams = two_heads_collector(double_between=True)
+    model(torch.tensor([[0, 1]]))  # X = [[1, 2], [3, 0]] → XᵀX = [[10, 2], [2, 4]]; v reads 2X: 4 × that
     close(grams.grams["base_model.model.q"], [[10.0, 2.0], [2.0, 4.0]])
     close(grams.grams["base_model.model.v"], [[40.0, 8.0], [8.0, 16.0]])
