@@ -144,5 +144,9 @@ def test_a_trained_profile_shows_its_units_not_its_element_scores_or_gram_matric
     cli("train", "t", "--data", data, "--line", "main", "--base", "llama", "--max-steps", "1", "--lora-r", "4", "--gram")
     shown = cli.json("profile", "show", "t", "--top", "20")
     assert (shown["groups"], shown["units"]) == (4, 16)
+    # what else it holds, so a user sees which rules can read it: 8 LoRA factors, 4 modules (2 stored, 2 shared)
+    assert (shown["element_scores"], shown["gram_matrices"]) == (8, 4)
+    assert "also holds element scores for 8 tensors (kif-element) and Gram matrices for 4 modules (regmean)" in \
+        " ".join(cli("profile", "show", "t").stdout.split())  # as wrapped to the terminal's width
     assert {entry["group"] for entry in shown["top"]} <= set(lora_groups())
     assert sorted(shown["grid"]["columns"]) == ["self_attn.q_proj", "self_attn.v_proj"] and len(shown["grid"]["rows"]) == 2

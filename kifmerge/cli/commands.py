@@ -96,6 +96,10 @@ def render_profile(result: dict) -> None:
     subject = result.get("version") or f"task {result['task']}"
     console.print(f"{subject}: {result['units']} {result['unit']} units in {result['groups']} groups "
                   f"(scores normalised to [0, 1])")
+    holds = [f"element scores for {result['element_scores']} tensors (kif-element)"] if result.get("element_scores") else []
+    holds += [f"Gram matrices for {result['gram_matrices']} modules (regmean)"] if result.get("gram_matrices") else []
+    if holds:
+        console.print("also holds " + " and ".join(holds))
     for title, rows in (("most important", result["top"]), ("least important", result["bottom"])):
         table = Table("unit", "score", "raw", title=title)
         for row in rows:

@@ -42,7 +42,7 @@ def profile_show(ref: str, *, line: bool = False, top: int = 10, registry: str |
             kind = reg.catalog.get("lines", line_name, "line")["kind"]
             subject = {"type": "version", "version": f"{line_name}@v{version['number']}", "task": version["task"]}
             sha = version["profile"]
-        groups, unit = _read_groups(reg.blobs.open_verified(sha))
+        groups, unit, extras = _read_groups(reg.blobs.open_verified(sha))
     names = [(group, r) for group, scores in groups.items() for r in range(len(scores))]
     raw = np.concatenate([scores for scores in groups.values()]) if groups else np.zeros(0)
     normalised = _normalise(raw)
@@ -54,15 +54,20 @@ def profile_show(ref: str, *, line: bool = False, top: int = 10, registry: str |
                 "score": float(normalised[i]), "raw": float(raw[i])}
 
     k = min(top, len(names))
-    return {**subject, "kind": kind, "unit": unit, "groups": len(groups), "units": len(names),
+    return {**subject, "kind": kind, "unit": unit, "groups": len(groups), "units": len(names), **extras,
             "top": [entry(i) for i in order[:k]], "bottom": [entry(i) for i in order[::-1][:k]],
             "grid": layer_module_grid({g: normalised[_slice(groups, g)] for g in groups})}
 
 
-def _read_groups(path) -> tuple[dict[str, Any], str]:
+def _read_groups(path) -> tuple[dict[str, Any], str, dict[str, int]]:
+    """The unit scores by group, the unit kind, and what else the file holds (which rules can read
+    it): `element_scores` (tensors with them: kif-element) and `gram_matrices` (modules with one,
+    stored or shared: regmean)."""
+    import json
+
     from safetensors import SafetensorError, safe_open
 
-    from kifmerge.profile_format import NOT_UNITS
+    from kifmerge.profile_format import ELEMENT, GRAM, GRAM_SHARED, NOT_UNITS
 
     try:
         with safe_open(str(path), framework="numpy") as handle:
@@ -70,10 +75,17 @@ def _read_groups(path) -> tuple[dict[str, Any], str]:
             # unit scores only: element scores and Gram matrices would count as millions of "units"
             groups = {name: handle.get_tensor(name).reshape(-1).astype("float64") for name in handle.keys()
                       if not name.startswith(NOT_UNITS)}
+            keys = list(handle.keys())
     except SafetensorError as exc:
         raise IntegrityError(f"stored profile {path} cannot be read ({exc}); run `kifmerge verify --deep`") from None
+    try:
+        shared = len(json.loads(meta.get(GRAM_SHARED) or "{}"))
+    except (ValueError, TypeError):
+        shared = 0  # a malformed map is refused where the matrices are read (fuse), not when listing
+    extras = {"element_scores": sum(k.startswith(ELEMENT) for k in keys),
+              "gram_matrices": sum(k.startswith(GRAM) for k in keys) + shared}
     # keep the layout order the profile was written in (sorted group names, as units.py orders them)
-    return dict(sorted(groups.items())), meta.get("unit", "unknown")
+    return dict(sorted(groups.items())), meta.get("unit", "unknown"), extras
 
 
 def _slice(groups: dict[str, Any], name: str) -> slice:
