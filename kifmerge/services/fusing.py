@@ -266,7 +266,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                 if task_grams is None or head_grams is None:
                     whose = f"task {task!r}" if task_grams is None else f"{into}@v{head['number']}"
                     raise InvalidInputError(f"{params.method} needs the Gram matrices of a LoRA line's inputs, and {whose}'s "
-                                            "profile has none: train every task of the line with `--gram`")
+                                            "profile has none: train every task of the line with `--gram` (a checkpoint "
+                                            "trained elsewhere: `add-task --calibrate DATA --gram`)")
                 fusion = RegMeanFusion(old_source, new_source, head_grams, task_grams, params.non_diagonal)
             elif family == TASK_VECTOR and kind == "lora":
                 fusion = LoraDeltaFusion(old_source, new_source, params.method, vector_weights=[1 - params.alpha, params.alpha],
