@@ -98,11 +98,17 @@ def write_profile(path: str | Path, flat: torch.Tensor, layout: UnitLayout, extr
     if elements:
         tensors.update({ELEMENT + name: score.to(torch.float16).contiguous() for name, score in normalise_elements(elements).items()})
     if grams:
-        packed, shared = pack_grams(grams)
-        tensors.update({GRAM + name: gram for name, gram in packed.items()})
-        if shared:
-            meta[GRAM_SHARED] = json.dumps(shared, sort_keys=True)
+        gram_tensors, gram_meta = gram_entries(grams)
+        tensors.update(gram_tensors)
+        meta.update(gram_meta)
     save_file(tensors, str(path), metadata=meta)
+
+
+def gram_entries(grams: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The safetensors keys and metadata that store `grams` (packed, shared ones once): what
+    `read_grams` reads, in a profile or in a training checkpoint's state."""
+    packed, shared = pack_grams(grams)
+    return {GRAM + name: gram for name, gram in packed.items()}, ({GRAM_SHARED: json.dumps(shared, sort_keys=True)} if shared else {})
 
 
 def pack_grams(grams: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

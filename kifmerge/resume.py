@@ -91,16 +91,16 @@ def save_importance(accumulator, path: Path, grams=None) -> None:
     """The accumulator's EMAs (Ī, Ū) and counters as safetensors, written under a temporary name
     and renamed (the file marks its checkpoint complete); with `grams` (a GramCollector), its sums
     so far, packed as in a profile."""
-    from kifmerge.profiles import GRAM, GRAM_SHARED, pack_grams
+    from kifmerge.profiles import gram_entries
 
     tensors = {f"ipt.{n}": t.detach().cpu().contiguous() for n, t in accumulator.ipt.items()}
     tensors |= {f"unc.{n}": t.detach().cpu().contiguous() for n, t in accumulator.unc.items()}
     metadata = {"format": "kifmerge-importance-state", "estimator": accumulator.estimator,
                 "steps": str(accumulator.steps), "skipped": str(accumulator.skipped)}
     if grams is not None:
-        packed, shared = pack_grams({n: g.detach().cpu() for n, g in grams.grams.items()})
-        tensors |= {GRAM + n: g for n, g in packed.items()}
-        metadata |= {"gram-modules": json.dumps(sorted(grams.grams)), GRAM_SHARED: json.dumps(shared, sort_keys=True)}
+        gram_tensors, gram_meta = gram_entries({n: g.detach().cpu() for n, g in grams.grams.items()})
+        tensors |= gram_tensors
+        metadata |= {"gram-modules": json.dumps(sorted(grams.grams)), **gram_meta}
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     save_file(tensors, str(temp), metadata=metadata)
     os.replace(temp, path)
