@@ -52,7 +52,7 @@ def fuse(task: str, into: str, *, again: bool = False, max_regression: float | N
     with opened(registry) as reg:
         task_row = reg.catalog.get("tasks", task, "task")
         profile_row = reg.catalog.find("profiles", task)
-        check_profile_for(params.method, task, profile_row)
+        check_profile_for(params.method, task, profile_row, chosen="method" in params.model_fields_set)
         for attempt in range(1, REBASE_ATTEMPTS + 1):  # the line moved meanwhile: fuse again onto its new head
             holder = refuse_fused_again(reg, task_row, into, again)
             staged = stage_version(reg, task_row, profile_row["scores"] if profile_row else None, into, params, progress,
@@ -71,15 +71,39 @@ def fuse(task: str, into: str, *, again: bool = False, max_regression: float | N
                     raise
 
 
-def check_profile_for(method: str, task: str, profile_row: dict | None) -> None:
-    """A task registered without an importance profile can be fused only by a rule that reads none."""
+def check_profile_for(method: str, task: str, profile_row: dict | None, chosen: bool = True) -> None:
+    """A task registered without an importance profile can be fused only by a rule that reads none,
+    or by the default when it was not chosen (it falls back to one that reads none: `gram_fallback`)."""
     from kifmerge.fusion.methods import profile_free, reads_profile
 
-    if profile_row is None and reads_profile(method):
+    if profile_row is None and reads_profile(method) and (chosen or method not in GRAM_FALLBACK):
         raise InvalidInputError(
             f"task {task!r} has no importance profile, which --method {method} reads; fuse it with a rule that reads "
             f"none ({', '.join(profile_free())}), or re-register it with `kifmerge add-task … --profile FILE` "
             "or `--calibrate DATA` (`kifmerge train` records one)")
+
+
+GRAM_FALLBACK = {"regmean": "magmax"}  # the default rule → what fuses when it was not chosen and cannot run
+
+
+def gram_fallback(params, kind: str, task: str, head: str, task_grams: dict | None, head_grams: dict | None):
+    """(params, why) for a fuse by a Gram rule: as they are, or, when the rule is the default (not
+    chosen) and a side has no Gram matrices (a task added without `--calibrate … --gram`, a line begun
+    before they were recorded, a full fine-tuning), MagMax's, with the reason, warned once on stderr
+    and recorded on the version. A rule chosen with --method is never swapped: it refuses."""
+    if params.method not in GRAM_FALLBACK or "method" in params.model_fields_set:
+        return params, None
+    if kind != "lora":
+        why = "a full fine-tuning line has no Gram matrices"
+    elif task_grams is None:
+        why = f"task {task!r} has no Gram matrices (`train --gram`; `add-task --calibrate DATA --gram`)"
+    elif head_grams is None:
+        why = f"{head} has no Gram matrices (a task of the line had none)"
+    else:
+        return params, None
+    fallback = GRAM_FALLBACK[params.method]
+    warnings.warn(f"{params.method} (the default): {why}: fused by {fallback}", FallbackWarning, stacklevel=3)
+    return params.model_copy(update={"method": fallback}), f"{params.method}: {why}: fused by {fallback}"
 
 
 def _element_fallback(method: str, task: str, head: str, task_elements: dict | None, head_elements: dict | None) -> str | None:
@@ -244,6 +268,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
             head_elements = read_elements(reg.blobs.open_verified(head["profile"]), new_headers.shapes)
             head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups),
                                     lora_input_widths(new_headers.shapes)) if task_grams else None
+            params, instead = gram_fallback(params, kind, task, f"{into}@v{head['number']}", task_grams, head_grams)
             family = METHODS[params.method].family
             validation, selection = None, None
             if family == DATA or max_regression is not None:
@@ -317,6 +342,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
             weights_sha = reg.put_weights(files, weight_map, move=True, hashes=writer.hashes())
             fault_point("fuse.weights-stored")
             method, recorded = params.method, params.recorded()
+            if instead is not None:
+                recorded["fallback"] = instead
             if units:
                 recorded["units"] = units
             if selection is not None:

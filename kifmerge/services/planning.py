@@ -349,7 +349,8 @@ def _check_fuse(plan: Plan, body: FuseStep, task_row: dict | None, line_row: dic
         return
     from kifmerge.services.fusing import check_profile_for
 
-    check_profile_for(params.method, task_row["name"], catalog.find("profiles", task_row["name"]))
+    check_profile_for(params.method, task_row["name"], catalog.find("profiles", task_row["name"]),
+                      chosen="method" in params.model_fields_set)
     if line_row is not None and (line_row["base"], line_row["kind"]) != (task_row["base"], task_row["kind"]):
         raise InvalidInputError(f"line {plan.line!r} holds {line_row['kind']} versions of base {line_row['base']!r}; "
                                 f"task {task_row['name']!r} is {task_row['kind']} on base {task_row['base']!r}")
