@@ -78,7 +78,7 @@ def test_regmean_needs_gram_matrices(cli, tmp_path, llama_dir):
     cli("base", "add", "llama", llama_dir)
     for name in ("t1", "t2"):
         data = write_jsonl(tmp_path / f"{name}.jsonl", task_records("parity", 8))
-        cli("train", name, "--data", data, "--line", "main", "--base", "llama", "--max-steps", "1")
+        cli("train", name, "--data", data, "--line", "main", "--base", "llama", "--max-steps", "1", "--no-gram")
         if name == "t1":
             cli("fuse", "t1", "--into", "main")
     refused = cli("fuse", "t2", "--into", "main", "--method", "regmean", code=4)
@@ -136,3 +136,25 @@ def test_gram_is_refused_where_it_cannot_record_anything(cli, tmp_path, llama_di
                  "--max-steps", "1", code=4)  # peft would save the embedding matrix: refused before training, not after
     assert "embed_tokens is an embedding layer; LoRA on embeddings is not supported" in result.stderr
     assert cli.json("list", "tasks") == []
+
+
+def test_the_default_is_regmean_and_falls_back_to_magmax_where_it_cannot_run(cli, tmp_path, llama_dir):
+    """Tasks trained here record Gram matrices by default, so the default fuse is RegMean; a task
+    without them (added from elsewhere, no --calibrate … --gram) is fused by MagMax, with the reason
+    warned once and recorded; asked for by name, regmean refuses instead."""
+    from conftest import LORA_TARGETS, make_lora
+
+    cli("base", "add", "llama", llama_dir)
+    for name, kind in (("t1", "parity"), ("t2", "vowel")):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", task_records(kind, 8, seed=2))
+        cli("learn", name, "--data", data, "--into", "main", "--max-steps", "1", "--lora-r", "4",
+            *(["--base", "llama"] if name == "t1" else []))
+    assert cli.json("show", "main@v2")["method"] == "regmean"
+    outside = make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS)
+    cli("add-task", "outside", outside, "--base", "llama")
+    refused = cli("fuse", "outside", "--into", "main", "--method", "regmean", code=4)
+    assert "which --method regmean reads" in refused.stderr
+    fused = cli("fuse", "outside", "--into", "main", "--json")
+    version = json.loads(fused.stdout)
+    assert version["method"] == "magmax" and "task 'outside' has no Gram matrices" in version["params"]["fallback"]
+    assert sum("fused by magmax" in line for line in fused.stderr.splitlines()) == 1

@@ -87,17 +87,21 @@ def model_options(model: type, panel: str, *, after: dict[str, list[inspect.Para
         flag, help = flag_of(model, name), extra["help"]
         for key, value in (help_values or {}).items():
             help = help.replace("{" + key + "}", value)
-        if kind is bool:
-            cli_kind, default = bool, False
+        if kind is bool and field.default is None:  # a tri-state flag: --gram / --no-gram / the model's choice
+            cli_kind, default = Optional[bool], None
+            declared = f"{flag}/--no-{flag.lstrip('-')}"
+            help += f" Default: {extra['shown']}." if extra.get("shown") else ""
+        elif kind is bool:
+            cli_kind, default, declared = bool, False, flag
         else:
             cli_kind = {int: Optional[int], float: Optional[float]}.get(kind, Optional[str])
-            default, shown = None, extra.get("shown") or _shown(field.default)
+            default, shown, declared = None, extra.get("shown") or _shown(field.default), flag
             help += f" Default: {shown}." if shown else ""
         parameter = flag.lstrip("-").replace("-", "_")
         key = parameter if "flag" in extra else name  # a renamed flag passes its alias: merge_seed for seed
         fields[parameter] = key, flag, (kind, args)
         params.append(inspect.Parameter(parameter, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[
-            cli_kind, typer.Option(flag, help=help, rich_help_panel=panel)]))
+            cli_kind, typer.Option(declared, help=help, rich_help_panel=panel)]))
         params.extend((after or {}).get(name, []))
 
     def convert(values: dict) -> dict:
