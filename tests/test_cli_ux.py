@@ -84,15 +84,15 @@ def test_progress_log_writes_the_first_and_last_step_and_one_per_interval():
 def test_human_results_are_short_summaries(cli, line):
     """No raw JSON, no Python `False`, numbers rounded; --json unchanged."""
     learned = cli("learn", "vowel", "--data", line["vowel"], "--into", "main", "--max-steps", "2").stdout
-    assert learned.splitlines()[0] == "main@v2: vowel fused into main by magmax (from v1)"
-    assert "{" not in learned and len(learned) < 600 and "lam=1" in learned and "2 steps, loss " in learned
+    assert learned.splitlines()[0] == "main@v2: vowel fused into main by regmean (from v1)"
+    assert "{" not in learned and len(learned) < 600 and "non_diagonal=0.9" in learned and "2 steps, loss " in learned
     trained = cli("train", "t3", "--data", line["vowel"], "--line", "main", "--max-steps", "2").stdout
     assert trained.startswith("task t3: lora on base llama, trained from main@v2") and "{" not in trained
     fused = cli("fuse", "t3", "--into", "main").stdout
-    assert fused.startswith("main@v3: t3 fused into main by magmax (from v2)") and "{" not in fused
+    assert fused.startswith("main@v3: t3 fused into main by regmean (from v2)") and "{" not in fused
 
     history = cli("history", "main").stdout
-    assert "lam=1" in history and "{" not in history
+    assert "non_diagonal=0.9" in history and "{" not in history
     assert len(history.splitlines()) <= 16, "three versions, a few lines each"
     evaluated = cli("eval", "main", "--data", f"parity={line['parity']}", "--max-examples", "4", "--max-new-tokens", "2").stdout
     assert "False" not in evaluated and "True" not in evaluated
@@ -105,7 +105,7 @@ def test_human_results_are_short_summaries(cli, line):
     for ref in ("main", "main@v2", "vowel"):
         shown = cli("show", ref).stdout
         assert "{" not in shown and "null" not in shown, shown
-    assert cli.json("show", "main@v2")["params"]["lam"] == 1.0  # --json as before
+    assert cli.json("show", "main@v2")["params"]["non_diagonal"] == 0.9  # --json as before
 
 
 def test_list_without_argument_shows_bases_lines_and_tasks(cli, line):

@@ -57,7 +57,8 @@ def test_sixteen_concurrent_writers(tmp_path, llama_dir):
     assert [v["parent"] for v in history] == [None] + [f"v{n}" for n in range(1, len(shared))]
     assert sorted(v["task"] for v in history) == sorted(shared), "every fuse landed once"
     assert sorted(r["version"] for r in fused if r["line"] == "shared") == [f"shared@v{n}" for n in range(1, 7)]
-    assert [v["method"] for v in history] == ["initial"] + [FuseParams().method] * (len(shared) - 1), "the default"
+    assert [v["method"] for v in history] == ["initial"] + ["magmax"] * (len(shared) - 1), \
+        "the default (regmean), which falls back to magmax: tasks added without Gram matrices"
     for task in own:
         assert [(v["number"], v["task"]) for v in cli.json("history", f"line-{task}")] == [(1, task)]
     assert {t["name"] for t in cli.json("list", "tasks")} >= {f"new{i}" for i in range(WRITERS - 10)}

@@ -13,9 +13,9 @@ import pytest
 from conftest import LORA_TARGETS, Cli, make_lora, task_records, write_jsonl, write_profile
 from test_fuse_export import designed_scores, unit_groups
 
-from kifmerge.options import FuseParams
 
-DEFAULT_METHOD = FuseParams().method  # `fuse` without --method
+# what the default fuses `world`'s tasks by: they were added without Gram matrices, so regmean falls back
+FUSED_BY_DEFAULT = "magmax"
 
 
 def add_tasks(cli: Cli, tmp_path: Path, llama_dir: Path, tasks: dict[str, str | None], first_seed: int = 1) -> None:
@@ -52,7 +52,7 @@ def test_fusing_a_task_the_line_holds_is_refused_unless_again(world):
     assert [v["number"] for v in cli.json("history", "main")] == [1, 2], "nothing was written"
 
     again = cli.json("fuse", "t2", "--into", "main", "--again")
-    assert (again["version"], again["parent"], again["task"], again["method"]) == ("main@v3", "v2", "t2", DEFAULT_METHOD)
+    assert (again["version"], again["parent"], again["task"], again["method"]) == ("main@v3", "v2", "t2", FUSED_BY_DEFAULT)
     fuses = [e for e in cli.json("history", "main", "--events") if e["action"] == "fuse"]
     assert [e["details"].get("again") for e in fuses] == [None, None, "main@v2"]
 
@@ -93,7 +93,7 @@ def test_a_task_trained_from_an_older_version_is_reported_and_fused(world, tmp_p
     assert fresh["version"] == "main@v2" and fresh["stale_start"] is None, "trained from the head: not stale"
 
     stale = cli.json("fuse", "b", "--into", "main")
-    assert stale["version"] == "main@v3" and stale["method"] == DEFAULT_METHOD
+    assert stale["version"] == "main@v3" and stale["method"] == FUSED_BY_DEFAULT
     assert stale["stale_start"] == {"trained_from": "main@v1", "head": "main@v2"}
     event = [e for e in cli.json("history", "main", "--events") if e["action"] == "fuse"][-1]
     assert event["details"]["stale_start"] == {"trained_from": "main@v1", "head": "main@v2"}
@@ -151,7 +151,7 @@ def test_learn_again_with_the_same_inputs_reuses_its_version(cli, llama_dir, dat
     assert "trained with other options (--max-steps: 2 ≠ 3)" in other_steps
     other_lr = cli(*vowel, "--lr", "0.01", code=6).stderr
     assert "--lr: 0.0003 ≠ 0.01" in other_lr
-    assert "other fuse options" in cli(*vowel, "--lam", "0.5", code=6).stderr  # the default rule's own parameter
+    assert "other fuse options" in cli(*vowel, "--non-diagonal", "0.5", code=6).stderr  # the default rule's own parameter
     assert "line 'elsewhere' does not hold it" in cli("learn", "vowel", "--data", data["vowel"], "--into", "elsewhere",
                                                       "--base", "llama", *steps, code=6).stderr
     assert cli.json(*vowel, "--lr", "0.0003")["reused"], "the default learning rate, given explicitly"

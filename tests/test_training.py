@@ -22,9 +22,11 @@ def stored(cli, sha: str) -> Path:
 
 
 def task_profile(cli, task: str) -> dict[str, torch.Tensor]:
-    """A task's unit scores (the profile file's element-level keys, `element:…`, left out)."""
+    """A task's unit scores (the profile file's element scores and Gram matrices left out)."""
+    from kifmerge.profiles import NOT_UNITS
+
     return {k: v for k, v in load_file(stored(cli, cli.json("show", task)["profile"]["scores"])).items()
-            if not k.startswith("element:")}
+            if not k.startswith(NOT_UNITS)}
 
 
 def task_weights(cli, sha: str) -> dict[str, torch.Tensor]:
