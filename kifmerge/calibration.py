@@ -39,9 +39,7 @@ def calibrate_profile(checkpoint: Checkpoint, base_dir: Path, base_config: dict,
     chunks = [collate(encoded[i:i + options.batch_size]) for i in range(0, len(encoded), options.batch_size)]
     accumulator = ImportanceAccumulator(model.named_parameters(), estimator=options.importance,
                                         beta1=options.beta1, beta2=options.beta2)
-    grams = GramCollector(model, in_eval=True) if options.gram else None
-    if grams is not None:
-        grams.refuse_unsupported()
+    grams = GramCollector.attach(model, options.gram, in_eval=True) if checkpoint.kind == "lora" else None
     torch.manual_seed(options.seed)
     try:
         calibrate(model, chunks, accumulator, answer_loss, advance)

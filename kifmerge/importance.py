@@ -251,6 +251,20 @@ class GramCollector:
         finally:
             self.recording = was
 
+    @classmethod
+    def attach(cls, model: torch.nn.Module, wanted: bool | None, *, in_eval: bool = False) -> "GramCollector | None":
+        """A collector as --gram asks: True records or refuses (a LoRA module that is no linear layer),
+        None (the default, on for LoRA) records where every adapted module is linear and quietly nothing
+        otherwise: the default fuse rule then falls back and says why."""
+        if wanted is False:
+            return None
+        collector = cls(model, in_eval=in_eval)
+        if collector.unsupported and wanted is None:
+            collector.remove()
+            return None
+        collector.refuse_unsupported()
+        return collector
+
     def remove(self) -> None:
         self._last = None
         for handle in self._handles:

@@ -62,7 +62,7 @@ class AddTaskStep(Strict):
     profile: Path | None = None
     calibrate: Path | None = None
     calibrate_batches: int = Field(8, ge=1, le=100_000)
-    gram: bool = False  # with calibrate: record the Gram matrices too (fuse method regmean)
+    gram: bool | None = None  # with calibrate: record the Gram matrices (regmean); None: on for a LoRA adapter
 
     @model_validator(mode="after")
     def _one_profile_source(self) -> "AddTaskStep":

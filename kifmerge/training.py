@@ -270,9 +270,7 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
     trainer, accumulator = build_trainer(base_dir, config, options, init_dir, train, val, checkpoints or out_dir / "trainer",
                                          run_name=run_name, save_steps=options.save_steps if checkpoints is not None else 0,
                                          callbacks=[ProgressBridge(progress, description)], outer=outer)
-    grams = GramCollector(trainer.model) if options.records_grams else None
-    if grams is not None:
-        grams.refuse_unsupported()
+    grams = GramCollector.attach(trainer.model, options.gram) if options.records_grams else None
     if start is not None:
         load_importance(accumulator, start / STATE_FILE, grams)
     if grams is not None:

@@ -114,7 +114,12 @@ def test_a_checkpoint_trained_elsewhere_gets_gram_matrices_from_calibration(cli,
         torch.testing.assert_close(four[module], 2 * two[module], msg=module)
     version = cli.json("fuse", "four", "--into", "main", "--method", "regmean")
     assert version["method"] == "regmean" and 0 <= version["params"]["refactor"]["relative_error"] < 1
-    cli("add-task", "plain", outside, "--base", "llama", "--calibrate", twice, "--calibrate-batches", "2")
+    # calibration records them by default for a LoRA adapter (the default fuse rule reads them); --no-gram does not
+    cli("add-task", "default", outside, "--base", "llama", "--calibrate", twice, "--calibrate-batches", "2", "--batch-size", "2")
+    default = read_grams(Registry.open(cli.registry).blobs.open_verified(
+        Registry.open(cli.registry).catalog.find("profiles", "default")["scores"]), modules)
+    assert all(torch.equal(default[m], two[m]) for m in modules)
+    cli("add-task", "plain", outside, "--base", "llama", "--calibrate", twice, "--calibrate-batches", "2", "--no-gram")
     refused = cli("fuse", "plain", "--into", "main", "--method", "regmean", code=4)
     assert "--gram" in refused.stderr
 
@@ -158,3 +163,35 @@ def test_the_default_is_regmean_and_falls_back_to_magmax_where_it_cannot_run(cli
     version = json.loads(fused.stdout)
     assert version["method"] == "magmax" and "task 'outside' has no Gram matrices" in version["params"]["fallback"]
     assert sum("fused by magmax" in line for line in fused.stderr.splitlines()) == 1
+
+
+def test_the_default_falls_back_for_a_profile_free_task_and_in_a_plan(cli, tmp_path, llama_dir):
+    """The default is no reason to refuse: a task registered with no profile at all, and a plan's
+    fuse steps over tasks whose profiles carry no Gram matrices, fuse by MagMax and record why;
+    the plan's dry run accepts them (its check knows the fallback)."""
+    import yaml
+
+    from conftest import LORA_TARGETS, make_lora
+
+    cli("base", "add", "llama", llama_dir)
+    adapters = {n: make_lora(llama_dir, tmp_path / n, seed, LORA_TARGETS) for seed, n in enumerate(("a", "b", "c"), 1)}
+    cli("add-task", "a", adapters["a"], "--base", "llama")
+    cli("add-task", "b", adapters["b"], "--base", "llama")
+    cli("fuse", "a", "--into", "bare")
+    version = cli.json("fuse", "b", "--into", "bare")
+    assert version["method"] == "magmax" and "task 'b' has no Gram matrices" in version["params"]["fallback"]
+    assert "has no importance profile" in cli("fuse", "b", "--into", "other", "--method", "kif", code=4).stderr
+
+    data = write_jsonl(tmp_path / "d.jsonl", task_records("parity", 8))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"line": "planned", "base": {"name": "llama", "path": str(llama_dir)}, "steps": [
+        {"add-task": {"task": "c", "checkpoint": str(adapters["c"]), "calibrate": str(data), "calibrate_batches": 1,
+                      "gram": False}},
+        {"fuse": {"task": "a"}},
+        {"fuse": {"task": "c"}},
+    ]}, sort_keys=False))
+    assert cli.json("run", plan, "--dry-run")["pending"] == 3
+    result = cli.json("run", plan)
+    assert [s["status"] for s in result["steps"]] == ["done"] * 3
+    shown = cli.json("show", "planned@v2")
+    assert shown["method"] == "magmax" and "task 'c' has no Gram matrices" in shown["params"]["fallback"]

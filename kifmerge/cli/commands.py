@@ -122,8 +122,9 @@ def add_task(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Calibration batch size (default: 8).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Calibration max tokens (default: 256).")] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="first | mixed | fisher (default: first).")] = None,
-    gram: Annotated[bool, typer.Option("--gram", help="With --calibrate: record each LoRA module's input Gram matrix on the "
-                                                      "calibration data (for fuse --method regmean).")] = False,
+    gram: Annotated[Optional[bool], typer.Option("--gram/--no-gram", help="With --calibrate: record each LoRA module's input "
+                                                 "Gram matrix on the calibration data (for the default fuse rule, regmean). "
+                                                 "Default: on for a LoRA adapter.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP + ".")] = False,
     val: ValOpt = None,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,

@@ -78,7 +78,7 @@ def run_plan(path: str | Path, *, dry_run: bool = False, registry: str | os.Path
         elif isinstance(body, AddTaskStep):
             planned.result = tasks.add_task(body.task, body.checkpoint, base=plan.base.name, profile=body.profile,
                                             calibrate=body.calibrate, calibrate_batches=body.calibrate_batches,
-                                            calibrate_options={"gram": True} if body.gram else None,
+                                            calibrate_options={"gram": body.gram},
                                             registry=root, progress=progress)
         elif isinstance(body, FuseStep):
             planned.result = fusing.fuse(body.task, plan.line, **_fuse_kwargs(plan, body), registry=root, progress=progress)
@@ -380,7 +380,7 @@ def _fingerprint(kind: str, body, settings: dict[str, Any], files: list[Path], w
     checkpoint's files (`weights`) those up to 16 MiB, the larger ones by size and mtime (a dry
     run hashes nothing large)."""
     fields = json.loads(body.model_dump_json(by_alias=True))
-    if fields.get("gram") is False:  # an add-task field added later: absent when off, so older runs' identities hold
+    if "gram" in fields and not fields["gram"]:  # an add-task field added later: absent unless on, so older runs' identities hold
         del fields["gram"]
     digest = {str(p): sha256_input(p) for p in files if p.is_file()}
     for p in weights:
