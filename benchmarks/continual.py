@@ -67,7 +67,9 @@ from common import (
     write_results,
 )
 
-DEFAULT_METHOD = "magmax"
+from kifmerge.options import FuseParams  # pydantic only: the tool's own default is the reference row
+
+DEFAULT_METHOD = FuseParams.model_fields["method"].default
 REPLICATES = 2000
 ALPHA_ORDER = "order4"  # linear-best's α is chosen on this order and carried to the others
 VALIDATION_EXAMPLES = 100  # per task, after the reported dev examples

@@ -170,26 +170,26 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
         write_jsonl(data / f"{task}-dev.jsonl", task_records(task, 6, 10 + seed))
     sequence = {"name": "tiny", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in ("parity", "vowel")]}
     (data / "sequence.json").write_text(json.dumps(sequence))
-    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,magmax,linear-0.5,kif-element", "--steps", 2,
+    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,regmean,linear-0.5,kif-element", "--steps", 2,
         "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 4,
         "--eval-batch-size", 4, "--max-new-tokens", 2, "--precision", "fp32", "--work", tmp_path / "work", "--results", tmp_path)
-    for method in ("seq", "magmax"):
+    for method in ("seq", "regmean"):
         cell = json.loads((tmp_path / "runs" / "tiny" / "seed42" / f"{method}.json").read_text())
         assert cell["settings"]["model"] == str(llama_dir.resolve()) and cell["settings"]["tasks"] == ["parity", "vowel"]
         assert [len(task) for task in cell["examples"]["final"]] == [4, 4]
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["benchmark"] == "continual" and result["command"].startswith("python benchmarks/continual.py ")
-    assert set(result["statistics"]) == {"seq", "magmax", "linear-0.5", "kif-element", "linear-best"}
-    assert 0 <= result["statistics"]["magmax"]["AP"]["value"] <= 1
-    assert "AP_minus_default" in result["statistics"]["seq"], "the paired difference from the default method (magmax)"
+    assert set(result["statistics"]) == {"seq", "regmean", "linear-0.5", "kif-element", "linear-best"}
+    assert 0 <= result["statistics"]["regmean"]["AP"]["value"] <= 1
+    assert "AP_minus_default" in result["statistics"]["seq"], "the paired difference from the default method (regmean)"
     assert f"{llama_dir.name}, LoRA r 8" in (tmp_path / "tiny.md").read_text()
 
     run("continual.py", "--sequence", data / "sequence.json", "--screen", "--results", tmp_path)
     screen = json.loads((tmp_path / "screen-tiny.json").read_text())["rows"]
-    assert screen["kif-element"]["status"] == "screened" and set(screen["kif-element"]["versus"]) == {"linear-0.5", "magmax"}
+    assert screen["kif-element"]["status"] == "screened" and set(screen["kif-element"]["versus"]) == {"linear-0.5", "regmean"}
     versus = screen["kif-element"]["versus"]["linear-0.5"]["AP"]
     assert versus["low"] <= versus["value"] <= versus["high"] and versus["called"] in ("higher", "lower", "no difference")
-    assert screen["regmean"]["status"] == "not run yet" and screen["recurrent-kif"]["against"] == ["replay-linear", "replay-kif"]
+    assert screen["magmax"]["status"] == "not run yet" and screen["recurrent-kif"]["against"] == ["replay-linear", "replay-kif"]
     assert "| b | kif-element |" in (tmp_path / "screen-tiny.md").read_text()
 
     # the summary over orders 4–6 (here three copies of the tiny sequence's results), paired with the
@@ -202,10 +202,10 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     run("continual.py", "--summary", "--reference", "seq", "--results", summary)
     default, versus_seq = (json.loads((summary / f"{stem}.json").read_text())["statistics"]
                            for stem in ("summary", "summary-vs-seq"))
-    assert "AP_minus_default" in default["seq"] and "AP_minus_default" not in default["magmax"]
-    assert "AP_minus_default" in versus_seq["magmax"] and "AP_minus_default" not in versus_seq["seq"]
-    gap = versus_seq["magmax"]["AP_minus_default"]["value"]
-    assert abs(gap - (default["magmax"]["AP"]["value"] - default["seq"]["AP"]["value"])) < 1e-6
+    assert "AP_minus_default" in default["seq"] and "AP_minus_default" not in default["regmean"]
+    assert "AP_minus_default" in versus_seq["regmean"] and "AP_minus_default" not in versus_seq["seq"]
+    gap = versus_seq["regmean"]["AP_minus_default"]["value"]
+    assert abs(gap - (default["regmean"]["AP"]["value"] - default["seq"]["AP"]["value"])) < 1e-6
     assert "| method | AP | AP − seq |" in (summary / "summary-vs-seq.md").read_text()
     # --suffix: the same summary over order{N}-SUFFIX.json files (the rows assembled over two seeds), kept apart
     for order in (4, 5):
