@@ -9,7 +9,7 @@ the default has to beat, on the same trained tasks and examples. Its
 names are its own: the README quick start (line `demo`) and examples/quickstart_tiny.py
 (line `demo-<time>`) can share the registry with it.
 
-Run by `make demo`, which first prepares SmolLM2-135M (cached). 3.6 minutes on 2 cores from a fresh clone once SmolLM2 is prepared (measured 2026-12-05).
+Run by `make demo`, which first prepares SmolLM2-135M (cached). 3.8 minutes on 2 cores from a fresh clone once SmolLM2 is prepared (measured 2026-12-06).
 Re-running it reuses what the registry already holds (learned tasks, stored evaluations).
 """
 
