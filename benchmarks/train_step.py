@@ -18,6 +18,11 @@ train the same adapter. `--profile` adds where the time of one forward+backward 
 
     python benchmarks/train_step.py                      # → benchmarks/results/train_step.{json,md}
     python benchmarks/train_step.py --task dbpedia --precisions bf16 --rounds 6 --profile
+    python benchmarks/train_step.py --against no-gram    # → gram_overhead: the default's Gram recording
+
+`--against no-gram` times kifmerge's step against itself with `--no-gram`: what recording the input
+Gram matrices costs (on by default for LoRA since the default rule, regmean, reads them). Both train
+the same adapter bit for bit: the hooks only read the inputs.
 """
 
 from __future__ import annotations
@@ -48,16 +53,20 @@ from transformers import TrainerCallback
 GOAL = 0.75
 
 
-def ratio_rows(rows: list[dict]) -> list[str]:
+def ratio_rows(rows: list[dict], against: str = "plain") -> list[str]:
     """The step-time table: per precision and clock, both recipes' steps and their ratio."""
-    lines = ["| precision | clock | kifmerge step (ms) | plain step (ms) | ratio | ratio per round: min–max |",
+    lines = [f"| precision | clock | kifmerge step (ms) | {against} step (ms) | ratio | ratio per round: min–max |",
              "| --- | --- | ---: | ---: | ---: | --- |"]
     for r in rows:
         for clock in ("wall", "cpu"):
             c = r[clock]
-            lines.append(f"| {r['precision']} | {clock} | {c['step_ms_kifmerge']:.0f} | {c['step_ms_plain']:.0f} | "
+            lines.append(f"| {r['precision']} | {clock} | {c['step_ms_kifmerge']:.0f} | {c[step_key(against)]:.0f} | "
                          f"{c['ratio']:.3f} | {c['ratio_spread'][0]:.3f}–{c['ratio_spread'][1]:.3f} |")
     return lines
+
+
+def step_key(recipe: str) -> str:
+    return "step_ms_" + recipe.replace("-", "_")
 
 
 class Timer(TrainerCallback):
@@ -91,17 +100,23 @@ def in_dataset_order(trainer) -> None:
 class Recipe:
     """One recipe's model and trainer, trained `steps` steps per round. kifmerge's is `kifmerge
     train`'s own (kifmerge/training.py `build_trainer`, which encodes `records` into the same ids
-    as `features`); the plain one trains `features` with the stock Trainer."""
+    as `features`, with the Gram recording `run_training` attaches by default); `no-gram` the same
+    with `--no-gram`; the plain one trains `features` with the stock Trainer."""
 
     def __init__(self, name: str, model_dir: Path, records: list[dict], features: list[dict], options, work: Path):
         from kifmerge.training import build_trainer
 
         config = json.loads((model_dir / "config.json").read_text())
         self.name, self.timer, self.update_times = name, Timer(), []
-        if name == "kifmerge":
+        if name in ("kifmerge", "no-gram"):
+            from kifmerge.importance import GramCollector
+
+            options = options.model_copy(update={"gram": False}) if name == "no-gram" else options
             self.trainer, accumulator = build_trainer(model_dir, config, options, None, records, [], work / name,
                                                       callbacks=[self.timer])
-            accumulator.update = timing_calls(accumulator.update, self.update_times)
+            self.grams = GramCollector.attach(self.trainer.model, options.gram) if options.records_grams else None
+            if name == "kifmerge":
+                accumulator.update = timing_calls(accumulator.update, self.update_times)
         else:
             self.trainer = plain_trainer(model_dir, config, features, options, work / name, self.timer)
         in_dataset_order(self.trainer)
@@ -178,7 +193,7 @@ def run_precision(precision: str, args: argparse.Namespace, records: list[dict],
 
     options = TrainOptions(max_steps=args.steps + 1, batch_size=args.batch_size, max_length=args.max_length,
                            lora_r=args.lora_r, lr=args.lr, bf16=precision == "bf16", save_steps=0)
-    recipes = [Recipe(name, args.model, records, features, options, work) for name in ("kifmerge", "plain")]
+    recipes = [Recipe(name, args.model, records, features, options, work) for name in ("kifmerge", args.against)]
     for r in range(args.rounds):
         for recipe in recipes if r % 2 == 0 else recipes[::-1]:
             recipe.round()
@@ -186,6 +201,11 @@ def run_precision(precision: str, args: argparse.Namespace, records: list[dict],
                   f"{1000 * statistics.median(t[0] for t in recipe.rounds[-1]):8.1f} ms wall, "
                   f"{1000 * statistics.median(t[1] for t in recipe.rounds[-1]):8.1f} ms CPU", file=sys.stderr, flush=True)
     kif, plain = recipes
+    if args.against == "no-gram":
+        row_grams = {"gram_modules": len(kif.grams.grams) if kif.grams else 0,
+                     "gram_trace_sum": float(sum(float(g.diagonal().sum()) for g in kif.grams.grams.values())) if kif.grams else 0.0}
+    else:
+        row_grams = {}
     weights_k, weights_p = kif.adapter(), plain.adapter()
     drift = max(float((weights_k[n] - weights_p[n]).abs().max()) for n in weights_k)
     scale = max(float(w.abs().max()) for w in weights_p.values())
@@ -194,10 +214,10 @@ def run_precision(precision: str, args: argparse.Namespace, records: list[dict],
     for clock, which in (("wall", 0), ("cpu", 1)):
         times = {rec.name: [[t[which] for t in r] for r in rec.rounds] for rec in recipes}
         step = {name: statistics.median(t for r in rounds for t in r) for name, rounds in times.items()}
-        per_round = [statistics.median(k) / statistics.median(p) for k, p in zip(times["kifmerge"], times["plain"], strict=True)]
-        row[clock] = {"step_ms_kifmerge": round(1000 * step["kifmerge"], 1), "step_ms_plain": round(1000 * step["plain"], 1),
+        per_round = [statistics.median(k) / statistics.median(p) for k, p in zip(times["kifmerge"], times[args.against], strict=True)]
+        row[clock] = {"step_ms_kifmerge": round(1000 * step["kifmerge"], 1), step_key(args.against): round(1000 * step[args.against], 1),
                       "ratio": round(statistics.median(per_round), 4),
-                      "ratio_of_medians": round(step["kifmerge"] / step["plain"], 4),
+                      "ratio_of_medians": round(step["kifmerge"] / step[args.against], 4),
                       "ratio_per_round": [round(x, 4) for x in per_round],
                       "ratio_spread": [round(min(per_round), 4), round(max(per_round), 4)],
                       "steps_ms": {name: [[round(1000 * t, 1) for t in r] for r in rounds] for name, rounds in times.items()}}
@@ -205,7 +225,7 @@ def run_precision(precision: str, args: argparse.Namespace, records: list[dict],
     row.update({"callback_ms": round(1000 * callback, 2) if callback else None,
                 "callback_share_of_step": round(callback / (row["wall"]["step_ms_kifmerge"] / 1000), 5) if callback else None,
                 "steps_timed_per_recipe": sum(map(len, kif.rounds)),
-                "losses_round1": {"kifmerge": losses_k, "plain": losses_p},
+                "losses_round1": {"kifmerge": losses_k, args.against: losses_p}, **row_grams,
                 "max_loss_difference": round(max(abs(a - b) for a, b in zip(losses_k, losses_p, strict=True)), 6),
                 "adapter_max_abs_difference": drift, "adapter_max_abs": scale})
     if args.profile:
@@ -215,12 +235,16 @@ def run_precision(precision: str, args: argparse.Namespace, records: list[dict],
 
 def markdown(payload: dict) -> str:
     s = payload["settings"]
-    lines = [f"# Training step: kifmerge vs the plain Trainer + peft recipe ({model_label(s['model'])}, LoRA r={s['lora_r']})", "",
+    against = s.get("against", "plain")
+    title = ("kifmerge vs the plain Trainer + peft recipe" if against == "plain" else
+             "kifmerge (Gram matrices recorded: the default) vs kifmerge --no-gram")
+    goal = f" Goal: ratio ≤ {GOAL}." if against == "plain" else ""
+    lines = [f"# Training step: {title} ({model_label(s['model'])}, LoRA r={s['lora_r']})", "",
              f"Task {s['task']}, batch {s['batch_size']}, max length {s['max_length']} (batches padded to their longest "
              f"sequence: mean {payload['batch_width_mean']:.0f} positions for {payload['tokens_per_batch_mean']:.0f} tokens), "
              f"{s['rounds']} alternating rounds of {s['steps']} timed steps per recipe, {s['threads']} threads, "
-             f"{payload['cpus']} CPUs (load average at start {payload['load_average']}). Goal: ratio ≤ {GOAL}.", "",
-             *ratio_rows(payload["rows"])]
+             f"{payload['cpus']} CPUs (load average at start {payload['load_average']}).{goal}", "",
+             *ratio_rows(payload["rows"], against)]
     lines += ["", "| precision | importance callback (ms, share of kifmerge's step) | max loss Δ (first round) | adapter max Δ (end) |",
               "| --- | ---: | ---: | ---: |"]
     for r in payload["rows"]:
@@ -233,17 +257,22 @@ def markdown(payload: dict) -> str:
         for r in payload["rows"]:
             for name, kinds in r.get("profile_s", {}).items():
                 lines.append(f"| {r['precision']} | {name} | " + " | ".join(f"{v:.3f}" for v in kinds.values()) + " |")
-    lines += ["", "Both recipes run the same transformer body (forward, and the backward that carries gradients down "
-              "to every layer's LoRA factors); kifmerge's step differs only in what it leaves out: the output layer "
-              "and its log-softmax run on the positions that predict answer tokens instead of every position "
-              "(49 152-wide), sequences of unequal length are packed into fewer rows when that saves work, and under "
-              "bf16 the frozen base is cast once instead of at every step. What is left of its step is that body: "
-              "matrix products and attention (the profile above)."]
+    if against == "no-gram":
+        lines += ["", "The two recipes train the same adapter (the hooks only read each module's input): what differs "
+                  "is one XᵀX per distinct LoRA module input per step (q and v of a layer share theirs), summed in "
+                  f"float32. Modules with a Gram matrix: {payload['rows'][0].get('gram_modules')}."]
+    else:
+        lines += ["", "Both recipes run the same transformer body (forward, and the backward that carries gradients down "
+                  "to every layer's LoRA factors); kifmerge's step differs only in what it leaves out: the output layer "
+                  "and its log-softmax run on the positions that predict answer tokens instead of every position "
+                  "(49 152-wide), sequences of unequal length are packed into fewer rows when that saves work, and under "
+                  "bf16 the frozen base is cast once instead of at every step. What is left of its step is that body: "
+                  "matrix products and attention (the profile above)."]
     before = payload.get("compare")
     if before:
         lines += ["", f"The same benchmark on the code before (commit {before['git_commit']}, its own run: "
                   f"`{before['command']}`, load average at start {before['load_average']}):", "",
-                  *ratio_rows(before["rows"])]
+                  *ratio_rows(before["rows"], (before.get("settings") or {}).get("against", "plain"))]
     lines += ["", f"Command: `{payload['command']}` (commit {payload['git_commit']}).", ""]
     return "\n".join(lines)
 
@@ -261,10 +290,15 @@ def main() -> None:
     add_threads_option(parser)
     add_model_option(parser)
     parser.add_argument("--profile", action="store_true", help="also profile one forward+backward of each recipe")
-    parser.add_argument("--out", type=Path, default=RESULTS / "train_step", help="results stem")
+    parser.add_argument("--against", choices=("plain", "no-gram"), default="plain",
+                        help="the recipe kifmerge's step is timed against: the plain Trainer + peft recipe, or kifmerge "
+                             "with --no-gram (what the default Gram recording costs)")
+    parser.add_argument("--out", type=Path, default=None, help="results stem (default: train_step, or gram_overhead "
+                                                                "with --against no-gram)")
     parser.add_argument("--compare", type=Path, default=None,
                         help="the JSON of an earlier run (e.g. of an older commit) to show beside this one")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / ("train_step" if args.against == "plain" else "gram_overhead")
     args.threads, tokenizer = model_session(args.model, args.threads)
     import torch
 
@@ -280,7 +314,7 @@ def main() -> None:
             r = rows[-1]
             for clock in ("wall", "cpu"):
                 c = r[clock]
-                print(f"{precision} {clock}: kifmerge {c['step_ms_kifmerge']:.0f} ms, plain {c['step_ms_plain']:.0f} ms, "
+                print(f"{precision} {clock}: kifmerge {c['step_ms_kifmerge']:.0f} ms, {args.against} {c[step_key(args.against)]:.0f} ms, "
                       f"ratio {c['ratio']:.3f} (rounds {c['ratio_spread'][0]:.3f}–{c['ratio_spread'][1]:.3f})", flush=True)
             print(f"{precision}: callback {r['callback_ms']} ms, max loss Δ {r['max_loss_difference']:.2g}", flush=True)
     payload = {**record, "torch": torch.__version__, "settings": options_record(args),

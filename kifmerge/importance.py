@@ -190,8 +190,9 @@ def _version_of(tensor: torch.Tensor) -> int | None:
 
 class GramCollector:
     """RegMean's statistics: for every LoRA-adapted linear module, the Gram matrix `XᵀX` of the
-    inputs it saw while training (float32, in × in), summed over the steps' tokens (padding
-    included; a step whose forward is recomputed under gradient checkpointing counts twice).
+    inputs it saw while training (float32, in × in, on the training device), summed over the steps'
+    tokens (padding included; a forward recomputed in backward under gradient checkpointing counts
+    nothing, so the sums do not depend on it).
     Forward pre-hooks on peft's LoRA layers; nothing is kept on evaluation passes, unless
     `in_eval` (calibration runs its passes in eval mode: they are the task's inputs there)."""
 
@@ -228,6 +229,8 @@ class GramCollector:
         def hook(module, args):
             if not (module.training or self.in_eval) or not self.recording or not args:
                 return
+            if torch._C._current_graph_task_id() != -1:  # a forward recomputed inside backward (gradient
+                return                                    # checkpointing): its inputs were counted already
             inputs, last = args[0], self._last
             version = _version_of(inputs)
             if last is not None and version is not None and last[0]() is inputs and last[1] == version:
@@ -260,6 +263,14 @@ class GramCollector:
             return None
         collector = cls(model, in_eval=in_eval)
         if collector.unsupported and wanted is None:
+            import warnings
+
+            from kifmerge.errors import KifWarning
+
+            name, kind = next(iter(collector.unsupported.items()))
+            warnings.warn(f"no Gram matrices recorded: the LoRA module {name} is a {kind}, not a linear layer, so the "
+                          "default fuse rule (regmean) will fuse this task by magmax (--no-gram: without this note)",
+                          KifWarning, stacklevel=2)
             collector.remove()
             return None
         collector.refuse_unsupported()

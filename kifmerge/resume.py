@@ -42,6 +42,7 @@ def resume_key(task: str, start: str, data_sha256: str, opts: TrainOptions) -> s
     """Fingerprint of a training run's inputs: task, starting point (LINE@vN, or base:NAME for a
     new line), data and the options that change the result."""
     options = {k: v for k, v in json.loads(opts.model_dump_json()).items() if k not in TrainOptions.watch_only()}
+    options["gram"] = opts.records_grams  # what it does (the default is on for LoRA): a run from before keeps its key with --no-gram
     payload = json.dumps({"task": task, "start": start, "data": data_sha256, "options": options}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 

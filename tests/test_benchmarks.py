@@ -85,6 +85,15 @@ def test_train_step_on_the_tiny_llama(tmp_path, llama_dir):
     assert result["settings"]["model"] == str(llama_dir.resolve())
     assert f"({llama_dir.name}, LoRA r=8)" in (tmp_path / "train_step.md").read_text()
 
+    # what the default's Gram recording costs: kifmerge against itself with --no-gram; the hooks
+    # only read the inputs, so both train the same adapter, bit for bit
+    run("train_step.py", "--model", llama_dir, "--steps", 2, "--rounds", 2, "--precisions", "fp32", "--batch-size", 2,
+        "--max-length", 48, "--threads", 1, "--against", "no-gram", "--out", tmp_path / "gram_overhead")
+    [row] = record(tmp_path / "gram_overhead.json", "train_step")["rows"]
+    assert row["wall"]["step_ms_no_gram"] > 0 and row["gram_modules"] == 4 and row["gram_trace_sum"] > 0
+    assert row["max_loss_difference"] == 0 and row["adapter_max_abs_difference"] == 0
+    assert "| precision | clock | kifmerge step (ms) | no-gram step (ms) |" in (tmp_path / "gram_overhead.md").read_text()
+
 
 def test_eval_speed_on_the_tiny_llama(tmp_path, llama_dir):
     run("eval_speed.py", "--model", llama_dir, "--examples", 4, "--chunk", 2, "--batch-size", 4, "--max-length", 48,

@@ -159,6 +159,15 @@ def test_gram_collector_records_only_lora_adapted_linear_layers():
     assert grams.unsupported == {"base_model.model.emb": "Embedding"}
     with pytest.raises(UsageError, match=r"--gram records linear layers only; the LoRA module base_model\.model\.emb \(Embedding\)"):
         grams.refuse_unsupported()
+    grams.remove()
+    # as the default (--gram not given) it records nothing instead, and says why once
+    from kifmerge.errors import KifWarning
+
+    with pytest.warns(KifWarning, match=r"no Gram matrices recorded: the LoRA module base_model\.model\.emb is a Embedding"):
+        assert GramCollector.attach(model, None) is None
+    assert GramCollector.attach(model, False) is None
+    with pytest.raises(UsageError, match="--gram records linear layers only"):
+        GramCollector.attach(model, True)
 
 
 def two_heads_collector(double_between: bool = False):

@@ -83,7 +83,7 @@ def test_regmean_needs_gram_matrices(cli, tmp_path, llama_dir):
             cli("fuse", "t1", "--into", "main")
     refused = cli("fuse", "t2", "--into", "main", "--method", "regmean", code=4)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("kifmerge: error")]
-    assert len(errors) == 1 and "--gram" in errors[0]
+    assert len(errors) == 1 and "without --no-gram" in errors[0]
     with pytest.raises(AssertionError):
         cli("fuse", "t2", "--into", "main", "--method", "regmean", "--non-diagonal", "2")
 
@@ -121,7 +121,7 @@ def test_a_checkpoint_trained_elsewhere_gets_gram_matrices_from_calibration(cli,
     assert all(torch.equal(default[m], two[m]) for m in modules)
     cli("add-task", "plain", outside, "--base", "llama", "--calibrate", twice, "--calibrate-batches", "2", "--no-gram")
     refused = cli("fuse", "plain", "--into", "main", "--method", "regmean", code=4)
-    assert "--gram" in refused.stderr
+    assert "add-task --calibrate DATA" in refused.stderr
 
 
 def test_gram_is_refused_where_it_cannot_record_anything(cli, tmp_path, llama_dir):
@@ -192,3 +192,31 @@ def test_the_default_falls_back_in_a_plan(cli, tmp_path, llama_dir):
     assert [s["status"] for s in result["steps"]] == ["done"] * 3
     shown = cli.json("show", "planned@v2")
     assert shown["method"] == "magmax" and "task 'c' has no Gram matrices" in shown["params"]["fallback"]
+
+
+def test_learn_run_again_is_reused_whatever_the_default_fused_by(cli, tmp_path, llama_dir):
+    """A pipeline re-runs its `learn` steps: the same command returns the version it made, also where
+    the default fell back to MagMax (a full fine-tuning line; a LoRA line whose head has no Gram
+    matrices), and `--gram` is compared by what it does (the default is on for LoRA), not as written."""
+    from conftest import LORA_TARGETS, make_lora
+
+    cli("base", "add", "llama", llama_dir)
+    data = {k: write_jsonl(tmp_path / f"{k}.jsonl", task_records(k, 8, seed=2)) for k in ("parity", "vowel")}
+    budget = ["--max-steps", "1", "--lora-r", "4"]
+    for task, kind in (("f1", "parity"), ("f2", "vowel")):
+        cli("learn", task, "--data", data[kind], "--into", "full", "--mode", "full", "--max-steps", "1",
+            *(["--base", "llama"] if task == "f1" else []))
+    again = cli("learn", "f2", "--data", data["vowel"], "--into", "full", "--mode", "full", "--max-steps", "1", "--json")
+    first = json.loads(again.stdout)
+    assert first["reused"] is True and first["method"] == "magmax" and "full fine-tuning" in first["params"]["fallback"]
+    assert cli.json("learn", "f2", "--data", data["vowel"], "--into", "full", "--mode", "full", "--max-steps", "1",
+                    "--no-gram")["reused"] is True  # off for full either way
+
+    cli("add-task", "outside", make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS), "--base", "llama")
+    cli("fuse", "outside", "--into", "mixed")
+    learned = cli.json("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget)
+    assert learned["method"] == "magmax" and "mixed@v1 has no Gram matrices" in learned["params"]["fallback"]
+    assert cli.json("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget)["reused"] is True
+    assert cli.json("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget, "--gram")["reused"] is True
+    refused = cli("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget, "--no-gram", code=6)
+    assert "--gram: on ≠ off" in refused.stderr

@@ -42,9 +42,10 @@ class FusionMethod:
 
 METHODS: dict[str, FusionMethod] = {}
 # What a fuse computes and records beside the parameters it was given (summaries, the reference it
-# used, the α a validated fuse chose, the quality gate's scores): not compared when `learn` matches
+# used, the α a validated fuse chose, the quality gate's scores, why the default fell back): not compared when `learn` matches
 # an earlier run, not listed by `history` (`show` and --json have them).
-COMPUTED_BY_THE_FUSE = ("units", "reference", "elements", "refactor", "selection", "max_regression", "task_profile")
+COMPUTED_BY_THE_FUSE = ("units", "reference", "elements", "refactor", "selection", "max_regression", "task_profile",
+                       "fallback")
 
 
 def register(method: FusionMethod) -> FusionMethod:

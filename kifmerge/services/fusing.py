@@ -88,21 +88,24 @@ GRAM_FALLBACK = {"regmean": "magmax"}  # the default rule → what fuses when it
 
 def gram_fallback(params, kind: str, task: str, head: str, task_grams: dict | None, head_grams: dict | None):
     """(params, why) for a fuse by a Gram rule: as they are, or, when the rule is the default (not
-    chosen) and a side has no Gram matrices (a task added without `--calibrate … --gram`, a line begun
-    before they were recorded, a full fine-tuning), MagMax's, with the reason, warned once on stderr
-    and recorded on the version. A rule chosen with --method is never swapped: it refuses."""
+    chosen) and a side has no Gram matrices (a task added without `--calibrate`, trained with
+    `--no-gram` or before they were recorded by default, a full fine-tuning), MagMax's, with the
+    reason, warned on stderr and recorded on the version. A rule chosen with --method is never
+    swapped: it refuses."""
     if params.method not in GRAM_FALLBACK or "method" in params.model_fields_set:
         return params, None
     if kind != "lora":
         why = "a full fine-tuning line has no Gram matrices"
     elif task_grams is None:
-        why = f"task {task!r} has no Gram matrices (`train --gram`; `add-task --calibrate DATA --gram`)"
+        why = (f"task {task!r} has no Gram matrices (trained with --no-gram, before 2026-12-06 or on LoRA modules "
+               "that are no linear layer, or added without --calibrate)")
     elif head_grams is None:
-        why = f"{head} has no Gram matrices (a task of the line had none)"
+        why = f"{head} has no Gram matrices (a task of the line had none, so no later fuse into it has them)"
     else:
         return params, None
     fallback = GRAM_FALLBACK[params.method]
-    warnings.warn(f"{params.method} (the default): {why}: fused by {fallback}", FallbackWarning, stacklevel=3)
+    warnings.warn(f"{params.method} (the default): {why}: fused by {fallback} (--method {fallback}: the same, "
+                  "without this warning)", FallbackWarning, stacklevel=3)
     return params.model_copy(update={"method": fallback}), f"{params.method}: {why}: fused by {fallback}"
 
 
@@ -291,8 +294,9 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                 if task_grams is None or head_grams is None:
                     whose = f"task {task!r}" if task_grams is None else f"{into}@v{head['number']}"
                     raise InvalidInputError(f"{params.method} needs the Gram matrices of a LoRA line's inputs, and {whose}'s "
-                                            "profile has none: train every task of the line with `--gram` (a checkpoint "
-                                            "trained elsewhere: `add-task --calibrate DATA --gram`)")
+                                            "profile has none: train every task of the line without --no-gram (they are "
+                                            "recorded by default for LoRA; a checkpoint trained elsewhere: `add-task "
+                                            "--calibrate DATA`)")
                 fusion = RegMeanFusion(old_source, new_source, head_grams, task_grams, params.non_diagonal)
             elif family == TASK_VECTOR and kind == "lora":
                 fusion = LoraDeltaFusion(old_source, new_source, params.method, vector_weights=[1 - params.alpha, params.alpha],

@@ -204,6 +204,7 @@ def _previous_learn(reg: Registry, task: str, data: Path, line: str, base: str |
         where = f"trained from {row['trained_from']}" if row.get("trained_from") else "trained"
         raise ConflictError(f"task {task!r} already exists ({where}) but line {line!r} does not hold it; fuse it with "
                             f"`kifmerge fuse {task} --into {line}`, or {choose}")
+    params = _as_fused(params, opts, version)
     asked = (params.method, json.loads(json.dumps(params.recorded())))
     if version["method"] != "initial" and (version["method"], _comparable(version["params"] or {})) != asked:
         raise ConflictError(f"task {task!r} was already learned into {line}@v{version['number']} with other fuse options "
@@ -214,6 +215,18 @@ def _previous_learn(reg: Registry, task: str, data: Path, line: str, base: str |
     trained = {**public_task(row), "metrics": metrics,
                "profile": {"estimator": profile["estimator"], **(profile["layout"] or {})} if profile else None}
     return {**public_version(version, line_row["kind"]), "stale_start": None, "trained": trained, "reused": True}
+
+
+def _as_fused(params: FuseParams, opts: TrainOptions, version: dict[str, Any]) -> FuseParams:
+    """The parameters the fuse ran with: the default's fallback where it fell back (the version
+    says so) or had to (the task recorded no Gram matrices), else `params` as given."""
+    from kifmerge.services.fusing import GRAM_FALLBACK
+
+    if "method" in params.model_fields_set or params.method not in GRAM_FALLBACK:
+        return params
+    if "fallback" in (version["params"] or {}) or not opts.records_grams:
+        return params.model_copy(update={"method": GRAM_FALLBACK[params.method]})
+    return params
 
 
 def _comparable(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -233,6 +246,12 @@ def _option_differences(config: dict[str, Any], opts: TrainOptions) -> list[str]
     out = []
     for key, value in given.items():
         recorded = config.get(key, defaults[key])
+        if key == "gram":  # compared as what it does: None means on for LoRA (since 2026-12-06), off for full
+            was, now = _records_grams(config), opts.records_grams
+            if was != now:
+                out.append(f"--gram: {'on' if was else 'off'} ≠ {'on' if now else 'off'}"
+                           + (" (on by default for LoRA since 2026-12-06: --no-gram matches the earlier run)" if now else ""))
+            continue
         if key == "replay":  # recorded as replay_fraction (the `replay` entry lists what was replayed)
             recorded = config.get("replay_fraction", 0.0 if config.get("replay") is None else "unrecorded")
         if key not in skipped and recorded != value:
@@ -240,6 +259,12 @@ def _option_differences(config: dict[str, Any], opts: TrainOptions) -> list[str]
     if config.get("learning_rate") is not None and config["learning_rate"] != opts.learning_rate:
         out.append(f"--lr: {config['learning_rate']} ≠ {opts.learning_rate}")
     return out
+
+
+def _records_grams(config: dict[str, Any]) -> bool:
+    """Whether a recorded training config recorded Gram matrices (`gram` absent or False before
+    2026-12-06: off; None since: on for LoRA)."""
+    return config.get("mode", "lora") == "lora" and config.get("gram", False) is not False
 
 
 @contextmanager
