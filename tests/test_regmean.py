@@ -163,6 +163,8 @@ def test_the_default_is_regmean_and_falls_back_to_magmax_where_it_cannot_run(cli
     version = json.loads(fused.stdout)
     assert version["method"] == "magmax" and "task 'outside' has no Gram matrices" in version["params"]["fallback"]
     assert sum("fused by magmax" in line for line in fused.stderr.splitlines()) == 1
+    history = cli("history", "main").stdout
+    assert "fallback" in history and history.count("regmean") >= 1, "history says which fuse was the default's fallback"
 
 
 def test_the_default_falls_back_in_a_plan(cli, tmp_path, llama_dir):

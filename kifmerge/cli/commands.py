@@ -475,12 +475,15 @@ def history(
 
 def render_history(rows: list[dict]) -> None:
     """One row per version, its aliases under it; params as `k=v`, one a line. What the fuse
-    computed (`methods.COMPUTED_BY_THE_FUSE`) is left to `show` and --json: a row stays a few lines."""
+    computed (`methods.COMPUTED_BY_THE_FUSE`) is left to `show` and --json: a row stays a few lines;
+    a method the default fell back to says so under it."""
     def cell(column: str, value: Any) -> str:
         if column == "params" and isinstance(value, dict):
             chosen = {k: v for k, v in value.items() if k not in methods.COMPUTED_BY_THE_FUSE}
             return "\n".join(f"{k}={_brief(v, ',')}" for k, v in _flat(chosen)) or "—"
         return _brief(value)
 
-    rows = [{**row, "version": row["version"] + "".join(f"\n@{alias}" for alias in row.get("aliases") or [])} for row in rows]
+    rows = [{**row, "version": row["version"] + "".join(f"\n@{alias}" for alias in row.get("aliases") or []),
+             "method": row["method"] + ("\n(the default's\nfallback)" if (row.get("params") or {}).get("fallback") else "")}
+            for row in rows]
     render_table(rows, ["version", "task", "method", "params", "created"], "no versions yet", cell=cell)
