@@ -220,7 +220,10 @@ class Experiment:
             return
         log(f"seed {self.seed}: train {name} from {line if self.versions(line) else 'the base'}")
         val = self.validation_file(data)
-        self.timed(f"train:{name}", lambda: self.api.train(name, data, line, base=self.base, options=options, val=val,
+        # a training cut short (a session's end) continues from its last saved step: `resume` is
+        # watch-only, so neither the name nor the result changes; the wall time then counts the rest only
+        resumable = {**options, **({} if options.get("recurrent") else {"resume": True})}
+        self.timed(f"train:{name}", lambda: self.api.train(name, data, line, base=self.base, options=resumable, val=val,
                                                            registry=self.registry))
 
     def validation_file(self, train: Path) -> Path | None:
