@@ -161,7 +161,7 @@ def test_the_default_is_regmean_and_falls_back_to_magmax_where_it_cannot_run(cli
     assert "which --method regmean reads" in refused.stderr
     fused = cli("fuse", "outside", "--into", "main", "--json")
     version = json.loads(fused.stdout)
-    assert version["method"] == "magmax" and "task 'outside' has no Gram matrices" in version["params"]["fallback"]
+    assert version["method"] == "magmax" and "task 'outside' has no Gram matrices (added without --calibrate)" in version["params"]["fallback"]
     assert sum("fused by magmax" in line for line in fused.stderr.splitlines()) == 1
     history = cli("history", "main").stdout
     assert "fallback" in history and history.count("regmean") >= 1, "history says which fuse was the default's fallback"
@@ -193,7 +193,7 @@ def test_the_default_falls_back_in_a_plan(cli, tmp_path, llama_dir):
     result = cli.json("run", plan)
     assert [s["status"] for s in result["steps"]] == ["done"] * 3
     shown = cli.json("show", "planned@v2")
-    assert shown["method"] == "magmax" and "task 'c' has no Gram matrices" in shown["params"]["fallback"]
+    assert shown["method"] == "magmax" and "task 'c' has no Gram matrices (calibrated with --no-gram" in shown["params"]["fallback"]
 
 
 def test_learn_run_again_is_reused_whatever_the_default_fused_by(cli, tmp_path, llama_dir):

@@ -86,7 +86,7 @@ def check_profile_for(method: str, task: str, profile_row: dict | None, chosen: 
 GRAM_FALLBACK = {"regmean": "magmax"}  # the default rule → what fuses when it was not chosen and cannot run
 
 
-def gram_fallback(params, kind: str, task: str, head: str, task_grams: dict | None, head_grams: dict | None):
+def gram_fallback(params, kind: str, task_row: dict, head: str, task_grams: dict | None, head_grams: dict | None):
     """(params, why) for a fuse by a Gram rule: as they are, or, when the rule is the default (not
     chosen) and a side has no Gram matrices (a task added without `--calibrate`, trained with
     `--no-gram` or before they were recorded by default, a full fine-tuning), MagMax's, with the
@@ -97,8 +97,7 @@ def gram_fallback(params, kind: str, task: str, head: str, task_grams: dict | No
     if kind != "lora":
         why = "a full fine-tuning line has no Gram matrices"
     elif task_grams is None:
-        why = (f"task {task!r} has no Gram matrices (trained with --no-gram, before 2026-12-06 or on LoRA modules "
-               "that are no linear layer, or added without --calibrate)")
+        why = f"task {task_row['name']!r} has no Gram matrices ({_why_no_grams(task_row.get('training_config') or {})})"
     elif head_grams is None:
         why = f"{head} has no Gram matrices (a task of the line had none, so no later fuse into it has them)"
     else:
@@ -107,6 +106,18 @@ def gram_fallback(params, kind: str, task: str, head: str, task_grams: dict | No
     warnings.warn(f"{params.method} (the default): {why}: fused by {fallback} (--method {fallback}: the same, "
                   "without this warning)", FallbackWarning, stacklevel=3)
     return params.model_copy(update={"method": fallback}), f"{params.method}: {why}: fused by {fallback}"
+
+
+def _why_no_grams(config: dict) -> str:
+    """How a LoRA task came to have no Gram matrices, from its recorded training config."""
+    calibration = config.get("calibration")
+    if calibration is not None:
+        return ("calibrated with --no-gram or before 2026-12-06" if calibration.get("gram", False) is False
+                else "some adapted module is no linear layer")
+    if not (config.get("data") or {}).get("sha256"):
+        return "added without --calibrate"
+    return ("trained with --no-gram or before 2026-12-06" if config.get("gram", False) is False
+            else "some adapted module is no linear layer")
 
 
 def _element_fallback(method: str, task: str, head: str, task_elements: dict | None, head_elements: dict | None) -> str | None:
@@ -271,7 +282,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
             head_elements = read_elements(reg.blobs.open_verified(head["profile"]), new_headers.shapes)
             head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups),
                                     lora_input_widths(new_headers.shapes)) if task_grams else None
-            params, instead = gram_fallback(params, kind, task, f"{into}@v{head['number']}", task_grams, head_grams)
+            params, instead = gram_fallback(params, kind, task_row, f"{into}@v{head['number']}", task_grams, head_grams)
             family = METHODS[params.method].family
             validation, selection = None, None
             if family == DATA or max_regression is not None:
