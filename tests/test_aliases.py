@@ -197,7 +197,7 @@ def test_concurrent_rollbacks_and_fuses_keep_versions_gapless(wcli, world):
             if kind == "rollback":
                 results.append(api.rollback("main", target, registry=wcli.registry))
             else:
-                results.append(api.fuse("t3", "main", top=float(world["top"]), again=True, registry=wcli.registry))
+                results.append(api.fuse("t3", "main", method="kif", top=float(world["top"]), again=True, registry=wcli.registry))
         except UsageError as exc:  # rolling back to what the head already holds: refused, nothing written
             errors.append(str(exc))
         except Exception as exc:  # noqa: BLE001 — reported below
