@@ -152,8 +152,9 @@ class TrainOptions(BaseModel):
     outer_steps: int = option(4, ge=1, le=limits.MAX_STEPS,
                               help="Recurrent-KIF's outer steps on the replay buffer per cycle (with --recurrent).")
     warmup_steps: int = option(0, ge=0, le=limits.MAX_STEPS, help="Linear learning-rate warmup steps before the linear decay.")
-    gram: bool | None = option(None, shown="on for LoRA", help="Record each LoRA module's input Gram matrix XᵀX with the profile (for fuse --method "
-                                    "regmean; about in² floats per module).")
+    gram: bool | None = option(None, shown="on for LoRA", help="Record each LoRA module's input Gram matrix XᵀX with the profile (the default fuse "
+                                    "rule, regmean, reads them; stored as in²/2 floats per distinct module input, held as "
+                                    "in² float32 per module on the training device).")
     bf16: bool = option(False, help="bfloat16 autocast for the forward/backward (weights and importance stay float32). On a "
                                     "CPU without native bf16 (no avx512_bf16/amx_bf16) it falls back to float32 with a warning.")
     fp16: bool = option(False, help="float16 autocast with loss scaling (CUDA GPUs only; excludes --bf16).")
