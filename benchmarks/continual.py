@@ -121,6 +121,10 @@ METHODS = {
     "regmean": Method("RegMean in ΔW = B·A space: each module's updates weighted by the Gram matrices of the inputs "
                       "they saw in training (train --gram; the line's is the sum over its tasks), off-diagonals ×0.9, "
                       "re-factored to rank 8", {"method": "regmean"}, {"gram": True}),
+    "regmean-diagonal": Method("RegMean with the Gram matrices' diagonals only (--non-diagonal 0): each input feature's "
+                               "column of ΔW weighted by the tasks' energy in that feature; splits what RegMean's full "
+                               "input curvature buys over a diagonal one, in the same ΔW space",
+                               {"method": "regmean", "non_diagonal": 0.0}, {"gram": True}),
     "validated": Method("linear with α chosen per fuse from 0.3/0.5/0.7 by the mean exact match on 100 validation examples "
                         "of every task so far (dev examples 301–400, never reported)", {"method": "validated"}),
     "replay": Method("SeqLoRA with 2 % of each training set drawn from the line's earlier tasks (--replay 0.02)",
@@ -666,6 +670,7 @@ SCREEN = {
     "kif-fisher": ("b, Fisher", ["linear-0.5"]),
     "recurrent-kif": ("c", ["replay-linear", "replay-kif"]),
     "regmean": ("d", ["linear-0.5"]),
+    "regmean-diagonal": ("d, diagonal", ["linear-0.5", "regmean", "kif-fisher"]),
     "validated": ("e", ["linear-0.5"]),
     "kif": ("context", ["linear-0.5"]),
     "kif-adaptive-rank": ("context", ["linear-0.5"]),
@@ -710,7 +715,7 @@ def write_screen(order: str, results: Path = RESULTS) -> None:
                "AP": interval(cache[m]["AP"][1], cache[m]["AP"][0]),
                "BWT_vs_learned": interval(cache[m]["BWT_vs_learned"][1], cache[m]["BWT_vs_learned"][0]),
                "fuse_cost": interval(cache[m]["fuse_cost"][1], cache[m]["fuse_cost"][0]), "versus": {}}
-        for other in [*against, DEFAULT_METHOD]:
+        for other in dict.fromkeys([*against, DEFAULT_METHOD]):
             if other in cache and other != m:
                 row["versus"][other] = {key: paired_difference(cache[m][key], cache[other][key])
                                         for key in ("AP", "BWT_vs_learned", "fuse_cost")}
@@ -731,7 +736,7 @@ def write_screen(order: str, results: Path = RESULTS) -> None:
             continue
         if not row["versus"]:
             lines.append(f"| {row['candidate']} | {m} | {ci(row['AP'])} | {', '.join(row['against'])}: no cell yet | | | |")
-        for other in [o for o in [*row["against"], DEFAULT_METHOD] if o in row["versus"]]:
+        for other in [o for o in dict.fromkeys([*row["against"], DEFAULT_METHOD]) if o in row["versus"]]:
             d = row["versus"][other]
             lines.append(f"| {row['candidate']} | {m} | {ci(row['AP'])} | {other} | {ci(d['AP'], True)} {d['AP']['called']} | "
                          f"{ci(d['BWT_vs_learned'], True)} | {ci(d['fuse_cost'], True)} |")

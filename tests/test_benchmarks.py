@@ -179,7 +179,7 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
         write_jsonl(data / f"{task}-dev.jsonl", task_records(task, 6, 10 + seed))
     sequence = {"name": "tiny", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in ("parity", "vowel")]}
     (data / "sequence.json").write_text(json.dumps(sequence))
-    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,regmean,linear-0.5,kif-element", "--steps", 2,
+    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,regmean,linear-0.5,kif-element,regmean-diagonal", "--steps", 2,
         "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 4,
         "--eval-batch-size", 4, "--max-new-tokens", 2, "--precision", "fp32", "--work", tmp_path / "work", "--results", tmp_path)
     for method in ("seq", "regmean"):
@@ -188,7 +188,7 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
         assert [len(task) for task in cell["examples"]["final"]] == [4, 4]
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["benchmark"] == "continual" and result["command"].startswith("python benchmarks/continual.py ")
-    assert set(result["statistics"]) == {"seq", "regmean", "linear-0.5", "kif-element", "linear-best"}
+    assert set(result["statistics"]) == {"seq", "regmean", "linear-0.5", "kif-element", "regmean-diagonal", "linear-best"}
     assert 0 <= result["statistics"]["regmean"]["AP"]["value"] <= 1
     assert "AP_minus_default" in result["statistics"]["seq"], "the paired difference from the default method (regmean)"
     assert f"{llama_dir.name}, LoRA r 8" in (tmp_path / "tiny.md").read_text()
@@ -200,6 +200,9 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     assert versus["low"] <= versus["value"] <= versus["high"] and versus["called"] in ("higher", "lower", "no difference")
     assert screen["magmax"]["status"] == "not run yet" and screen["recurrent-kif"]["against"] == ["replay-linear", "replay-kif"]
     assert "| b | kif-element |" in (tmp_path / "screen-tiny.md").read_text()
+    # a row screened against the default itself is paired with it once
+    assert set(screen["regmean-diagonal"]["versus"]) == {"linear-0.5", "regmean"}
+    assert (tmp_path / "screen-tiny.md").read_text().count("| regmean-diagonal |") == 2
 
     # the summary over orders 4–6 (here three copies of the tiny sequence's results), paired with the
     # default and, asked, with another row
