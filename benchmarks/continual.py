@@ -592,28 +592,43 @@ def seed_averaged_estimates(payload: dict, method: str, indices: list) -> dict:
     return {key: combine([p[key] for p in per]) for key in per[0]}
 
 
+def order_results(results: Path, order: int, suffix: str) -> list[dict]:
+    """An order's assembled results: `order{N}-SUFFIX.json` alone when a suffix is given, else
+    `order{N}.json` and every `order{N}-seeds*.json` beside it (rows assembled over more seeds),
+    the ones computed with other settings left out."""
+    paths = ([results / f"order{order}{suffix}.json"] if suffix else
+             [results / f"order{order}.json", *sorted(results.glob(f"order{order}-seeds*.json"))])
+    payloads = [json.loads(p.read_text()) for p in paths if p.exists()]
+    return [p for p in payloads if p["settings"] == payloads[0]["settings"] and p["tasks"] == payloads[0]["tasks"]]
+
+
 def write_summary(orders: list[int], results: Path = RESULTS, reference: str = DEFAULT_METHOD, suffix: str = "") -> None:
     """Across orders: per method the mean AP and BWT vs learned with intervals (resamples
     shared per task across orders, seeds averaged first) and the AP difference from the default, or
     from `reference` (then written as `summary-vs-REFERENCE`; the summary itself keeps the default's).
-    `suffix`: read `order{o}-SUFFIX.json` (e.g. `seeds42-43`: the rows run on both seeds) and write
-    `summary-SUFFIX`."""
+    Each method on each order counts every seed it was run with (the assembled file with the most
+    seeds for it: `order{N}-seeds42-43.json` over `order{N}.json`), so a row's seeds can differ
+    from another's, and the table says which. `suffix`: read only `order{o}-SUFFIX.json` (e.g.
+    `seeds42-43`: the rows run on both seeds) and write `summary-SUFFIX`."""
     suffix = f"-{suffix}" if suffix else ""
     from kifmerge.stats import combine, interval, paired_difference
 
-    found = {o: json.loads((results / f"order{o}{suffix}.json").read_text()) for o in orders
-             if (results / f"order{o}{suffix}.json").exists()}
+    found = {o: payloads for o in orders if (payloads := order_results(results, o, suffix))}
     if not found:
         sys.exit(f"no order results yet ({', '.join(f'order{o}{suffix}.json' for o in orders)} under {results}): "
                  "run benchmarks/continual.py --order N first" + (" and assemble it with --out" if suffix else ""))
-    methods = [m for m in next(iter(found.values()))["methods"] if all(m in r["methods"] for r in found.values())]
+    # per order and method, the payload with the most seeds for it
+    picked = {o: {m: max((p for p in payloads if m in p["methods"]), key=lambda p: len(p["seeds"]))
+                  for m in {m for p in payloads for m in p["methods"]}} for o, payloads in found.items()}
+    methods = [m for m in dict.fromkeys(m for p in next(iter(found.values())) for m in p["methods"])
+               if all(m in picked[o] for o in found)]
     est: dict[str, dict] = {m: {} for m in methods}
-    for o, payload in found.items():
-        tasks = payload["tasks"]
-        sizes = [len(s) for s in payload["examples"][methods[0]]["final"][0]]
+    for o, payloads in found.items():
+        tasks = payloads[0]["tasks"]
+        sizes = [len(s) for s in payloads[0]["examples"][next(iter(payloads[0]["methods"]))]["final"][0]]
         indices = task_indices(tasks, sizes)
         for m in methods:
-            for key, value in seed_averaged_estimates(payload, m, indices).items():
+            for key, value in seed_averaged_estimates(picked[o][m], m, indices).items():
                 est[m].setdefault(key, []).append(value)
     stats = {}
     for m in methods:
@@ -623,25 +638,31 @@ def write_summary(orders: list[int], results: Path = RESULTS, reference: str = D
             stats[m][key] = interval(replicates, point)
         if m != reference and reference in est:
             stats[m]["AP_minus_default"] = paired_difference(combine(est[m]["AP"]), combine(est[reference]["AP"]))
-    chosen = found.get(int(ALPHA_ORDER.removeprefix("order")), {}).get("statistics", {}).get("linear-best", {}).get("is")
+    chosen = (found.get(int(ALPHA_ORDER.removeprefix("order"))) or [{}])[0].get("statistics", {}).get("linear-best", {}).get("is")
     if chosen in stats:
         for m in methods:  # the bar a fusion rule has to clear: the best plain average
             if m != chosen:
                 stats[m]["AP_minus_linear_best"] = paired_difference(combine(est[m]["AP"]), combine(est[chosen]["AP"]))
         stats["linear-best"] = {**stats[chosen], "is": chosen, "chosen_on": ALPHA_ORDER}
-    precisions = {o: p["settings"].get("precision", "bf16" if p["settings"].get("bf16") else "fp32") for o, p in found.items()}
+    precisions = {o: ps[0]["settings"].get("precision", "bf16" if ps[0]["settings"].get("bf16") else "fp32")
+                  for o, ps in found.items()}
+    seeds = {m: {o: picked[o][m]["seeds"] for o in found} for m in methods}
     payload = {"benchmark": "continual-summary", "orders": sorted(found), "default_method": DEFAULT_METHOD, "reference": reference,
                "methods": {m: METHODS[m].describe for m in methods}, "statistics": stats, "precision": precisions,
-               "seeds": {o: p["seeds"] for o, p in found.items()},
-               "wall_s_per_order": {o: round(sum(sum((w or {}).get(k, 0) for w in seeds.values() for k in ("train", "fuse", "eval"))
-                                                 for seeds in p["wall_s"].values()), 1) for o, p in found.items()},
+               "seeds": seeds,
+               "wall_s_per_order": {o: round(sum(sum((w or {}).get(k, 0) for w in picked[o][m]["wall_s"][m].values()
+                                                     for k in ("train", "fuse", "eval")) for m in methods), 1) for o in found},
                "git_commit": git_commit(), "command": "python benchmarks/continual.py --summary"}
+    groups: dict[str, list[str]] = {}  # "order 4: 42, 43; order 5: 42, …" → the rows run with those seeds
+    for m in methods:
+        groups.setdefault("; ".join(f"order {o}: {', '.join(map(str, s))}" for o, s in seeds[m].items()), []).append(m)
     lines = [f"# Continual learning across orders {', '.join(map(str, sorted(found)))}", "",
              f"Mean over orders (each order's seeds averaged first); points ×100 with 95 % paired-bootstrap intervals over "
              f"examples (resamples shared per task across methods, seeds and orders). Default method: **{DEFAULT_METHOD}** "
              f"(`kifmerge fuse` without --method). A difference is called only when its interval excludes 0. "
              f"Fuse cost: over the fused tasks. linear-best: the linear α that was best on {ALPHA_ORDER}, carried to "
-             f"the other orders. Seeds: {'; '.join(f'order {o}: {s}' for o, s in payload['seeds'].items())}. Precision: "
+             f"the other orders. Seeds, each row's every seed: "
+             + " | ".join(f"{', '.join(ms) if len(groups) > 1 else 'every row'}: {g}" for g, ms in groups.items()) + ". Precision: "
              + ("; ".join(f"order {o}: {v}" for o, v in precisions.items()) if len(set(precisions.values())) > 1
                 else f"{next(iter(precisions.values()))} everywhere") + ".", "",
              f"| method | AP | AP − {reference} | AP − linear-best | BWT vs learned | fuse cost |",

@@ -226,6 +226,18 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     suffixed = json.loads((summary / "summary-seeds42-43.json").read_text())
     assert suffixed["orders"] == [4, 5] and suffixed["statistics"]["seq"]["AP"] == default["seq"]["AP"]
     assert json.loads((summary / "summary.json").read_text())["orders"] == [4, 5, 6]
+    # without --suffix every row counts every seed it was run with: a file assembled over more seeds
+    # (here regmean's seed 42 twice over, so its estimate must not move) wins for the rows it holds
+    two = json.loads((tmp_path / "tiny.json").read_text())
+    two.update(seeds=[42, 99], methods={"regmean": two["methods"]["regmean"]},
+               examples={"regmean": {k: v * 2 for k, v in two["examples"]["regmean"].items()}},
+               wall_s={"regmean": {**two["wall_s"]["regmean"], "99": None}})
+    (summary / "order6-seeds42-99.json").write_text(json.dumps(two))
+    run("continual.py", "--summary", "--results", summary)
+    every = json.loads((summary / "summary.json").read_text())
+    assert every["seeds"]["regmean"] == {"4": [42], "5": [42], "6": [42, 99]} and every["seeds"]["seq"]["6"] == [42]
+    assert every["statistics"]["regmean"]["AP"] == default["regmean"]["AP"]
+    assert "regmean: order 4: 42; order 5: 42; order 6: 42, 99" in (summary / "summary.md").read_text()
 
 
 def test_the_running_mean_row_weighs_the_t_th_task_1_over_t(tmp_path, llama_dir):
