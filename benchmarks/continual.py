@@ -125,6 +125,9 @@ METHODS = {
                                "column of ΔW weighted by the tasks' energy in that feature; splits what RegMean's full "
                                "input curvature buys over a diagonal one, in the same ΔW space",
                                {"method": "regmean", "non_diagonal": 0.0}, {"gram": True}),
+    "regmean-full": Method("RegMean with the Gram matrices whole (--non-diagonal 1; the default scales their "
+                           "off-diagonals by 0.9, RegMean's published choice): the other end of the sweep, tuned on order 4",
+                           {"method": "regmean", "non_diagonal": 1.0}, {"gram": True}),
     "validated": Method("linear with α chosen per fuse from 0.3/0.5/0.7 by the mean exact match on 100 validation examples "
                         "of every task so far (dev examples 301–400, never reported)", {"method": "validated"}),
     "replay": Method("SeqLoRA with 2 % of each training set drawn from the line's earlier tasks (--replay 0.02)",
@@ -692,6 +695,7 @@ SCREEN = {
     "recurrent-kif": ("c", ["replay-linear", "replay-kif"]),
     "regmean": ("d", ["linear-0.5"]),
     "regmean-diagonal": ("d, diagonal", ["linear-0.5", "regmean", "kif-fisher"]),
+    "regmean-full": ("d, whole Gram", ["regmean"]),
     "validated": ("e", ["linear-0.5"]),
     "kif": ("context", ["linear-0.5"]),
     "kif-adaptive-rank": ("context", ["linear-0.5"]),
