@@ -209,7 +209,7 @@ class TrainOptions(BaseModel):
     @property
     def records_grams(self) -> bool:
         """--gram: as given, else on for LoRA (the default fuse rule, regmean, reads the Gram matrices)."""
-        return self.mode == "lora" and (self.gram if self.gram is not None else True)
+        return grams_recorded({"mode": self.mode, "gram": self.gram})
 
     @property
     def rank(self) -> int:
@@ -218,6 +218,13 @@ class TrainOptions(BaseModel):
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (3e-4 if self.mode == "lora" else 2e-5)
+
+
+def grams_recorded(config: dict[str, Any]) -> bool:
+    """Whether training (or calibration) options, as given or as a task's stored config, record Gram
+    matrices: on for LoRA unless `gram` is False; a config stored before the field existed or before
+    2026-12-06 (`gram` absent or False) recorded none."""
+    return config.get("mode", "lora") == "lora" and config.get("gram", False) is not False
 
 
 def validated(model: type[BaseModel], what: str, values: dict[str, Any]) -> Any:

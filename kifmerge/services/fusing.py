@@ -110,14 +110,14 @@ def gram_fallback(params, kind: str, task_row: dict, head: str, task_grams: dict
 
 def _why_no_grams(config: dict) -> str:
     """How a LoRA task came to have no Gram matrices, from its recorded training config."""
+    from kifmerge.options import grams_recorded
+
     calibration = config.get("calibration")
-    if calibration is not None:
-        return ("calibrated with --no-gram or before 2026-12-06" if calibration.get("gram", False) is False
-                else "some adapted module is no linear layer")
-    if not (config.get("data") or {}).get("sha256"):
+    if calibration is None and not (config.get("data") or {}).get("sha256"):
         return "added without --calibrate"
-    return ("trained with --no-gram or before 2026-12-06" if config.get("gram", False) is False
-            else "some adapted module is no linear layer")
+    how = "calibrated" if calibration is not None else "trained"
+    return ("some adapted module is no linear layer" if grams_recorded(calibration or config)
+            else f"{how} with --no-gram or before 2026-12-06")
 
 
 def _element_fallback(method: str, task: str, head: str, task_elements: dict | None, head_elements: dict | None) -> str | None:

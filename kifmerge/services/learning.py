@@ -12,7 +12,7 @@ from typing import Any, Iterator
 from kifmerge.errors import ConflictError, InvalidInputError, NotFoundError, UsageError
 from kifmerge.faults import fault_point
 from kifmerge.fusion.methods import COMPUTED_BY_THE_FUSE
-from kifmerge.options import FuseParams, TrainOptions, training_options
+from kifmerge.options import FuseParams, TrainOptions, grams_recorded, training_options
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_input
 from kifmerge.services.common import Progress, base_dir, check_name, fuse_params, opened, public_task, public_version
@@ -247,7 +247,7 @@ def _option_differences(config: dict[str, Any], opts: TrainOptions) -> list[str]
     for key, value in given.items():
         recorded = config.get(key, defaults[key])
         if key == "gram":  # compared as what it does: None means on for LoRA (since 2026-12-06), off for full
-            was, now = _records_grams(config), opts.records_grams
+            was, now = grams_recorded(config), opts.records_grams
             if was != now:
                 out.append(f"--gram: {'on' if was else 'off'} ≠ {'on' if now else 'off'}"
                            + (" (on by default for LoRA since 2026-12-06: --no-gram matches the earlier run)" if now else ""))
@@ -259,12 +259,6 @@ def _option_differences(config: dict[str, Any], opts: TrainOptions) -> list[str]
     if config.get("learning_rate") is not None and config["learning_rate"] != opts.learning_rate:
         out.append(f"--lr: {config['learning_rate']} ≠ {opts.learning_rate}")
     return out
-
-
-def _records_grams(config: dict[str, Any]) -> bool:
-    """Whether a recorded training config recorded Gram matrices (`gram` absent or False before
-    2026-12-06: off; None since: on for LoRA)."""
-    return config.get("mode", "lora") == "lora" and config.get("gram", False) is not False
 
 
 @contextmanager
