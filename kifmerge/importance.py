@@ -203,6 +203,7 @@ class GramCollector:
         # the last input seen (weakly: it is the model's activation), its version counter and its XᵀX
         self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
         self._handles = []
+        self._linears: dict[str, torch.nn.Linear] = {}  # what each recorded module's matrix is of (its size, device)
         self.unsupported: dict[str, str] = {}  # LoRA-adapted modules that are no linear layer: no Gram matrix
         for name, module in model.named_modules():
             if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")):
@@ -210,6 +211,7 @@ class GramCollector:
             if isinstance(module.base_layer, torch.nn.Linear):
                 # peft's module name is how the module prefixes `.lora_A.weight` in a saved adapter
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+                self._linears[name] = module.base_layer
             else:
                 self.unsupported[name] = type(module.base_layer).__name__
 
@@ -244,6 +246,29 @@ class GramCollector:
             else:
                 self.grams[name] = gram.clone()  # its own sum: modules that share an input must not share a buffer
         return hook
+
+    @torch.no_grad()
+    def totals(self) -> dict[str, torch.Tensor]:
+        """The sums over every process of a data-parallel run (torchrun / accelerate: each rank's hooks
+        see only its share of the batches, so rank 0's own sums would weigh the task by 1/world size in
+        RegMean); the sums themselves in a single process. A collective: every rank calls it, in step."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.grams
+        totals = {}
+        for name in sorted(self._linears):  # the same order on every rank; a rank that saw nothing adds zeros
+            weight = self._linears[name].weight
+            total = self.grams[name].clone() if name in self.grams else \
+                torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
+            dist.all_reduce(total)
+            totals[name] = total
+        return totals
+
+    def start_from(self, sums: dict[str, torch.Tensor], *, main_process: bool = True) -> None:
+        """A resumed run's sums so far (summed over every rank when they were saved): the main process
+        carries them on, the others start from zero so that the final `totals` counts them once."""
+        self.grams = {name: gram.clone() for name, gram in sums.items()} if main_process else {}
 
     @contextmanager
     def paused(self) -> Iterator[None]:

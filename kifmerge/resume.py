@@ -88,10 +88,10 @@ def note(message: str) -> None:
 
 
 # ---- the importance accumulator's state ------------------------------------------------------
-def save_importance(accumulator, path: Path, grams=None) -> None:
+def save_importance(accumulator, path: Path, grams: dict[str, torch.Tensor] | None = None) -> None:
     """The accumulator's EMAs (Ī, Ū) and counters as safetensors, written under a temporary name
-    and renamed (the file marks its checkpoint complete); with `grams` (a GramCollector), its sums
-    so far, packed as in a profile."""
+    and renamed (the file marks its checkpoint complete); with `grams` (a GramCollector's totals),
+    the Gram sums so far, packed as in a profile."""
     from kifmerge.profiles import gram_entries
 
     tensors = {f"ipt.{n}": t.detach().cpu().contiguous() for n, t in accumulator.ipt.items()}
@@ -99,18 +99,19 @@ def save_importance(accumulator, path: Path, grams=None) -> None:
     metadata = {"format": "kifmerge-importance-state", "estimator": accumulator.estimator,
                 "steps": str(accumulator.steps), "skipped": str(accumulator.skipped)}
     if grams is not None:
-        gram_tensors, gram_meta = gram_entries({n: g.detach().cpu() for n, g in grams.grams.items()})
+        gram_tensors, gram_meta = gram_entries({n: g.detach().cpu() for n, g in grams.items()})
         tensors |= gram_tensors
-        metadata |= {"gram-modules": json.dumps(sorted(grams.grams)), **gram_meta}
+        metadata |= {"gram-modules": json.dumps(sorted(grams)), **gram_meta}
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     save_file(tensors, str(temp), metadata=metadata)
     os.replace(temp, path)
 
 
 @torch.no_grad()
-def load_importance(accumulator, path: Path, grams=None) -> None:
+def load_importance(accumulator, path: Path, grams=None, *, main_process: bool = True) -> None:
     """Restore what `save_importance` wrote; `grams` (a GramCollector) gets the Gram sums so far, so a
-    resumed `--gram` run's matrices cover every step, not only those after the resume."""
+    resumed `--gram` run's matrices cover every step, not only those after the resume (in a
+    data-parallel run on the main process only: the saved sums are every rank's already)."""
     from kifmerge.profiles import GRAM, read_grams
 
     with safe_open(str(path), framework="pt") as handle:
@@ -131,8 +132,8 @@ def load_importance(accumulator, path: Path, grams=None) -> None:
             raise InvalidInputError(f"the checkpoint in {path.parent} was saved without --gram: its Gram matrices would "
                                     "cover only the steps after it; run without --resume to start afresh")
         device = next(iter(accumulator.ipt.values())).device
-        # each module its own buffer: read_grams gives modules that share a matrix the same tensor
-        grams.grams = {name: gram.to(device).clone() for name, gram in (saved or {}).items()}
+        # each module its own buffer (start_from copies): read_grams gives modules sharing a matrix one tensor
+        grams.start_from({name: gram.to(device) for name, gram in (saved or {}).items()}, main_process=main_process)
 
 
 class ImportanceCheckpoint(TrainerCallback):
@@ -149,7 +150,8 @@ class ImportanceCheckpoint(TrainerCallback):
             control.should_save = False
 
     def on_save(self, args, state, control, **kwargs):
+        grams = self.grams.totals() if self.grams is not None else None  # every rank takes part in the sum
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                save_importance(self.accumulator, folder / STATE_FILE, self.grams)
+                save_importance(self.accumulator, folder / STATE_FILE, grams)

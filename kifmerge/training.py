@@ -272,7 +272,7 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
                                          callbacks=[ProgressBridge(progress, description)], outer=outer)
     grams = GramCollector.attach(trainer.model, options.gram) if options.records_grams else None
     if start is not None:
-        load_importance(accumulator, start / STATE_FILE, grams)
+        load_importance(accumulator, start / STATE_FILE, grams, main_process=trainer.is_world_process_zero())
     if grams is not None:
         from kifmerge.resume import ImportanceCheckpoint
 
@@ -295,6 +295,7 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
         metrics["recurrent"] = trainer.recurrent.report(len(outer))
     if val:
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 6)
+    gram_totals = grams.totals() if grams is not None else None  # every rank's share (a collective)
     result = None
     if trainer.is_world_process_zero():
         checkpoint = out_dir / "checkpoint"
@@ -312,7 +313,7 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
             grams.remove()
         write_profile(profile, from_unit_scores(accumulator.unit_scores(options.mode), layout), layout,
                       {"estimator": options.importance, "steps": str(accumulator.steps)}, elements=elements,
-                      grams={k: v for k, v in grams.grams.items() if k in layout.groups} if grams is not None else None)
+                      grams={k: v for k, v in gram_totals.items() if k in layout.groups} if grams is not None else None)
         result = TrainResult(checkpoint, profile, metrics)
     return result
 
