@@ -91,8 +91,10 @@ def test_fuse_rebases_onto_a_line_that_moved(tmp_path, llama_dir, monkeypatch):
         return staged
 
     monkeypatch.setattr(fusing, "stage_version", stage_then_someone_fuses)
-    result = cli.json("fuse", "t2", "--into", "main")
+    done = cli("fuse", "t2", "--into", "main", "--json")
+    result = json.loads(done.stdout)
     assert staged_on == [1, 2] and result["version"] == "main@v3" and result["parent"] == "v2"
+    assert done.stderr.count("task 't2' has no Gram matrices") == 1, "the fallback is said once, not per rebase"
     assert [v["task"] for v in cli.json("history", "main")] == ["t1", "t3", "t2"]
 
     def line_always_moves(reg, task_row, *args, **kwargs):

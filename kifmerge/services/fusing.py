@@ -9,6 +9,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +54,12 @@ def fuse(task: str, into: str, *, again: bool = False, max_regression: float | N
         task_row = reg.catalog.get("tasks", task, "task")
         profile_row = reg.catalog.find("profiles", task)
         check_profile_for(params.method, task, profile_row, chosen="method" in params.model_fields_set)
+        warned: set[str] = set()
         for attempt in range(1, REBASE_ATTEMPTS + 1):  # the line moved meanwhile: fuse again onto its new head
             holder = refuse_fused_again(reg, task_row, into, again)
-            staged = stage_version(reg, task_row, profile_row["scores"] if profile_row else None, into, params, progress,
-                                   max_regression=max_regression)
+            with warnings_once(warned):  # a fallback is said once, not again for each rebase
+                staged = stage_version(reg, task_row, profile_row["scores"] if profile_row else None, into, params,
+                                       progress, max_regression=max_regression)
             if holder is not None:
                 staged.notes["again"] = f"{into}@v{holder['number']}"
             fault_point("fuse.staged")
@@ -69,6 +72,18 @@ def fuse(task: str, into: str, *, again: bool = False, max_regression: float | N
                 head = reg.catalog.head(into)
                 if attempt == REBASE_ATTEMPTS or (head["number"] if head else 0) == staged.row["number"] - 1:
                     raise
+
+
+@contextmanager
+def warnings_once(warned: set[str]) -> Iterator[None]:
+    """Warnings raised inside, passed on unless one with the same text was passed on before."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        if str(warning.message) not in warned:
+            warned.add(str(warning.message))
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def check_profile_for(method: str, task: str, profile_row: dict | None, chosen: bool = True) -> None:
