@@ -13,8 +13,8 @@ and summarised as AP = mean_j R[T][j], BWT vs learned = mean_{j<T} R[T][j] − L
 BWT after fuse = mean_{j<T} R[T][j] − R[j][j], fuse cost = mean_j L[j] − R[j][j]. Every method is
 scored on the same examples, so a paired bootstrap over examples (resampled within each task,
 the same resample for every method, seed and order) gives 95 % intervals for each summary and
-for each method's AP difference from the tool's default fusion rule (FuseParams.method); a difference is called only when
-its interval excludes 0.
+for each method's AP difference from the tool's default fusion rule (FuseParams.method); a
+difference is called only when its interval excludes 0.
 
 Methods (each row says exactly what it is: see METHODS). Trainings with identical inputs
 (same start weights, data and options) are shared between lines. Resumable at two levels:
