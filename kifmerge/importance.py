@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from transformers import TrainerCallback
+
+from kifmerge.gram_sums import SharedGramSums
 
 Estimator = Literal["first", "mixed", "change", "fisher"]
 CPU_BLOCK = 1 << 18  # elements per multi-tensor call on the CPU (1 MiB of float32 per operand)
@@ -179,29 +180,24 @@ def calibrate(model: torch.nn.Module, batches: Iterable[dict], accumulator: Impo
         p.grad = None
 
 
-def _version_of(tensor: torch.Tensor) -> int | None:
-    """The tensor's in-place modification counter (None where it has none: inference tensors), so an
-    input changed in place between two modules is never taken for the one already multiplied."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
+def _gram_of(inputs: torch.Tensor) -> torch.Tensor:
+    x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
+    return x.T @ x
 
 
 class GramCollector:
     """RegMean's statistics: for every LoRA-adapted linear module, the Gram matrix `XᵀX` of the
     inputs it saw while training (float32, in × in, on the training device), summed over the steps'
     tokens (padding included; a forward recomputed in backward under gradient checkpointing counts
-    nothing, so the sums do not depend on it).
+    nothing, so the sums do not depend on it). Modules that read the same inputs (q and v of a
+    layer) share one buffer and one product per step (kifmerge/gram_sums.py).
     Forward pre-hooks on peft's LoRA layers; nothing is kept on evaluation passes, unless
     `in_eval` (calibration runs its passes in eval mode: they are the task's inputs there)."""
 
     def __init__(self, model: torch.nn.Module, *, in_eval: bool = False):
-        self.grams: dict[str, torch.Tensor] = {}
+        self._sums = SharedGramSums()
         self.in_eval = in_eval
         self.recording = True
-        # the last input seen (weakly: it is the model's activation), its version counter and its XᵀX
-        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
         self._handles = []
         self._linears: dict[str, torch.nn.Linear] = {}  # what each recorded module's matrix is of (its size, device)
         self.unsupported: dict[str, str] = {}  # LoRA-adapted modules that are no linear layer: no Gram matrix
@@ -233,19 +229,14 @@ class GramCollector:
                 return
             if torch._C._current_graph_task_id() != -1:  # a forward recomputed inside backward (gradient
                 return                                    # checkpointing): its inputs were counted already
-            inputs, last = args[0], self._last
-            version = _version_of(inputs)
-            if last is not None and version is not None and last[0]() is inputs and last[1] == version:
-                gram = last[2]  # q/k/v of a layer read the same, unchanged tensor: one product, bit-equal sums
-            else:
-                x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
-                gram = x.T @ x
-                self._last = (weakref.ref(inputs), version, gram) if version is not None else None
-            if name in self.grams:
-                self.grams[name].add_(gram)
-            else:
-                self.grams[name] = gram.clone()  # its own sum: modules that share an input must not share a buffer
+            inputs = args[0]
+            self._sums.add(name, inputs, lambda: _gram_of(inputs))
         return hook
+
+    @property
+    def grams(self) -> dict[str, torch.Tensor]:
+        """Per recorded module its sum so far; modules sharing a buffer get the same tensor."""
+        return self._sums.sums()
 
     @torch.no_grad()
     def totals(self) -> dict[str, torch.Tensor]:
@@ -256,19 +247,24 @@ class GramCollector:
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self.grams
-        totals = {}
+        local, totals = self.grams, {}
+        previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (the last local sum, its total)
         for name in sorted(self._linears):  # the same order on every rank; a rank that saw nothing adds zeros
             weight = self._linears[name].weight
-            total = self.grams[name].clone() if name in self.grams else \
+            mine = local.get(name)
+            total = mine.clone() if mine is not None else \
                 torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
-            dist.all_reduce(total)
-            totals[name] = total
+            dist.all_reduce(total)  # one module at a time: a shared buffer is never reduced twice
+            total = total.cpu()
+            if previous is not None and previous[0] is mine and torch.equal(previous[1], total):
+                total = previous[1]  # shared here and equal over every rank: one tensor again
+            totals[name], previous = total, (mine, total)
         return totals
 
     def start_from(self, sums: dict[str, torch.Tensor], *, main_process: bool = True) -> None:
         """A resumed run's sums so far (summed over every rank when they were saved): the main process
         carries them on, the others start from zero so that the final `totals` counts them once."""
-        self.grams = {name: gram.clone() for name, gram in sums.items()} if main_process else {}
+        self._sums.start_from(sums if main_process else {})
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -302,7 +298,7 @@ class GramCollector:
         return collector
 
     def remove(self) -> None:
-        self._last = None
+        self._sums.forget_round()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

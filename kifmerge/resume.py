@@ -132,8 +132,12 @@ def load_importance(accumulator, path: Path, grams=None, *, main_process: bool =
             raise InvalidInputError(f"the checkpoint in {path.parent} was saved without --gram: its Gram matrices would "
                                     "cover only the steps after it; run without --resume to start afresh")
         device = next(iter(accumulator.ipt.values())).device
-        # each module its own buffer (start_from copies): read_grams gives modules sharing a matrix one tensor
-        grams.start_from({name: gram.to(device) for name, gram in (saved or {}).items()}, main_process=main_process)
+        # read_grams gives modules that share a matrix one tensor: moved once, they share one buffer again
+        moved: dict[int, torch.Tensor] = {}
+        for gram in (saved or {}).values():
+            if id(gram) not in moved:
+                moved[id(gram)] = gram.to(device)
+        grams.start_from({name: moved[id(gram)] for name, gram in (saved or {}).items()}, main_process=main_process)
 
 
 class ImportanceCheckpoint(TrainerCallback):
