@@ -716,13 +716,14 @@ def fuse_options(method: str, step: int) -> dict:
     return fuse
 
 
-def write_screen(order: str, results: Path = RESULTS) -> None:
+def write_screen(order: str, results: Path = RESULTS, suffix: str = "") -> None:
     """`screen-ORDER.{json,md}`: each candidate of issue 21 against the row it has to beat, paired
     on the same examples (AP, BWT vs learned, fuse cost), and against the default; a candidate
-    without a cell yet is listed as such. Read from the assembled `ORDER.json`."""
+    without a cell yet is listed as such. Read from the assembled `ORDER.json` (`ORDER-SUFFIX.json`:
+    the candidates ran on one seed, and the order's file keeps the rows of every seed)."""
     from kifmerge.stats import interval, paired_difference
 
-    source = results / f"{order}.json"
+    source = results / (f"{order}-{suffix}.json" if suffix else f"{order}.json")
     if not source.exists():
         sys.exit(f"no {source.name}: run or --assemble {order} first")
     payload = json.loads(source.read_text())
@@ -747,12 +748,12 @@ def write_screen(order: str, results: Path = RESULTS) -> None:
         rows[m] = row
     out = {"benchmark": "continual-screen", "order": order, "seeds": payload["seeds"], "default_method": DEFAULT_METHOD,
            "settings": payload.get("settings"), "rows": rows, "git_commit": git_commit(),
-           "command": f"python benchmarks/continual.py --screen  # from {source.name}"}
+           "command": "python benchmarks/continual.py --screen" + (f" --suffix {suffix}" if suffix else "") + f"  # from {source.name}"}
     lines = [f"# Screen of issue 21's candidates on {order}", "",
              f"Each candidate against the row it has to beat, paired on the same examples ({payload['seeds']} seed(s); "
              "points ×100, 95 % paired-bootstrap intervals; a difference is called only when its interval excludes 0). "
              f"Fuse cost: lower is better. Default method: **{DEFAULT_METHOD}**. From `{source.name}`; "
-             "rerun with `python benchmarks/continual.py --screen` after each cell lands.", "",
+             f"rerun with `{out['command'].split('  #')[0]}` after each cell lands.", "",
              "| candidate | row | AP | against | AP − it | BWT vs learned − it | fuse cost − it |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, row in rows.items():
@@ -776,7 +777,8 @@ def main() -> None:
     parser.add_argument("--sequence", type=Path, help="a JSON sequence file instead of a built-in order")
     parser.add_argument("--summary", action="store_true", help="only write summary.{json,md} from the order results")
     parser.add_argument("--suffix", default="", help="with --summary: read order{N}-SUFFIX.json (e.g. seeds42-43, written by "
-                                                     "--seeds 42,43 --assemble --out .../order{N}-seeds42-43) and write summary-SUFFIX")
+                                                     "--seeds 42,43 --assemble --out .../order{N}-seeds42-43) and write summary-SUFFIX; "
+                                                     "with --screen: read <order>-SUFFIX.json (e.g. seed42: every row of one seed)")
     parser.add_argument("--reference", help="with --summary: the row every AP is paired with (default: the default method; "
                                             "written as summary-vs-REFERENCE.{json,md})")
     parser.add_argument("--screen", action="store_true",
@@ -799,8 +801,8 @@ def main() -> None:
     add_results_option(parser)
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: <results>/<name>)")
     args = parser.parse_args()
-    if args.suffix and not args.summary:
-        parser.error("--suffix goes with --summary")
+    if args.suffix and not (args.summary or args.screen):
+        parser.error("--suffix goes with --summary or --screen")
     if args.reference and not args.summary:
         parser.error("--reference goes with --summary")
     if args.summary and args.screen:
@@ -822,7 +824,7 @@ def main() -> None:
         name, tasks = f"order{args.order}", builtin_sequence(args.order)
     label = name if not args.tasks else f"{name}-first{args.tasks}"
     if args.screen:
-        write_screen(label, args.results)
+        write_screen(label, args.results, args.suffix)
         return
     cells = cells_folder(args.results, label)
     if not args.assemble:

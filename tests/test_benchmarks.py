@@ -203,6 +203,12 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     # a row screened against the default itself is paired with it once
     assert set(screen["regmean-diagonal"]["versus"]) == {"linear-0.5", "regmean"}
     assert (tmp_path / "screen-tiny.md").read_text().count("| regmean-diagonal |") == 2
+    # --suffix: screened from another assembly of the same order (the one that keeps the one-seed rows)
+    (tmp_path / "tiny.json").rename(tmp_path / "tiny-seed42.json")
+    run("continual.py", "--sequence", data / "sequence.json", "--screen", "--suffix", "seed42", "--results", tmp_path)
+    again = json.loads((tmp_path / "screen-tiny.json").read_text())
+    assert again["rows"] == screen and again["command"].endswith("--screen --suffix seed42  # from tiny-seed42.json")
+    (tmp_path / "tiny-seed42.json").rename(tmp_path / "tiny.json")
 
     # the summary over orders 4–6 (here three copies of the tiny sequence's results), paired with the
     # default and, asked, with another row
