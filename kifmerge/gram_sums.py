@@ -75,8 +75,8 @@ class SharedGramSums:
         group = self._group_of.get(name)  # finishing may have split this module off its group
         if group is None:
             group = self._new_group([name])
-        if version is None:
-            self._add_now(group, gram)  # nothing to recognise the input by: a round of one
+        if version is None:  # nothing to recognise the input by: a round of this module alone, closed now
+            self._close(group, gram, {name})
             return
         self._round = _Round(group, weakref.ref(inputs), version, gram, {name})
 
@@ -102,16 +102,19 @@ class SharedGramSums:
 
     def _finish(self) -> None:
         current, self._round = self._round, None
-        if current is None:
-            return
-        members = self._members[current.group]
-        missing = [m for m in members if m not in current.readers]
+        if current is not None:
+            self._close(current.group, current.product, current.readers)
+
+    def _close(self, group: int, product: torch.Tensor, readers: set[str]) -> None:
+        """Add one input's product to the group's sum, for the members that read it."""
+        members = self._members[group]
+        missing = [m for m in members if m not in readers]
         if missing:  # they did not read this input: a group of their own, with the sum from before it
             split = self._new_group(missing)
-            if current.group in self._sums:
-                self._sums[split] = self._sums[current.group].clone()
-            members[:] = [m for m in members if m in current.readers]
-        self._add_now(current.group, current.product)
+            if group in self._sums:
+                self._sums[split] = self._sums[group].clone()
+            members[:] = [m for m in members if m in readers]
+        self._add_now(group, product)
 
     def _add_now(self, group: int, gram: torch.Tensor) -> None:
         if group in self._sums:

@@ -247,13 +247,16 @@ class GramCollector:
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self.grams
-        local, totals = self.grams, {}
+        local, totals, names = self.grams, {}, sorted(self._linears)  # the same order on every rank
+        device = next(iter(self._linears.values())).weight.device  # where the backend (NCCL) reduces
+        seen = torch.tensor([float(name in local) for name in names], device=device)
+        dist.all_reduce(seen)  # a module no rank recorded stays absent, as in a single process
         previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (the last local sum, its total)
-        for name in sorted(self._linears):  # the same order on every rank; a rank that saw nothing adds zeros
-            weight = self._linears[name].weight
-            mine = local.get(name)
-            total = mine.clone() if mine is not None else \
-                torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
+        for name, anywhere in zip(names, seen.tolist(), strict=True):
+            if not anywhere:
+                continue
+            mine, width = local.get(name), self._linears[name].in_features
+            total = mine.clone() if mine is not None else torch.zeros(width, width, dtype=torch.float32, device=device)
             dist.all_reduce(total)  # one module at a time: a shared buffer is never reduced twice
             total = total.cpu()
             if previous is not None and previous[0] is mine and torch.equal(previous[1], total):

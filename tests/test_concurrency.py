@@ -110,6 +110,21 @@ def test_fuse_rebases_onto_a_line_that_moved(tmp_path, llama_dir, monkeypatch):
     assert cli.json("verify")["ok"]
 
 
+def test_a_warning_of_a_staging_that_refused_is_still_said():
+    """The fallback a refused fuse took (e.g. --max-regression refusing after the default fell back)."""
+    import warnings
+
+    from kifmerge.errors import FallbackWarning
+    from kifmerge.services.fusing import warnings_once
+
+    warned: set[str] = set()
+    with pytest.warns(FallbackWarning, match="fused by magmax"), pytest.raises(RuntimeError):
+        with warnings_once(warned):
+            warnings.warn("regmean (the default): fused by magmax", FallbackWarning)
+            raise RuntimeError("refused")
+    assert warned == {"regmean (the default): fused by magmax"}
+
+
 def test_locked_database_is_retried(tmp_path, llama_dir, monkeypatch):
     """SQLite gives up at once (or after the busy timeout) while another connection holds the
     write lock; the catalog retries with backoff, so a short lock never fails the command."""

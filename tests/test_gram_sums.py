@@ -16,6 +16,7 @@ event = st.one_of(
     st.tuples(st.just("call"), st.sampled_from(MODULES), st.integers(0, 2)),  # a module reads input i
     st.tuples(st.just("mutate"), st.integers(0, 2)),  # input i changed in place (same object, new values)
     st.tuples(st.just("replace"), st.integers(0, 2)),  # input i is a new tensor (the next forward's activation)
+    st.tuples(st.just("inference"), st.integers(0, 2)),  # ... made under inference mode: it has no version counter
     st.tuples(st.just("read")),  # the sums read mid-run (a checkpoint)
     st.tuples(st.just("resume")),  # a resumed run: starts from the sums read
 )
@@ -26,7 +27,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return flat.T @ flat
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.lists(event, max_size=40), st.integers(0, 2**16))
 def test_shared_sums_equal_separate_sums_bit_for_bit(events, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -43,9 +44,13 @@ def test_shared_sums_equal_separate_sums_bit_for_bit(events, seed):
             shared.add(name, x, lambda: gram(x))
             separate[name] = separate[name] + gram(x) if name in separate else gram(x)
         elif kind == "mutate":
-            inputs[args[0]].mul_(1.5).add_(0.25)
+            with torch.inference_mode(inputs[args[0]].is_inference()):
+                inputs[args[0]].mul_(1.5).add_(0.25)
         elif kind == "replace":
             inputs[args[0]] = fresh()
+        elif kind == "inference":
+            with torch.inference_mode():
+                inputs[args[0]] = fresh()
         elif kind == "read":
             sums = shared.sums()
             assert sums.keys() == separate.keys() and all(torch.equal(sums[n], separate[n]) for n in sums)
@@ -96,6 +101,18 @@ def test_a_module_first_seen_after_the_first_step_does_not_join_a_group_with_a_s
     shared.add("v", second, lambda: gram(second))  # reads q's current input, but q's sum holds `first` too
     sums = shared.sums()
     assert torch.equal(sums["v"], gram(second)) and torch.equal(sums["q"], gram(first) + gram(second))
+
+
+def test_an_inference_tensor_read_by_one_member_of_a_group_counts_for_it_alone():
+    shared = SharedGramSums()
+    first = torch.randn(4, WIDTH)
+    for name in ("q", "v"):
+        shared.add(name, first, lambda: gram(first))
+    with torch.inference_mode():
+        x = torch.randn(4, WIDTH)
+    shared.add("q", x, lambda: gram(x))
+    sums = shared.sums()
+    assert torch.equal(sums["q"], gram(first) + gram(x)) and torch.equal(sums["v"], gram(first))
 
 
 def test_inference_tensors_are_never_taken_for_the_input_just_multiplied():

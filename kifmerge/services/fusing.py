@@ -77,13 +77,15 @@ def fuse(task: str, into: str, *, again: bool = False, max_regression: float | N
 @contextmanager
 def warnings_once(warned: set[str]) -> Iterator[None]:
     """Warnings raised inside, passed on unless one with the same text was passed on before."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for warning in caught:
-        if str(warning.message) not in warned:
-            warned.add(str(warning.message))
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # also when staging refused (--max-regression): the fallback it took is still said
+        for warning in caught:
+            if str(warning.message) not in warned:
+                warned.add(str(warning.message))
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def check_profile_for(method: str, task: str, profile_row: dict | None, chosen: bool = True) -> None:
