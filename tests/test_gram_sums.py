@@ -124,3 +124,38 @@ def test_inference_tensors_are_never_taken_for_the_input_just_multiplied():
     assert calls == ["q", "v"]
     sums = shared.sums()
     assert torch.equal(sums["q"], gram(x)) and torch.equal(sums["v"], gram(x))
+
+
+def test_a_t5_adapter_records_what_separate_buffers_record_and_shares_only_where_inputs_are_one(t5_dir):
+    """T5 with LoRA on q and v: self-attention's q and v read one tensor (one buffer), cross-attention's
+    q reads the decoder's states and v the encoder's output (two buffers); every sum equals a plain
+    per-module hook's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM
+
+    from kifmerge.importance import GramCollector
+
+    model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(t5_dir), LoraConfig(r=2, target_modules=["q", "v"]))
+    model.train()
+    collector, separate = GramCollector(model), {}
+
+    def reference(name):
+        def hook(module, args):
+            separate[name] = separate[name] + gram(args[0].detach()) if name in separate else gram(args[0].detach())
+        return hook
+
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            module.register_forward_pre_hook(reference(name))
+    ids = torch.tensor([[3, 4, 5, 1], [6, 7, 1, 0]])
+    for _ in range(2):
+        model(input_ids=ids, attention_mask=(ids > 0).long(), labels=torch.tensor([[4, 1], [5, 1]])).loss.backward()
+    sums = collector.grams
+    assert sums.keys() == separate.keys() and all(torch.equal(sums[n], separate[n]) for n in sums)
+    cross = [n for n in sums if "EncDecAttention" in n]
+    own = [n for n in sums if "SelfAttention" in n]
+    assert cross and own
+    for q in (n for n in cross if n.endswith(".q")):
+        assert sums[q] is not sums[q[:-1] + "v"], "cross-attention: q and v read different inputs"
+    for q in (n for n in own if n.endswith(".q")):
+        assert sums[q] is sums[q[:-1] + "v"], "self-attention: q and v read one input"
