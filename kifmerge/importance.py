@@ -251,17 +251,13 @@ class GramCollector:
         device = next(iter(self._linears.values())).weight.device  # where the backend (NCCL) reduces
         seen = torch.tensor([float(name in local) for name in names], device=device)
         dist.all_reduce(seen)  # a module no rank recorded stays absent, as in a single process
-        previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (the last local sum, its total)
         for name, anywhere in zip(names, seen.tolist(), strict=True):
             if not anywhere:
                 continue
             mine, width = local.get(name), self._linears[name].in_features
             total = mine.clone() if mine is not None else torch.zeros(width, width, dtype=torch.float32, device=device)
             dist.all_reduce(total)  # one module at a time: a shared buffer is never reduced twice
-            total = total.cpu()
-            if previous is not None and previous[0] is mine and torch.equal(previous[1], total):
-                total = previous[1]  # shared here and equal over every rank: one tensor again
-            totals[name], previous = total, (mine, total)
+            totals[name] = total.cpu()  # equal ones are stored once by the profile writer (pack_grams)
         return totals
 
     def start_from(self, sums: dict[str, torch.Tensor], *, main_process: bool = True) -> None:
