@@ -35,6 +35,9 @@ from kifmerge.options import TrainOptions
 
 PREFIX = "resume-"
 STATE_FILE = "kifmerge-importance.safetensors"
+# marks Gram sums that are every process's (GramCollector.totals); a multi-process checkpoint without it
+# holds the main process's share only
+GRAM_SUMS_OF_EVERY_PROCESS = ("gram-sums", "every-process")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -102,6 +105,7 @@ def save_importance(accumulator, path: Path, grams: dict[str, torch.Tensor] | No
         gram_tensors, gram_meta = gram_entries({n: g.detach().cpu() for n, g in grams.items()})
         tensors |= gram_tensors
         metadata |= {"gram-modules": json.dumps(sorted(grams)), **gram_meta}
+        metadata[GRAM_SUMS_OF_EVERY_PROCESS[0]] = GRAM_SUMS_OF_EVERY_PROCESS[1]
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     save_file(tensors, str(temp), metadata=metadata)
     os.replace(temp, path)
@@ -131,6 +135,10 @@ def load_importance(accumulator, path: Path, grams=None, *, main_process: bool =
         if saved is None and accumulator.steps > 0:
             raise InvalidInputError(f"the checkpoint in {path.parent} was saved without --gram: its Gram matrices would "
                                     "cover only the steps after it; run without --resume to start afresh")
+        if saved is not None and saved_by_several_processes(path.parent) and \
+                metadata.get(GRAM_SUMS_OF_EVERY_PROCESS[0]) != GRAM_SUMS_OF_EVERY_PROCESS[1]:
+            raise InvalidInputError(f"the checkpoint in {path.parent} was saved by several processes with a kifmerge "
+                                    "that kept only the main process's Gram sums; run without --resume to start afresh")
         device = next(iter(accumulator.ipt.values())).device
         # read_grams gives modules that share a matrix one tensor: moved once, they share one buffer again
         moved: dict[int, torch.Tensor] = {}
@@ -138,6 +146,12 @@ def load_importance(accumulator, path: Path, grams=None, *, main_process: bool =
             if id(gram) not in moved:
                 moved[id(gram)] = gram.to(device)
         grams.start_from({name: moved[id(gram)] for name, gram in (saved or {}).items()}, main_process=main_process)
+
+
+def saved_by_several_processes(checkpoint: Path) -> bool:
+    """The Trainer writes one RNG state per process (`rng_state_N.pth`) when it runs on several, one
+    `rng_state.pth` otherwise: the file names tell, nothing is unpickled."""
+    return any(checkpoint.glob("rng_state_*.pth"))
 
 
 class ImportanceCheckpoint(TrainerCallback):

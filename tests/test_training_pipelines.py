@@ -307,3 +307,33 @@ def test_a_resumed_gram_run_records_the_gram_matrices_of_every_step(cli, llama_d
     ref, job = (read_grams(profiles[name], modules) for name in ("ref", "job"))
     for module in modules:
         torch.testing.assert_close(job[module], ref[module], rtol=1e-4, atol=1e-3, msg=module)
+
+
+def test_resume_refuses_a_multi_process_checkpoint_whose_gram_sums_are_one_process_s(cli, llama_dir, parity):
+    """A checkpoint saved under torchrun by a kifmerge from before the Gram sums were all-reduced holds the
+    main process's share only: resumed, the task's RegMean weight would count a fraction of its batches.
+    The Trainer's per-process RNG files tell such a checkpoint; it is refused, and nothing is registered."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cli("base", "add", "llama", llama_dir)
+    steps = ["--max-steps", "4", "--save-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--gram"]
+    env = {**os.environ, "KIFMERGE_FAULT_POINT": "train.step#3", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "kifmerge", "train", "job", "--data", str(parity), "--line", "b",
+                             "--base", "llama", *steps, "--registry", str(cli.registry)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    [folder] = resume_folders(cli)
+    checkpoint = folder / "checkpoint-2"
+    state = checkpoint / "kifmerge-importance.safetensors"
+    with safe_open(str(state), framework="pt") as handle:  # as the earlier kifmerge wrote it: no marker
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = {k: v for k, v in handle.metadata().items() if k != "gram-sums"}
+    save_file(tensors, str(state), metadata=metadata)
+    (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")  # as two processes leave it
+    (checkpoint / "rng_state_1.pth").write_bytes(b"")
+
+    refused = cli("train", "job", "--data", parity, "--line", "b", "--base", "llama", *steps, "--resume", code=4)
+    assert "saved by several processes" in refused.stderr and "without --resume" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) <= 2  # the resume note and the one-line error
+    assert cli.json("list", "tasks") == [] and checkpoint.is_dir(), "nothing registered, the checkpoint kept"
