@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import task_records
 from kifmerge.evaluation import answer_distribution, exact_match, exact_match_cased, per_example, rouge_l, score, summarise
@@ -144,3 +145,43 @@ def test_eval_rejects_bad_arguments(cli, line_with_two_versions):
     assert "NAME=FILE" in cli("eval", "main", "--data", str(path), code=2).stderr
     assert "not found" in cli("eval", "main@v9", "--data", f"p={path}", code=3).stderr
     assert "not found" in cli("eval", "main", "--data", "p=/nonexistent.json", code=3).stderr
+
+
+def test_an_evaluation_is_reused_only_on_the_base_it_was_made_on(cli, tmp_path, llama_dir):
+    """Two bases of one architecture (the same fingerprint) but other weights, and one adapter registered on
+    each: the adapter's weights are the same, the models are not, so neither the scores nor the report's
+    learned column may be carried from one base to the other."""
+    import shutil
+
+    from conftest import make_lora, model_class, write_jsonl
+
+    other = tmp_path / "other-base"
+    model = model_class(llama_dir).from_pretrained(llama_dir)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5)
+    model.save_pretrained(other)
+    for extra in llama_dir.iterdir():  # tokenizer files
+        if not (other / extra.name).exists():
+            shutil.copy(extra, other / extra.name)
+    adapter = make_lora(llama_dir, tmp_path / "adapter", seed=3, targets=["q_proj", "v_proj"])
+    data = write_jsonl(tmp_path / "parity.jsonl", task_records("parity", 6))
+    cli("base", "add", "llama", llama_dir)
+    cli("base", "add", "scaled", other)
+    fingerprints = {row["name"]: row["fingerprint"] for row in cli.json("list", "bases")}
+    assert fingerprints["llama"] == fingerprints["scaled"]
+    for task, base, line in (("parity", "llama", "one"), ("parity2", "scaled", "two")):
+        cli("add-task", task, adapter, "--base", base)
+        cli("fuse", task, "--into", line)
+    assert cli.json("show", "parity")["weights"] == cli.json("show", "parity2")["weights"]
+
+    evaluate = ["--data", f"parity={data}", "--max-examples", "6", "--max-new-tokens", "3"]
+    assert not cli.json("eval", "two@v1", *evaluate)["results"]["parity"]["reused"]
+    for ref in ("task:parity", "one@v0"):  # the same adapter, or the same fingerprint, on the other base
+        assert not cli.json("eval", ref, *evaluate)["results"]["parity"]["reused"], ref
+    assert not cli.json("eval", "two@v0", *evaluate)["results"]["parity"]["reused"]
+    for ref in ("one@v1", "task:parity2", "task:parity"):  # on its own base an evaluation is reused
+        assert cli.json("eval", ref, *evaluate)["results"]["parity"]["reused"], ref
+    # the learned column of line two reads an evaluation on its base, not the newer ones of line one's
+    assert cli.json("report", "two", "--tasks", "parity")["per_task"][0]["learned_from"] in ("two@v1", "task:parity2")
+    assert cli.json("report", "one", "--tasks", "parity")["per_task"][0]["learned_from"] in ("one@v1", "task:parity")

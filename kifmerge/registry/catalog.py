@@ -422,10 +422,19 @@ class Catalog:
         # a range the index on events.subject answers, where substr() would scan every event
         return self.rows("events", "subject = ? OR (subject >= ? AND subject < ?)", [line, f"{line}@", f"{line}A"], order_by="id")
 
-    def find_evaluation(self, subject: str, data_fingerprint: str, settings: dict) -> dict[str, Any] | None:
+    def find_evaluation(self, subject: str, data_fingerprint: str, settings: dict, base: str) -> dict[str, Any] | None:
+        """The newest stored evaluation of the same weights, data and settings on the same base (an adapter's
+        weights, or a base's fingerprint, mean another model on another base)."""
         found = self.rows("evaluations", "subject = ? and data_fingerprint = ? and settings = ?",
                           [subject, data_fingerprint, json.dumps(settings, sort_keys=True)], order_by="id desc")
-        return found[0] if found else None
+        return next((row for row in found if self.evaluated_base(row) == base), None)
+
+    def evaluated_base(self, evaluation: dict[str, Any]) -> str | None:
+        """The base an evaluation row's model stood on: its task's (line `task:NAME`) or its line's."""
+        line = evaluation["line"]
+        table, name = ("tasks", line[len("task:"):]) if line.startswith("task:") else ("lines", line)
+        owner = self.find(table, name)
+        return owner["base"] if owner else None
 
     def referenced_blobs(self) -> dict[str, list[str]]:
         """sha → the rows that reference it (as `table:key.column`). Weight manifests are

@@ -76,7 +76,7 @@ def evaluate(ref: str, data: dict[str, str | Path], *, max_examples: int | None 
         inputs = {label: (load_records(path, max_examples), sha256_input(Path(path))) for label, path in data.items()}
         results, rows, model = {}, [], None
         for label, (records, fingerprint) in inputs.items():
-            known = None if force else reg.catalog.find_evaluation(subject, fingerprint, settings)
+            known = None if force else reg.catalog.find_evaluation(subject, fingerprint, settings, base_row["name"])
             if known:
                 metrics = _complete_metrics(reg, known)
                 results[label] = {**metrics, "reused": True}
@@ -218,7 +218,8 @@ def _learned_evaluation(reg: Registry, task: str | None, label: str, final: dict
     task_row = reg.catalog.find("tasks", task) if task else None
     if task_row is None:
         return None
-    found = reg.catalog.rows("evaluations", "subject = ? and label = ?", [task_row["weights"], label], order_by="id desc")
+    found = [row for row in reg.catalog.rows("evaluations", "subject = ? and label = ?", [task_row["weights"], label],
+                                             order_by="id desc") if reg.catalog.evaluated_base(row) == task_row["base"]]
     if final is not None:
         same = [row for row in found if row["data_fingerprint"] == final["data_fingerprint"] and row["settings"] == final["settings"]]
         found = same or found
