@@ -163,7 +163,9 @@ def write_model_card(out_dir: Path, *, line: str, version: dict, base: dict, lin
 | --- | --- | --- | --- |
 {scores}
 """ if scores else ""
-    tasks = ", ".join(v["task"] for v in lineage if v["task"])
+    from kifmerge.registry.catalog import held_tasks
+
+    tasks = ", ".join(held_tasks(lineage)) or "none"
     source = (f"hub model `{base['hub_id']}` at commit `{base.get('revision') or '?'}`" if base.get("hub_id")
               else f"local folder `{base['path']}`")
     body = f"""

@@ -5,7 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kifmerge.errors import UsageError
+from kifmerge.errors import NotFoundError, UsageError
+
+
+def checked_png(out: Path) -> Path:
+    """`--png FILE`, refused before anything is computed when it cannot be written as asked."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--png takes a file name ending in .png, got {str(out)!r}")
+    if out.is_dir():
+        raise UsageError(f"--png {out} is a folder; give a file name ending in .png")
+    if not out.parent.is_dir():
+        raise NotFoundError(f"--png: folder {out.parent} does not exist")
+    return out
 
 
 def draw_report(report: dict, out: Path) -> Path:
@@ -21,7 +33,9 @@ def draw_report(report: dict, out: Path) -> Path:
     fig, (heat, curves) = plt.subplots(1, 2, figsize=(11, 4.2))
     image = heat.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     heat.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    heat.set_yticks(range(len(versions)), [f"{v} {t or 'base'}" for v, t in zip(versions, report["fused"], strict=True)])
+    labels = [f"{v} {t or (report.get('made_by') or [None] * len(versions))[i] or 'base'}"
+              for i, (v, t) in enumerate(zip(versions, report["fused"], strict=True))]
+    heat.set_yticks(range(len(versions)), labels)
     for i, row in enumerate(report["matrix"]):
         for j, value in enumerate(row):
             if value is not None:

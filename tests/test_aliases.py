@@ -215,3 +215,64 @@ def test_concurrent_rollbacks_and_fuses_keep_versions_gapless(wcli, world):
     history = wcli.json("history", "main")
     assert [h["number"] for h in history] == list(range(1, 3 + len(results)))
     assert all(h["parent"] == f"v{h['number'] - 1}" for h in history[1:])
+
+
+def test_after_a_rollback_the_line_its_card_and_its_report_name_what_the_head_holds(wcli, tmp_path, monkeypatch):
+    """Rolled back to v1, the head holds t1 only: `show LINE`, `list lines` and the exported model card say
+    so (not t1, t2), and the report names the row as the rollback it is, not as the base."""
+    from kifmerge import evaluation
+
+    wcli("rollback", "main", "--to", "v1")
+    assert wcli.json("show", "main")["tasks"] == ["t1"]
+    assert [line["tasks"] for line in wcli.json("list", "lines") if line["name"] == "main"] == [["t1"]]
+    wcli("export", "main", tmp_path / "card")
+    assert "Tasks learned, in order: t1." in (tmp_path / "card" / "README.md").read_text()
+    wcli("export", "main@v2", tmp_path / "card2")
+    assert "Tasks learned, in order: t1, t2." in (tmp_path / "card2" / "README.md").read_text()
+
+    monkeypatch.setattr(evaluation, "generate_answers", lambda model, tok, prompts, **kw: ["odd"] * len(prompts))
+    data = write_jsonl(tmp_path / "parity.jsonl", task_records("parity", 4))
+    for number in range(4):
+        wcli("eval", f"main@v{number}", "--data", f"t1={data}", "--max-examples", "4")
+    report = wcli.json("report", "main", "--tasks", "t1")
+    assert report["fused"] == [None, "t1", "t2", None] and report["made_by"] == [None, "initial", "kif", "rollback to v1"]
+    shown = wcli("report", "main", "--tasks", "t1").stdout
+    assert "(rollback to v1)" in shown and shown.count("(base)") == 1
+
+
+def test_add_task_line_records_the_version_named_and_refuses_what_cannot_be_its_start(wcli, world, tmp_path, llama_dir):
+    """`--line` names the version a checkpoint was trained from: the head, an older version, an alias, or a line
+    not created yet (the base); a version that does not exist, or a line on another base, is refused."""
+    from kifmerge.testing import build_llama
+
+    adapter = make_lora(llama_dir, tmp_path / "a", 9, LORA_TARGETS)
+    wcli("alias", "set", "main@v1", "first")
+    for task, line, recorded in (("h", "main", "main@v2"), ("o", "main@v1", "main@v1"), ("al", "main@first", "main@v1"),
+                                 ("n", "newline", "newline@v0")):
+        wcli("add-task", task, adapter, "--base", "llama", "--line", line)
+        assert wcli.json("show", task)["trained_from"] == recorded, line
+    other = build_llama(tmp_path / "other")
+    wcli("base", "add", "other", other)
+    for line, code, message in (("main@v9", 3, "main@v9 not found"), ("newline@v2", 3, "not found"),
+                                ("main@@v1", 2, "invalid version reference")):
+        refused = wcli("add-task", "x", adapter, "--base", "llama", "--line", line, code=code)
+        assert message in refused.stderr, refused.stderr
+    refused = wcli("add-task", "x", adapter, "--base", "other", "--line", "main", code=2)
+    assert "is on base 'llama', not 'other'" in refused.stderr
+    assert "x" not in {t["name"] for t in wcli.json("list", "tasks")}
+
+
+def test_a_task_and_a_line_cannot_share_a_name(wcli, tmp_path, llama_dir):
+    """`show NAME` reads a task before a line, so a shared name would hide the line: each side refuses the
+    other's name (exit 6, one line), `learn` before it trains, and nothing is stored."""
+    adapter = make_lora(llama_dir, tmp_path / "a", 11, LORA_TARGETS)
+    data = write_jsonl(tmp_path / "parity.jsonl", task_records("parity", 8))
+    before = (wcli.json("list", "tasks"), wcli.json("list", "lines"))
+    for args, message in ((["add-task", "main", adapter, "--base", "llama"], "'main' is a line's name"),
+                          (["fuse", "t3", "--into", "t1"], "'t1' is a task's name"),
+                          (["learn", "fresh", "--data", data, "--into", "fresh", "--base", "llama"], "'fresh' is a task's name"),
+                          (["learn", "fresh", "--data", data, "--into", "t2", "--base", "llama"], "'t2' is a task's name"),
+                          (["train", "main", "--data", data, "--line", "main"], "'main' is a line's name")):
+        refused = wcli(*args, code=6)
+        assert message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, (args, refused.stderr)
+    assert (wcli.json("list", "tasks"), wcli.json("list", "lines")) == before

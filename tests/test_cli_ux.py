@@ -164,3 +164,16 @@ def test_threads(cli, line):
         assert "--threads" in refused.stderr
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_label_given_twice_and_an_unwritable_png_are_refused_before_any_work(cli, line, tmp_path):
+    """`eval --data p=A --data p=B` would keep B's scores only, under a label the report then mixes;
+    `--png` must name a .png file in a folder that exists. Each is one line and a usage exit, nothing stored."""
+    twice = cli("eval", "main", "--data", f"p={line['parity']}", "--data", f"p={line['vowel']}", code=2)
+    assert "given twice" in twice.stderr and len(twice.stderr.strip().splitlines()) == 1
+    assert cli.json("show", "main@v1")["evaluations"] == {}
+    for args, code, message in ((["report", "main", "--png", str(tmp_path / "r.txt")], 2, "ending in .png"),
+                                (["report", "main", "--png", str(tmp_path)], 2, "ending in .png"),
+                                (["profile", "show", "main", "--png", str(tmp_path / "no" / "p.png")], 3, "does not exist")):
+        refused = cli(*args, code=code)
+        assert message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, args

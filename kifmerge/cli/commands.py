@@ -80,6 +80,10 @@ def profile_show(
     accumulated profile (a bare name is a task if one has that name, else the line's newest version)."""
     from kifmerge import api
 
+    if png:
+        from kifmerge.plots import checked_png
+
+        checked_png(png)
     result = api.profile_show(ref, line=line, top=top, registry=registry)
     if png:
         from kifmerge.plots import draw_profile_heatmap
@@ -116,7 +120,7 @@ def add_task(
     checkpoint: Annotated[Path, typer.Argument(help="PEFT LoRA adapter folder or full fine-tuned model folder.")],
     base: Annotated[str, typer.Option("--base", help="The registered base it was trained from.")],
     profile: Annotated[Optional[Path], typer.Option("--profile", help="Importance profile (kifmerge-profile safetensors).")] = None,
-    line: Annotated[Optional[str], typer.Option("--line", help="The line whose newest version it was trained from.")] = None,
+    line: Annotated[Optional[str], typer.Option("--line", help="The version it was trained from: LINE (its newest version), LINE@vN or LINE@ALIAS; a line not created yet: trained from the base.")] = None,
     calibrate: Annotated[Optional[Path], typer.Option("--calibrate", help="Compute the profile from gradients on this data.")] = None,
     calibrate_batches: Annotated[int, typer.Option("--calibrate-batches", help="Batches of --calibrate data.")] = 8,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Calibration batch size (default: 8).")] = None,
@@ -260,6 +264,8 @@ def _labelled_files(items: list[str]) -> dict[str, Path]:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
             raise UsageError(f"--data takes NAME=FILE, got {item!r}")
+        if label in out:  # the later file would silently replace the earlier one's scores
+            raise UsageError(f"--data label {label!r} is given twice ({out[label]} and {path}); give each file its own label")
         out[label] = Path(path)
     return out
 
@@ -316,6 +322,10 @@ def report(
     answers; AP, BWT vs learned, BWT after fuse, fuse cost and FWT."""
     from kifmerge import api
 
+    if png:
+        from kifmerge.plots import checked_png
+
+        checked_png(png)
     result = api.report(line, tasks=tasks.split(",") if tasks else None, metric=metric, examples=examples, registry=registry)
     if png:
         from kifmerge.plots import draw_report
@@ -340,8 +350,8 @@ def render_report(result: dict) -> None:
 
     console = Console()
     table = Table("version", "fused", *result["tasks"], title=f"{result['line']}: {result['metric']} (points)")
-    for version, fused, row in zip(result["versions"], result["fused"], result["matrix"], strict=True):
-        table.add_row(version, fused or "(base)", *map(_points, row))
+    for i, (version, fused, row) in enumerate(zip(result["versions"], result["fused"], result["matrix"], strict=True)):
+        table.add_row(version, fused or ("(base)" if i == 0 else f"({result['made_by'][i]})"), *map(_points, row))
     console.print(table)
     tasks = Table("task", "learned", "fused (diagonal)", "final", "majority class", "top predictions",
                   title="per task (points; learned: `kifmerge eval task:NAME`)")

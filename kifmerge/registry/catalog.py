@@ -151,6 +151,20 @@ def m006_task_validation(db) -> None:
     db["tasks"].add_column("validation", str)
 
 
+def held_tasks(versions: list[dict[str, Any]]) -> list[str]:
+    """The tasks the last of `versions` (a line's, in order, with number, task, method and params) holds, in
+    the order learned: a rollback to vK holds what vK held, so tasks fused after vK and rolled back are gone."""
+    held: dict[int, list[str]] = {0: []}
+    current: list[str] = []
+    for version in versions:
+        if version["method"] == "rollback":
+            current = list(held.get(int((version.get("params") or {}).get("to", 0)), []))
+        elif version["task"]:
+            current = [*current, version["task"]]
+        held[version["number"]] = current
+    return current
+
+
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
     message = str(exc).lower()
     return "locked" in message or "busy" in message

@@ -11,9 +11,10 @@ from typing import Any, Callable, Iterator
 
 from typing import TYPE_CHECKING
 
-from kifmerge.errors import IntegrityError, InvalidInputError, NotFoundError, UsageError
+from kifmerge.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, UsageError
 from kifmerge.limits import MAX_VERSION
 from kifmerge.registry import Registry
+from kifmerge.registry.catalog import held_tasks
 
 if TYPE_CHECKING:
     from kifmerge.options import FuseParams
@@ -152,17 +153,26 @@ def public_task(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in TASK_COLUMNS}
 
 
+def refuse_task_named_like_a_new_line(reg: Registry, line: str, also: str | None = None) -> None:
+    """A new line may not take a task's name (`also`: the task about to be registered): `show`, `profile
+    show` and `history` would read the task, not the line."""
+    if line == also or reg.catalog.find("tasks", line):
+        raise ConflictError(f"{line!r} is a task's name; choose another name for the new line")
+
+
 def public_line(reg: Registry, row: dict[str, Any], versions: list[dict[str, Any]] | None = None,
                 aliases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A line with its head, tasks and aliases; `versions` (number and task, in order) and
+    """A line with its head, the tasks the head holds, and aliases; `versions` (number, task, method and
+    params, in order) and
     `aliases` are the line's rows when the caller has read them for many lines at once."""
     if versions is None:
-        versions = reg.catalog.rows("versions", "line = ?", [row["name"]], order_by="number", columns=["number", "task"])
+        versions = reg.catalog.rows("versions", "line = ?", [row["name"]], order_by="number",
+                                    columns=["number", "task", "method", "params"])
     if aliases is None:
         aliases = reg.catalog.aliases(row["name"])
     head = versions[-1] if versions else None
     return {"name": row["name"], "base": row["base"], "kind": row["kind"], "head": f"v{head['number']}" if head else None,
-            "tasks": [v["task"] for v in versions],
+            "tasks": held_tasks(versions),
             "aliases": {a["name"]: f"v{a['number']}" for a in aliases}, "created": row["created"]}
 
 

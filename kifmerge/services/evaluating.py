@@ -201,7 +201,8 @@ def report(line: str, *, tasks: list[str] | None = None, metric: str = "exact_ma
                     for label, final, diagonal, learned_row, learned_task
                     in zip(tasks, final_row, diagonal_rows, learned_rows, learned_tasks, strict=True)]
         result = {"line": line, "metric": metric, "tasks": tasks, "versions": [f"v{n}" for n in numbers],
-                  "fused": [None] + [v["task"] for v in versions], "matrix": matrix,
+                  "fused": [None] + [v["task"] for v in versions], "made_by": [None] + [_made_by(v) for v in versions],
+                  "matrix": matrix,
                   "diagonal": [value(row) for row in diagonal_rows], "learned": learned, **summary,
                   "per_task": per_task,
                   "order": "learning" if ordered else "unknown: name the labels like the tasks, or pass --tasks in learning order"}
@@ -209,6 +210,13 @@ def report(line: str, *, tasks: list[str] | None = None, metric: str = "exact_ma
             result["examples"] = {name: [_example_scores(reg, cache, row, metric) for row in rows]
                                   for name, rows in (("final", final_row), ("diagonal", diagonal_rows), ("learned", learned_rows))}
         return result
+
+
+def _made_by(version: dict) -> str:
+    """How a version came to be, for the rows that fused no task (`rollback to v2`)."""
+    if version["method"] == "rollback":
+        return f"rollback to v{(version.get('params') or {}).get('to')}"
+    return version["method"]
 
 
 def _learned_evaluation(reg: Registry, task: str | None, label: str, final: dict | None) -> dict | None:

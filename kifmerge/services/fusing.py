@@ -26,6 +26,7 @@ from kifmerge.services.common import (
     now,
     opened,
     public_version,
+    refuse_task_named_like_a_new_line,
     start_progress,
 )
 
@@ -266,6 +267,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
     started = time.perf_counter()
     task, kind = task_row["name"], task_row["kind"]
     line_row = reg.catalog.find("lines", into)
+    if line_row is None:
+        refuse_task_named_like_a_new_line(reg, into)
     if line_row and (line_row["base"], line_row["kind"]) != (task_row["base"], kind):
         raise InvalidInputError(f"line {into!r} holds {line_row['kind']} versions of base {line_row['base']!r}; "
                                 f"task {task!r} is {kind} on base {task_row['base']!r}")

@@ -15,7 +15,16 @@ from kifmerge.fusion.methods import COMPUTED_BY_THE_FUSE
 from kifmerge.options import FuseParams, TrainOptions, grams_recorded, training_options
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_input
-from kifmerge.services.common import Progress, base_dir, check_name, fuse_params, opened, public_task, public_version
+from kifmerge.services.common import (
+    Progress,
+    base_dir,
+    check_name,
+    fuse_params,
+    opened,
+    public_task,
+    public_version,
+    refuse_task_named_like_a_new_line,
+)
 from kifmerge.services.fusing import as_list, commit_version, stage_version, version_holding
 from kifmerge.services.tasks import StagedTask, commit_task, refuse_existing_task, stage_task
 from kifmerge.services.validation import store_validation
@@ -82,6 +91,8 @@ def learn(task: str, data: str | Path, into: str, *, base: str | None = None, op
         previous = _previous_learn(reg, task, Path(data), into, base, opts, params)
         if previous is not None:
             return previous if int(os.environ.get("RANK", "0")) == 0 else None
+        if reg.catalog.find("lines", into) is None:  # before hours of training, not at the fuse after them
+            refuse_task_named_like_a_new_line(reg, into, also=task)
         with _learn_lock(reg, task):
             previous = _previous_learn(reg, task, Path(data), into, base, opts, params)  # the learn we waited for
             if previous is not None:

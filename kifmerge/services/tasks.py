@@ -8,12 +8,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kifmerge.errors import ConflictError, UsageError
+from kifmerge.errors import ConflictError, NotFoundError, UsageError
 from kifmerge.faults import fault_point
 from kifmerge.options import TrainOptions, validated
 from kifmerge.registry import Registry
 from kifmerge.registry.blobs import sha256_input
-from kifmerge.services.common import Progress, base_dir, check_name, now, open_base, opened, public_task, start_progress
+from kifmerge.services.common import (
+    Progress,
+    base_dir,
+    check_name,
+    now,
+    open_base,
+    opened,
+    parse_ref,
+    public_task,
+    resolve_version,
+    start_progress,
+)
 
 
 def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Path | None = None,
@@ -32,7 +43,7 @@ def add_task(name: str, checkpoint: str | Path, *, base: str, profile: str | Pat
     with opened(registry) as reg:
         base_row = reg.catalog.get("bases", base, "base")
         refuse_existing_task(reg, name)
-        trained_from = trained_from_ref(reg, line) if line else None
+        trained_from = trained_from_ref(reg, line, base_row["name"]) if line else None
         staging = reg.blobs.staging_dir()
         try:
             extra: dict[str, Any] = {"estimator": "external"}
@@ -81,11 +92,27 @@ class StagedTask:
 def refuse_existing_task(reg: Registry, name: str) -> None:
     if reg.catalog.find("tasks", name):
         raise ConflictError(f"task {name!r} already exists; choose another name")
+    if reg.catalog.find("lines", name):  # `show`, `profile show` and `history` would read the task, not the line
+        raise ConflictError(f"{name!r} is a line's name; choose another name for the task")
 
 
-def trained_from_ref(reg: Registry, line: str) -> str:
-    head = reg.catalog.head(line)
-    return f"{line}@v{head['number']}" if head else f"{line}@v0"
+def trained_from_ref(reg: Registry, ref: str, base: str) -> str:
+    """`add-task --line`: the version the checkpoint was trained from, `LINE@vN`. `LINE` is the line's head
+    now, `LINE@vN` / `LINE@ALIAS` an older one; a line that does not exist yet was trained from the base
+    (`LINE@v0`). A line on another base is refused: its versions are not this checkpoint's start."""
+    line, selector = parse_ref(ref)
+    row = reg.catalog.find("lines", line)
+    if row is None:
+        if selector not in (None, 0):
+            raise NotFoundError(f"--line {ref}: line {line!r} not found (a new line's checkpoint is trained from the "
+                                f"base: --line {line})")
+        return f"{line}@v0"
+    if row["base"] != base:
+        raise UsageError(f"--line {ref}: line {line!r} is on base {row['base']!r}, not {base!r}")
+    if selector == 0 or (selector is None and reg.catalog.head(line) is None):
+        return f"{line}@v0"
+    _, version = resolve_version(reg, ref)
+    return f"{line}@v{version['number']}"
 
 
 def stage_task(reg: Registry, name: str, checkpoint: Path, base_row: dict, profile: Path | str | Callable | None,
