@@ -176,3 +176,20 @@ def test_a_plan_calibrates_gram_matrices_for_regmean(cli, tmp_path, inputs):
     prints = [cli.json("run", write_plan(tmp_path, inputs, s, line="other"), "--dry-run")["steps"][0]["fingerprint"]
               for s in (plain, off, on)]
     assert prints[0] == prints[1] != prints[2]
+
+
+def test_a_plan_base_path_must_still_name_the_registered_base(cli, tmp_path, inputs, t5_dir):
+    """With the base registered already, the plan's `path` is checked, not ignored: a folder that does not
+    exist, or another model, fails the plan before any step runs."""
+    import yaml
+
+    cli("base", "add", "llama", inputs["base"])
+    path = write_plan(tmp_path, inputs)
+    assert cli.json("run", path, "--dry-run")["pending"] == 5, "the registered base's own folder is fine"
+    for where, code, message in ((tmp_path / "nowhere", 3, "not found"), (t5_dir, 2, "is not the model registered as 'llama'")):
+        plan = yaml.safe_load(path.read_text())
+        plan["base"]["path"] = str(where)
+        path.write_text(yaml.safe_dump(plan))
+        result = cli("run", path, code=code)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert cli.json("list", "tasks") == [], "nothing ran"

@@ -432,6 +432,9 @@ def test_change_estimator_scores_what_the_task_moved_not_what_was_large(cli, tmp
     adapter = make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS)
     result = cli("add-task", "outside", adapter, "--base", "llama", "--calibrate", vowel, "--importance", "change", code=2)
     assert "needs a training run" in result.stderr
+    for batches in ("0", "-1"):  # 0 read the whole file, -1 all but the last 8 records
+        result = cli("add-task", "outside", adapter, "--base", "llama", "--calibrate", vowel, "--calibrate-batches", batches, code=2)
+        assert "--calibrate-batches must be at least 1" in result.stderr
 
 
 def test_training_reuses_the_trainers_gradient_norm_to_skip_non_finite_steps(cli, llama_dir, parity, monkeypatch):

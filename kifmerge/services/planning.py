@@ -285,6 +285,14 @@ def _check_base(plan: Plan, catalog, line_row: dict | None):
         if looks_like_hub_id(plan.base.path):
             return None
         return open_model(plan.base.path)
+    if plan.base.path:  # registered already: the path must still name that model, or the plan says something else
+        if looks_like_hub_id(plan.base.path):
+            if plan.base.path != row.get("hub_id"):
+                raise UsageError(f"base: {plan.base.name!r} is registered from {row.get('hub_id') or row['path']}, "
+                                 f"not {plan.base.path}; drop `path:` or name the base differently")
+        elif open_model(plan.base.path).fingerprint != row["fingerprint"]:
+            raise UsageError(f"base: {plan.base.path} is not the model registered as {plan.base.name!r} (another "
+                             "architecture or tensors); drop `path:` or name the base differently")
     folder = Path(row["path"])
     if folder.is_dir():
         try:
