@@ -154,3 +154,55 @@ def test_plain_verify_finds_a_missing_and_a_changed_blob(stocked):
     finally:
         restore(path, original)
     assert stocked.json("verify")["ok"]
+
+
+def test_a_base_changed_in_place_is_noticed_and_a_nan_base_is_refused(cli, tmp_path, llama_dir):
+    """The fingerprint covers config and tensor headers only; `base add` also records each weight file's sha256,
+    so weights rewritten in place (same names and shapes) stop every command that reads the base (exit 5, one
+    line) instead of silently changing what an immutable version exports. A file only touched is re-hashed and
+    passes; a base copied into the registry falls back to its copy. A base holding NaN is refused."""
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder, copied = tmp_path / "base", tmp_path / "copied"
+    shutil.copytree(llama_dir, folder)
+    shutil.copytree(llama_dir, copied)
+    cli("base", "add", "llama", folder)
+    cli("base", "add", "kept", copied, "--copy")
+    adapter = make_lora(llama_dir, tmp_path / "a", 1, LORA_TARGETS)
+    for base in ("llama", "kept"):
+        cli("add-task", f"t-{base}", adapter, "--base", base)
+        cli("fuse", f"t-{base}", "--into", f"line-{base}")
+    assert [b["weights_recorded"] for b in cli.json("list", "bases")] == [True, True]
+    assert cli.json("verify")["bases_checked"] == 1, "the copied base is covered by the blob checks"
+    cli("export", "line-llama", tmp_path / "before", "--merged")
+    weights = folder / "model.safetensors"
+    os.utime(weights)  # touched, not changed: re-hashed, still the registered weights
+    cli("export", "line-llama", tmp_path / "touched", "--merged")
+    assert cli.json("verify", "--deep")["ok"]
+
+    for base_folder in (folder, copied):
+        tensors = load_file(base_folder / "model.safetensors")
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name] * 1.5
+        save_file(tensors, base_folder / "model.safetensors", metadata={"format": "pt"})
+    for args in (["export", "line-llama", tmp_path / "after", "--merged"], ["eval", "line-llama", "--data", f"p={write_jsonl(tmp_path / 'p.jsonl', task_records('parity', 2))}"],
+                 ["verify"], ["verify", "--deep"]):
+        refused = cli(*args, code=5)
+        assert "base llama: weight file model.safetensors changed" in refused.stderr, (args, refused.stderr)
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "after").exists()
+    cli("export", "line-kept", tmp_path / "kept", "--merged")  # read from the registry's copy
+    assert torch.equal(load_file(tmp_path / "kept" / "model.safetensors")[name],
+                       load_file(tmp_path / "before" / "model.safetensors")[name])
+
+    nan = tmp_path / "nan"
+    shutil.copytree(llama_dir, nan)
+    tensors = load_file(nan / "model.safetensors")
+    tensors[name][0] = float("nan")
+    save_file(tensors, nan / "model.safetensors", metadata={"format": "pt"})
+    refused = cli("base", "add", "nan", nan, code=4)
+    assert "NaN or infinite" in refused.stderr and "nan" not in {b["name"] for b in cli.json("list", "bases")}

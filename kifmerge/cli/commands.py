@@ -370,10 +370,11 @@ def render_report(result: dict) -> None:
 @app.command()
 @handled
 def verify(
-    deep: Annotated[bool, typer.Option("--deep", help="Re-hash every blob and check each profile against its weights' units.")] = False,
+    deep: Annotated[bool, typer.Option("--deep", help="Re-hash every blob and every registered base's weight files, and check each profile against its weights' units.")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """Check every blob the registry references (exit 5 when any is missing, corrupt or inconsistent)."""
+    """Check every blob the registry references, and the weight files of bases read from their folder (exit 5
+    when any is missing, corrupt, changed or inconsistent)."""
     from kifmerge import api
 
     with progress_bars() as progress:
@@ -383,7 +384,8 @@ def verify(
 
 def render_verify(result: dict) -> None:
     deep = f" (deep: every blob re-hashed, {result['profiles_checked']} profiles match their weights)" if result["deep"] else ""
-    print(f"ok: {result['blobs_checked']} blobs verified{deep} in {result['registry']}")
+    bases = f", {result['bases_checked']} base folder(s) unchanged" if result.get("bases_checked") else ""
+    print(f"ok: {result['blobs_checked']} blobs verified{deep}{bases} in {result['registry']}")
 
 
 @app.command()

@@ -28,7 +28,7 @@ DB_NAME = "kifmerge.db"
 BUSY_TIMEOUT_MS = 30_000
 LOCK_ATTEMPTS = 12  # on top of the busy timeout: for the SQLITE_BUSY cases that skip it
 JSON_COLUMNS = {"config", "params", "metrics", "timings", "training_config", "adapter_config", "payload", "layout", "settings",
-                "validation"}
+                "validation", "files"}
 
 # every table's primary key (Catalog.get / find / insert); a migration adding a table adds it here
 PRIMARY_KEYS = {"bases": ("name",), "tasks": ("name",), "profiles": ("task",), "lines": ("name",), "versions": ("id",),
@@ -38,7 +38,7 @@ MIGRATIONS: list = []  # the schema's migrations, in order: functions of a sqlit
 # migrations that only add indexes or nullable columns: a registry without them is complete (only
 # slower, or without the new optional data), so opening it applies them (best effort) instead of
 # asking for `kifmerge init`; code that predates them reads such a registry as before
-INDEX_MIGRATIONS = {"m005_indexes", "m006_task_validation"}
+INDEX_MIGRATIONS = {"m005_indexes", "m006_task_validation", "m007_base_files"}
 
 
 def migration(fn):
@@ -163,6 +163,13 @@ def held_tasks(versions: list[dict[str, Any]]) -> list[str]:
             current = [*current, version["task"]]
         held[version["number"]] = current
     return current
+
+
+@migration
+def m007_base_files(db) -> None:
+    """A base's weight files as registered, {file: {size, mtime_ns, sha256}}: a base read from its folder is
+    checked against them, so weights changed in place are noticed (the fingerprint covers headers only)."""
+    db["bases"].add_column("files", str)
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:

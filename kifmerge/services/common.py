@@ -91,14 +91,20 @@ def open_base(reg: Registry, base: dict[str, Any]):
     from kifmerge.checkpoints import open_model
 
     path = Path(base["path"])
+    changed = None
     if path.is_dir():
         try:
             model = open_model(path)
             if model.fingerprint == base["fingerprint"]:
-                return model
+                changed = changed_weight_file(base, model)
+                if changed is None:
+                    return model
         except (NotFoundError, InvalidInputError):
             pass
     if not base.get("weights"):
+        if changed:
+            raise IntegrityError(f"base {base['name']}: {changed} in {path} since it was registered; restore it, or "
+                                 "register the changed model as another base")
         raise IntegrityError(f"base {base['name']}: folder {path} is missing or changed since it was registered "
                              "(re-register it, or register with --copy to keep a copy in the registry)")
     cache = reg.root / "cache" / "bases" / f"{base['name']}-{base['fingerprint'][:16]}"
@@ -108,6 +114,35 @@ def open_base(reg: Registry, base: dict[str, Any]):
         cache.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, cache)
     return open_model(cache)
+
+
+def weight_file_digests(model) -> dict[str, dict[str, Any]]:
+    """Each weight file of an opened model as registered: size, mtime and sha256 (streamed)."""
+    from kifmerge.registry.blobs import sha256_file
+
+    digests = {}
+    for name, file in sorted(model.tensors.files.items()):
+        info = os.stat(file)
+        digests[name] = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha256_file(Path(file))}
+    return digests
+
+
+def changed_weight_file(base: dict[str, Any], model, *, deep: bool = False) -> str | None:
+    """What changed in the base's weight files since `base add` recorded them ("model.safetensors changed"),
+    or None. A file whose size and mtime are as recorded is taken as unchanged unless `deep`; any other is
+    hashed. Bases registered before the files were recorded are not checked."""
+    from kifmerge.registry.blobs import sha256_file, sha256_input
+
+    for name, recorded in sorted((base.get("files") or {}).items()):
+        file = model.tensors.files.get(name)
+        if file is None or not Path(file).is_file():
+            return f"weight file {name} is gone"
+        info = os.stat(file)
+        if not deep and (info.st_size, info.st_mtime_ns) == (recorded["size"], recorded["mtime_ns"]):
+            continue
+        if info.st_size != recorded["size"] or (sha256_file if deep else sha256_input)(Path(file)) != recorded["sha256"]:
+            return f"weight file {name} changed"
+    return None
 
 
 def base_dir(reg: Registry, base: dict[str, Any]) -> Path:
@@ -141,7 +176,8 @@ def now() -> str:
 
 def public_base(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("name", "path", "architecture", "model_type", "fingerprint", "created")} | {
-        "copied": bool(row.get("weights")), "hub_id": row.get("hub_id"), "revision": row.get("revision")}
+        "copied": bool(row.get("weights")), "hub_id": row.get("hub_id"), "revision": row.get("revision"),
+        "weights_recorded": bool(row.get("files"))}
 
 
 # the columns public_task and public_version read: listing them skips decoding the others

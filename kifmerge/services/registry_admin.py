@@ -18,6 +18,7 @@ from kifmerge.services.common import (
     TASK_COLUMNS,
     VERSION_COLUMNS,
     Progress,
+    changed_weight_file,
     check_name,
     now,
     opened,
@@ -27,6 +28,7 @@ from kifmerge.services.common import (
     public_version,
     resolve_version,
     start_progress,
+    weight_file_digests,
 )
 
 
@@ -76,6 +78,12 @@ def add_base(name: str, model_dir: str | Path, *, copy: bool = False, allow_pick
 def _add_base(reg: Registry, name: str, model_dir: str | Path, model, copy: bool, progress: Progress,
               hub: dict[str, str] | None = None) -> dict[str, Any]:
     """Store the opened base (its files too when `copy`) and commit its row."""
+    from kifmerge.checkpoints import check_finite
+
+    check_finite(model.tensors, start_progress(progress, "checking weights", len(model.tensors.shapes)))
+    # the folder read later is the one registered: its weight files are recorded to notice changes in place
+    # (a pickle base read through a converted copy has none to record; the copy in the registry is the base)
+    digests = weight_file_digests(model) if model.path == Path(model_dir).resolve() else None
     weights = None
     if copy:
         files = {p.name: p for p in sorted(model.path.iterdir()) if p.is_file()}
@@ -85,7 +93,7 @@ def _add_base(reg: Registry, name: str, model_dir: str | Path, model, copy: bool
             advance(1)
     row = {"name": name, "path": str(Path(model_dir).resolve()), "architecture": model.architecture,
            "model_type": model.model_type, "fingerprint": model.fingerprint, "config": model.config,
-           "weights": weights, "created": now(), **(hub or {})}
+           "weights": weights, "files": digests, "created": now(), **(hub or {})}
     with reg.catalog.transaction():
         reg.catalog.insert("bases", row)
         reg.catalog.event("base.add", name, {"path": row["path"], "copied": copy, **(hub or {})})
@@ -194,14 +202,40 @@ def verify(*, deep: bool = False, registry: str | os.PathLike | None = None, pro
                 problem = _layout_problem(reg, profile_sha, weights_sha, kind, damaged)
                 if problem:
                     problems.append({"blob": profile_sha, "problem": problem, "needed_by": [owner]})
+        bases = _base_problems(reg, deep)
         report = {"registry": str(reg.root.resolve()), "blobs_checked": len(refs), "deep": deep,
-                  "profiles_checked": checked, "problems": problems, "ok": not problems}
+                  "profiles_checked": checked, "bases_checked": bases["checked"], "problems": problems,
+                  "base_problems": bases["problems"], "ok": not problems and not bases["problems"]}
+        if bases["problems"] and not problems:
+            first = bases["problems"][0]
+            raise IntegrityError(f"base {first['base']}: {first['problem']} in {first['path']} since it was registered; "
+                                 "restore it, or register the changed model as another base", details=report)
         if problems:
             first = problems[0]
             raise IntegrityError(f"{len(problems)} blob(s) missing, corrupt or inconsistent, e.g. {first['blob'][:12]} "
                                  f"({first['problem']}) needed by {first['needed_by'][0]}; restore them from a copy of "
                                  "the registry", details=report)
         return report
+
+
+def _base_problems(reg: Registry, deep: bool) -> dict[str, Any]:
+    """Bases read from their folder (not copied into the registry) whose weight files changed since `base add`
+    recorded them (`deep`: every file re-hashed); bases recorded before that are not checked."""
+    from kifmerge.checkpoints import open_model
+    from kifmerge.errors import InvalidInputError, NotFoundError
+
+    checked, problems = 0, []
+    for base in reg.catalog.rows("bases", order_by="name"):
+        if not base.get("files") or base.get("weights"):
+            continue  # nothing recorded, or a copy in the registry that the blob checks cover
+        checked += 1
+        try:
+            problem = changed_weight_file(base, open_model(base["path"]), deep=deep)
+        except (NotFoundError, InvalidInputError) as exc:
+            problem = f"folder unreadable ({exc})"
+        if problem:
+            problems.append({"base": base["name"], "path": base["path"], "problem": problem})
+    return {"checked": checked, "problems": problems}
 
 
 def _blob_problem(reg: Registry, sha: str, deep: bool) -> str | None:
