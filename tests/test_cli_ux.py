@@ -177,3 +177,15 @@ def test_a_label_given_twice_and_an_unwritable_png_are_refused_before_any_work(c
                                 (["profile", "show", "main", "--png", str(tmp_path / "no" / "p.png")], 3, "does not exist")):
         refused = cli(*args, code=code)
         assert message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, args
+
+
+def test_json_errors_are_json_on_stdout_and_version_is_printed(cli, line):
+    """A pipeline that parses `--json` output reads a failed command's error as JSON too (the same line as on
+    stderr, its kind and exit code); `--version` answers without a registry."""
+    for args, code, kind in ((["show", "nosuch"], 3, "not-found"), (["eval", "main", "--data", "x"], 2, "usage"),
+                             (["rollback", "main", "--to", "v1"], 2, "usage")):
+        result = cli(*args, "--json", code=code)
+        out = json.loads(result.stdout)
+        assert out == {"error": kind, "exit_code": code, "message": result.stderr.strip().removeprefix("kifmerge: error: ")}
+    assert cli("show", "nosuch", code=3).stdout == "", "without --json stdout stays empty"
+    assert cli("--version").stdout.strip() == f"kifmerge {__import__('kifmerge').__version__}"

@@ -43,7 +43,8 @@ def test_fusing_a_task_the_line_holds_is_refused_unless_again(world):
     assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("kifmerge: error: ")
     assert "already in line 'main' (fused as main@v1)" in refused.stderr and "--again" in refused.stderr
     report = json.loads(cli("fuse", "t1", "--into", "main", "--json", code=6).stdout)
-    assert report == {"error": "conflict", "reason": "already-fused", "task": "t1", "line": "main", "version": "main@v1"}
+    assert report == {"error": "conflict", "reason": "already-fused", "task": "t1", "line": "main", "version": "main@v1",
+                      "exit_code": 6, "message": refused.stderr.strip().removeprefix("kifmerge: error: ")}
 
     v2 = cli.json("fuse", "t2", "--into", "main")
     assert (v2["version"], v2["stale_start"]) == ("main@v2", None)

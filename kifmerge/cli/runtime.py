@@ -56,12 +56,22 @@ def global_options(
                                                      help="Registry folder (default: $KIFMERGE_REGISTRY, else the nearest "
                                                           "registry/ in this folder or its parents, else ./registry).")] = None,
     json_out: JsonOpt = False, debug: DebugOpt = False, quiet: QuietOpt = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=lambda value: _print_version(value),
+                                          help="Print kifmerge's version and exit.")] = False,
 ) -> None:
     """The options every command takes, accepted before the command too (see `handled`)."""
     from kifmerge.errors import KifWarning
 
     warnings.showwarning = _show_warning
     warnings.filterwarnings("always", category=KifWarning)  # every command says it, not only the first in a process
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from kifmerge import __version__
+
+        print(f"kifmerge {__version__}")
+        raise typer.Exit(0)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -136,13 +146,13 @@ def handled(fn: Callable) -> Callable:
                 raise
             storage = storage_error(exc)
             print(f"kifmerge: error: {_one_line(storage)}", file=sys.stderr)
+            _json_error(kwargs, storage.kind, _one_line(storage), storage.exit_code, storage.details)
             raise typer.Exit(storage.exit_code) from None
         except KifError as exc:
             if kwargs.get("debug"):
                 raise
             print(f"kifmerge: error: {_one_line(exc)}", file=sys.stderr)
-            if exc.details is not None and kwargs.get("json_out"):
-                sys.stdout.write(redact(json.dumps(exc.details, indent=2, sort_keys=True, default=str)) + "\n")
+            _json_error(kwargs, exc.kind, _one_line(exc), exc.exit_code, exc.details)
             raise typer.Exit(exc.exit_code) from None
         except Exception as exc:  # a bug or an environment problem: still one line by default
             if kwargs.get("debug"):
@@ -150,6 +160,7 @@ def handled(fn: Callable) -> Callable:
             message = redact(str(exc).splitlines()[0]) if str(exc).strip() else ""
             print(f"kifmerge: unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
                   file=sys.stderr)
+            _json_error(kwargs, "unexpected", f"{type(exc).__name__}: {message}", 1, None)
             raise typer.Exit(1) from None
         finally:
             QUIET.reset(token)
@@ -160,6 +171,17 @@ def handled(fn: Callable) -> Callable:
     annotate(wrapper)
     del wrapper.__wrapped__
     return wrapper
+
+
+def _json_error(kwargs: dict, kind: str, message: str, exit_code: int, details: Any) -> None:
+    """With --json a failed command still prints one JSON object on stdout, so a pipeline parsing it reads the
+    error instead of nothing: `error` (its kind: usage, not-found, invalid-input, integrity, conflict, storage,
+    remote, unexpected), `message` (the line on stderr) and `exit_code`, beside the error's own report."""
+    if not kwargs.get("json_out"):
+        return
+    body = dict(details) if isinstance(details, dict) else ({"details": details} if details is not None else {})
+    body |= {"error": kind, "message": message, "exit_code": exit_code}
+    sys.stdout.write(redact(json.dumps(body, indent=2, sort_keys=True, default=str)) + "\n")
 
 
 STORAGE_ERRNOS = {"ENOSPC": "the disk is full; free space and run it again",
