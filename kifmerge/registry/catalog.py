@@ -151,18 +151,24 @@ def m006_task_validation(db) -> None:
     db["tasks"].add_column("validation", str)
 
 
-def held_tasks(versions: list[dict[str, Any]]) -> list[str]:
-    """The tasks the last of `versions` (a line's, in order, with number, task, method and params) holds, in
-    the order learned: a rollback to vK holds what vK held, so tasks fused after vK and rolled back are gone."""
-    held: dict[int, list[str]] = {0: []}
-    current: list[str] = []
-    for version in versions:
+def held_versions_of(versions: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Of a line's versions (number, parent, task, method, params), those whose fuses brought what the newest
+    holds, newest first: walk back from it through parents, a rollback to vN holding what vN held."""
+    by_number = {v["number"]: v for v in versions}
+    number, seen = max(by_number, default=None), set()
+    while number is not None and number in by_number and number not in seen:
+        seen.add(number)
+        version = by_number[number]
         if version["method"] == "rollback":
-            current = list(held.get(int((version.get("params") or {}).get("to", 0)), []))
-        elif version["task"]:
-            current = [*current, version["task"]]
-        held[version["number"]] = current
-    return current
+            number = (version.get("params") or {}).get("to")
+            continue
+        yield version
+        number = version["parent"]
+
+
+def held_tasks(versions: list[dict[str, Any]]) -> list[str]:
+    """The tasks the newest of a line's `versions` holds, in the order learned (rolled-back ones are gone)."""
+    return [version["task"] for version in held_versions_of(versions) if version["task"]][::-1]
 
 
 @migration

@@ -198,12 +198,12 @@ def refuse_task_named_like_a_new_line(reg: Registry, line: str, also: str | None
 
 def public_line(reg: Registry, row: dict[str, Any], versions: list[dict[str, Any]] | None = None,
                 aliases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A line with its head, the tasks the head holds, and aliases; `versions` (number, task, method and
-    params, in order) and
+    """A line with its head, the tasks the head holds, and aliases; `versions` (number, parent, task, method
+    and params, in order) and
     `aliases` are the line's rows when the caller has read them for many lines at once."""
     if versions is None:
         versions = reg.catalog.rows("versions", "line = ?", [row["name"]], order_by="number",
-                                    columns=["number", "task", "method", "params"])
+                                    columns=["number", "parent", "task", "method", "params"])
     if aliases is None:
         aliases = reg.catalog.aliases(row["name"])
     head = versions[-1] if versions else None

@@ -185,18 +185,10 @@ class StagedVersion:
 
 
 def held_versions(reg: Registry, line: str) -> Iterator[dict[str, Any]]:
-    """The versions whose fuses brought what LINE's head holds now, newest first: walk back from
-    the head through parents, a rollback to vN holding what vN held."""
-    versions = {v["number"]: v for v in reg.catalog.rows("versions", "line = ?", [line])}
-    number, seen = max(versions, default=None), set()
-    while number is not None and number in versions and number not in seen:
-        seen.add(number)
-        version = versions[number]
-        if version["method"] == "rollback":
-            number = (version["params"] or {}).get("to")
-            continue
-        yield version
-        number = version["parent"]
+    """The versions whose fuses brought what LINE's head holds now, newest first."""
+    from kifmerge.registry.catalog import held_versions_of
+
+    return held_versions_of(reg.catalog.rows("versions", "line = ?", [line]))
 
 
 def version_holding(reg: Registry, line: str, task: str) -> dict[str, Any] | None:

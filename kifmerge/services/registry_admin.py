@@ -113,7 +113,7 @@ def list_items(what: str = "tasks", *, limit: int | None = None,
             return reg.catalog.task_summaries(TASK_COLUMNS, last=last)
         if what == "lines":
             versions: dict[str, list[dict[str, Any]]] = {}
-            for row in reg.catalog.rows("versions", order_by="line, number", columns=["line", "number", "task", "method", "params"]):
+            for row in reg.catalog.rows("versions", order_by="line, number", columns=["line", "number", "parent", "task", "method", "params"]):
                 versions.setdefault(row["line"], []).append(row)
             aliases: dict[str, list[dict[str, Any]]] = {}
             for row in reg.catalog.aliases():

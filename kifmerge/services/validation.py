@@ -52,9 +52,9 @@ def read_validation(reg: Registry, task_row: dict, max_examples: int) -> list[di
 
 def held_tasks(reg: Registry, line: str) -> list[str]:
     """The tasks LINE's head holds, in the order they were fused (a rollback to vN holds what vN held)."""
-    from kifmerge.services.fusing import held_versions
+    from kifmerge.registry.catalog import held_tasks as of_versions
 
-    return [version["task"] for version in held_versions(reg, line)][::-1]
+    return of_versions(reg.catalog.rows("versions", "line = ?", [line]))
 
 
 def validation_sets(reg: Registry, line: str, task_row: dict, max_examples: int) -> dict[str, list[dict]]:
