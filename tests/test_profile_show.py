@@ -132,6 +132,11 @@ def test_a_task_added_without_a_profile_fuses_by_the_default_and_keeps_the_line_
     # a rule that reads profiles still refuses, and names the ones that do not
     result = cli("fuse", "b", "--into", "main", "--method", "kif", "--again", code=4)
     assert "no importance profile, which --method kif reads" in result.stderr
+    # a unit rule reading such a line's all-equal scores cannot tell its units apart: it says so, once
+    fused = cli("fuse", "a", "--into", "other", "--method", "kif")
+    assert fused.stderr.count("other@v1's unit scores are all equal") == 1, fused.stderr
+    assert "cannot tell which units matter" in cli.json("show", "other@v2")["params"]["line_profile"]
+    assert "all equal" not in cli("fuse", "a", "--into", "main", "--method", "kif", "--again").stderr
 
 
 def test_a_trained_profile_shows_its_units_not_its_element_scores_or_gram_matrices(cli, tmp_path, llama_dir):

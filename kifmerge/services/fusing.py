@@ -155,6 +155,17 @@ def _element_fallback(method: str, task: str, head: str, task_elements: dict | N
     return f"{why}: every element weighted 0.5, a plain average"
 
 
+def _flat_unit_scores(method: str, head: str, p_old) -> str | None:
+    """A line begun by a task without a profile has all-equal unit scores until a task with one is fused:
+    a unit rule then cannot tell the line's important units apart. Said once, on stderr and on the version."""
+    if p_old.numel() == 0 or not bool((p_old == p_old.flatten()[0]).all()):
+        return None
+    why = (f"{head}'s unit scores are all equal (its line began with a task added without a profile), so the rule "
+           "cannot tell which units matter to the line")
+    warnings.warn(f"{method}: {why}", FallbackWarning, stacklevel=3)
+    return why
+
+
 def _line_elements(head_elements: dict | None, task_elements: dict | None, held: Callable[[], int]) -> dict | None:
     """The new version's element scores: the running mean over the tasks the line holds; when one
     side has none, the other side's as they are, so that one task without them never erases the
@@ -233,7 +244,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
     A task without a profile (`profile_sha` None; only rules that read none get here) counts as
     all-equal scores, which leave the line's accumulated profile as it was (min–max normalised)."""
     from kifmerge.checkpoints import read_headers
-    from kifmerge.fusion.methods import DATA, ELEMENT, GRAM, METHODS, TASK_VECTOR
+    from kifmerge.fusion.methods import DATA, ELEMENT, GRAM, METHODS, TASK_VECTOR, reads_profile
     from kifmerge.fusion.engine import (
         ElementBlend,
         LoraDeltaFusion,
@@ -306,7 +317,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                 params = params.model_copy(update={"alpha": chosen})
             old_source = TensorSource(old_ws.files, old_ws.weight_map)
             new_source = TensorSource(new_ws.files, new_ws.weight_map)
-            units = None
+            units, flat_profile = None, None
             fallback = _element_fallback(params.method, task, f"{into}@v{head['number']}", task_elements, head_elements) \
                 if family == ELEMENT else None
             if family == ELEMENT and fallback is None:
@@ -330,6 +341,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                                           params.method, vector_weights=[1 - params.alpha, params.alpha],
                                           density=params.density, lam=params.lam, seed=params.seed)
             else:  # a unit rule, or an element rule without its scores: every weight ½ (what equal scores give)
+                if fallback is None and reads_profile(params.method):
+                    flat_profile = _flat_unit_scores(params.method, f"{into}@v{head['number']}", p_old)
                 c_new, c_old = unit_coefficients(params, p_old, p_new) if fallback is None else (
                     torch.full((layout.size,), 0.5), torch.full((layout.size,), 0.5))
                 fusion = UnitBlend(old_source, new_source, layout, c_new, c_old)
@@ -383,6 +396,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                 recorded["reference"] = "base"
             if profile_sha is None:
                 recorded["task_profile"] = "none: the line's importance scores carried over unchanged"
+            if flat_profile:
+                recorded["line_profile"] = flat_profile
             if family == GRAM or (family == TASK_VECTOR and kind == "lora"):
                 recorded["refactor"] = fusion.summary()
             p_line = accumulate(p_old, p_new, params.profile_weights)
