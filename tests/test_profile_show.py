@@ -137,6 +137,9 @@ def test_a_task_added_without_a_profile_fuses_by_the_default_and_keeps_the_line_
     assert fused.stderr.count("other@v1's unit scores are all equal") == 1, fused.stderr
     assert "cannot tell which units matter" in cli.json("show", "other@v2")["params"]["line_profile"]
     assert "all equal" not in cli("fuse", "a", "--into", "main", "--method", "kif", "--again").stderr
+    cli("fuse", "b", "--into", "third")
+    assert "all equal" not in cli("fuse", "a", "--into", "third", "--method", "linear").stderr, \
+        "a rule that does not weigh by the scores has nothing to say"
 
 
 def test_a_trained_profile_shows_its_units_not_its_element_scores_or_gram_matrices(cli, tmp_path, llama_dir):

@@ -38,6 +38,7 @@ class FusionMethod:
     parameters: tuple[str, ...]                    # FuseParams fields the rule reads (recorded with the version)
     coefficients: Callable[..., tuple] | None = None  # unit and data rules: (params, p_old, p_new) → (c_new, c_old)
     element: Callable[..., Any] | None = None         # element rules: (params, i_line, i_new) → w_new per element
+    weighs_unit_scores: bool = False                  # its coefficients depend on the profiles' unit scores
 
 
 METHODS: dict[str, FusionMethod] = {}
@@ -106,9 +107,11 @@ def _element(params, i_line, i_new):
     return rules.element_weights(i_line, i_new, power=params.power)
 
 
-register(FusionMethod("kif", UNIT, "KIF's static rule over skill units", ("top", "weights"), coefficients=_kif))
+register(FusionMethod("kif", UNIT, "KIF's static rule over skill units", ("top", "weights"), coefficients=_kif,
+                      weighs_unit_scores=True))
 register(FusionMethod("kif-adaptive", UNIT, "softmax over the two profiles' unit scores at temperature tau",
-                      ("tau", "scores"), coefficients=_kif_adaptive))
+                      ("tau", "scores"), coefficients=_kif_adaptive,
+                      weighs_unit_scores=True))
 register(FusionMethod("kif-element", ELEMENT, "element-level importance-weighted interpolation", ("power",), element=_element))
 register(FusionMethod("linear", UNIT, "alpha·new + (1 − alpha)·old (alpha 1: sequential fine-tuning)", ("alpha",),
                       coefficients=_linear))

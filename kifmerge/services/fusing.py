@@ -244,7 +244,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
     A task without a profile (`profile_sha` None; only rules that read none get here) counts as
     all-equal scores, which leave the line's accumulated profile as it was (min–max normalised)."""
     from kifmerge.checkpoints import read_headers
-    from kifmerge.fusion.methods import DATA, ELEMENT, GRAM, METHODS, TASK_VECTOR, reads_profile
+    from kifmerge.fusion.methods import DATA, ELEMENT, GRAM, METHODS, TASK_VECTOR
     from kifmerge.fusion.engine import (
         ElementBlend,
         LoraDeltaFusion,
@@ -341,7 +341,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                                           params.method, vector_weights=[1 - params.alpha, params.alpha],
                                           density=params.density, lam=params.lam, seed=params.seed)
             else:  # a unit rule, or an element rule without its scores: every weight ½ (what equal scores give)
-                if fallback is None and reads_profile(params.method):
+                if fallback is None and METHODS[params.method].weighs_unit_scores:
                     flat_profile = _flat_unit_scores(params.method, f"{into}@v{head['number']}", p_old)
                 c_new, c_old = unit_coefficients(params, p_old, p_new) if fallback is None else (
                     torch.full((layout.size,), 0.5), torch.full((layout.size,), 0.5))
