@@ -183,9 +183,12 @@ def test_json_errors_are_json_on_stdout_and_version_is_printed(cli, line):
     """A pipeline that parses `--json` output reads a failed command's error as JSON too (the same line as on
     stderr, its kind and exit code); `--version` answers without a registry."""
     for args, code, kind in ((["show", "nosuch"], 3, "not-found"), (["eval", "main", "--data", "x"], 2, "usage"),
-                             (["rollback", "main", "--to", "v1"], 2, "usage")):
+                             (["rollback", "main", "--to", "v1"], 2, "usage"), (["profile", "show", "nosuch"], 3, "not-found"),
+                             (["base", "add", "b2", line["parity"]], 2, "usage")):
         result = cli(*args, "--json", code=code)
         out = json.loads(result.stdout)
         assert out == {"error": kind, "exit_code": code, "message": result.stderr.strip().removeprefix("kifmerge: error: ")}
+    assert "no task or line named 'nosuch'" in cli("profile", "show", "nosuch", code=3).stderr
+    assert "is a file; give the model's folder" in cli("base", "add", "b2", line["parity"], code=2).stderr
     assert cli("show", "nosuch", code=3).stdout == "", "without --json stdout stays empty"
     assert cli("--version").stdout.strip() == f"kifmerge {__import__('kifmerge').__version__}"

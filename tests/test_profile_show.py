@@ -61,17 +61,6 @@ def test_line_profile_by_version_alias_and_bare_line(lora_line):
     assert lora_line.json("profile", "show", "main@champion", "--top", "1")["version"] == "main@v1"
 
 
-def test_task_and_line_with_one_name(cli, tmp_path, llama_dir):
-    """A task named like a line: the bare name is the task, `--line` the line."""
-    adapter = make_lora(llama_dir, tmp_path / "a", 1, LORA_TARGETS)
-    write_profile(tmp_path / "p.safetensors", {g: [1.0, 0.0, 0.0, 0.0] for g in lora_groups()}, "lora-rank")
-    cli("base", "add", "llama", llama_dir)
-    cli("add-task", "same", adapter, "--base", "llama", "--profile", tmp_path / "p.safetensors")
-    cli("fuse", "same", "--into", "same")
-    assert cli.json("profile", "show", "same")["type"] == "task"
-    assert cli.json("profile", "show", "same", "--line")["version"] == "same@v1"
-
-
 def test_full_profile_heatmap_and_errors(cli, tmp_path, llama_dir):
     from safetensors import safe_open
 
@@ -91,7 +80,7 @@ def test_full_profile_heatmap_and_errors(cli, tmp_path, llama_dir):
     other = grid["values"][2]
     assert other[grid["columns"].index("lm_head.weight")] is not None and other[grid["columns"].index("self_attn.q_proj.weight")] is None
     missing = cli("profile", "show", "nothing", code=3).stderr
-    assert "'nothing' not found" in missing and missing.count("\n") == 1
+    assert "no task or line named 'nothing'" in missing and missing.count("\n") == 1
     assert "--top" in cli("profile", "show", "f", "--top", "0", code=2).stderr
 
 

@@ -120,7 +120,8 @@ def _profile(profile: dict | None) -> str | None:
     if not profile:
         return None
     layout = profile.get("layout") or profile
-    return f"{layout.get('units')} {layout.get('unit') or profile.get('unit')} units in {layout.get('groups')} groups ({profile.get('estimator')})"
+    return (f"{layout.get('units')} {layout.get('unit') or profile.get('unit')} units in {layout.get('groups')} groups "
+            f"(estimator: {profile.get('estimator')})")
 
 
 def _score_line(metrics: dict) -> str:

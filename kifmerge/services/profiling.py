@@ -38,6 +38,8 @@ def profile_show(ref: str, *, line: bool = False, top: int = 10, registry: str |
                 raise NotFoundError(f"task {ref!r} has no profile; register it with --profile or --calibrate")
             subject, kind, sha = {"type": "task", "task": ref}, task["kind"], row["scores"]
         else:
+            if not line and "@" not in ref and reg.catalog.find("lines", ref) is None:
+                raise NotFoundError(f"no task or line named {ref!r}; see `kifmerge list tasks` / `kifmerge list lines`")
             line_name, version = resolve_version(reg, ref)
             kind = reg.catalog.get("lines", line_name, "line")["kind"]
             subject = {"type": "version", "version": f"{line_name}@v{version['number']}", "task": version["task"]}

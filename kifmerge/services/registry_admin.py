@@ -64,6 +64,8 @@ def add_base(name: str, model_dir: str | Path, *, copy: bool = False, allow_pick
             model_dir, hub = resolve(str(model_dir), revision)
         elif revision:
             raise UsageError("--revision applies to hub ids (org/name) only, not to a local folder")
+        if Path(model_dir).is_file():
+            raise UsageError(f"{model_dir} is a file; give the model's folder (the one holding config.json)")
         if not Path(model_dir).is_dir():
             raise NotFoundError(f"model folder not found: {model_dir}")
         scratch = reg.blobs.staging_dir() if allow_pickle and pickle_files(Path(model_dir)) else None
