@@ -188,7 +188,9 @@ def test_the_index_migration_upgrades_an_existing_registry_and_keeps_its_data(tm
     assert after["_migrations"] == before["_migrations"] + sorted(INDEX_MIGRATIONS) == [fn.__name__ for fn in MIGRATIONS]
     added = len(after["tasks"][0]) - len(before["tasks"][0])  # m006: tasks.validation, NULL on every old row
     assert added == 1 and all(row[-1] is None for row in after["tasks"])
-    after_old_columns = {**after, "tasks": [row[:-1] for row in after["tasks"]]}
+    added = len(after["bases"][0]) - len(before["bases"][0])  # m007: bases.files, NULL: the old base is not checked
+    assert added == 1 and all(row[-1] is None for row in after["bases"])
+    after_old_columns = {**after, "tasks": [row[:-1] for row in after["tasks"]], "bases": [row[:-1] for row in after["bases"]]}
     assert {k: v for k, v in after_old_columns.items() if k != "_migrations"} == {k: v for k, v in before.items() if k != "_migrations"}
     assert [v["version"] for v in history] == [f"l@v{n}" for n in range(1, 11)]
     assert cli.json("show", "t5")["fused_into"] == ["l@v5"]
