@@ -93,8 +93,8 @@ def test_card_lists_eval_scores_as_model_index(tmp_path):
     from kifmerge.export import write_model_card
 
     version = {"number": 2, "kind": "full"}
-    lineage = [{"number": 1, "task": "t1", "method": "initial", "params": {}, "created": "x"},
-               {"number": 2, "task": "t2", "method": "ties", "params": {"density": 0.5}, "created": "y"}]
+    lineage = [{"number": 1, "parent": None, "task": "t1", "method": "initial", "params": {}, "created": "x"},
+               {"number": 2, "parent": 1, "task": "t2", "method": "ties", "params": {"density": 0.5}, "created": "y"}]
     base = {"name": "b", "path": "/models/b", "architecture": "LlamaForCausalLM", "fingerprint": "f" * 64}
     write_model_card(tmp_path, line="main", version=version, base=base, lineage=lineage, merged=False,
                      evaluations={"parity": {"exact_match": 0.75, "rouge_l": 0.8, "examples": 20}})

@@ -163,7 +163,7 @@ def held_versions_of(versions: list[dict[str, Any]]) -> Iterator[dict[str, Any]]
             number = (version.get("params") or {}).get("to")
             continue
         yield version
-        number = version.get("parent", number - 1)  # rows given without it: a lineage without rollbacks
+        number = version["parent"]
 
 
 def held_tasks(versions: list[dict[str, Any]]) -> list[str]:
