@@ -209,5 +209,10 @@ def training_name(task: TaskFiles, start_weights: str | None, options: dict, rep
     its data by content (not by where the checkout lies) and, with replay, the line it replays. Lines
     and scripts whose inputs agree find the same training in the registry and share it."""
     data = hashlib.sha256(task.train.read_bytes()).hexdigest()
-    key = json.dumps((start_weights, options, data, replayed_line), sort_keys=True, default=str)
+    inputs = (start_weights, options, data, replayed_line)
+    if options.get("gram"):  # RegMean's trainings: apart from those whose Gram sums were bfloat16 (before 2026-12-06)
+        from kifmerge.profile_format import GRAM_PRECISION
+
+        inputs += (GRAM_PRECISION,)
+    key = json.dumps(inputs, sort_keys=True, default=str)
     return f"{task.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"

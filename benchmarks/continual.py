@@ -254,15 +254,23 @@ class Experiment:
         """Teach the method's line the sequence task by task. A training is named by a digest of
         its inputs (start weights, options, data), so lines whose heads and options agree share it."""
         line = self.line(method)
+        history = self.versions(line)
         for step, task in enumerate(self.tasks, start=1):
-            if len(self.versions(line)) >= step:
-                continue
             options = self.options_for(method, step)
-            name = training_name(task, self.head_weights(line), options, line if options.get("replay") else None)
+            start = self.api.show(f"{line}@v{history[step - 2]['number']}", registry=self.registry)["weights"] \
+                if step > 1 else None
+            name = training_name(task, start, options, line if options.get("replay") else None)
+            if len(history) >= step:
+                if history[step - 1]["task"] != name:  # a line of trainings named otherwise (older inputs)
+                    raise SystemExit(f"{line}@v{history[step - 1]['number']} in {self.registry} fused "
+                                     f"{history[step - 1]['task']}, not this protocol's {name}: move that line "
+                                     "out of the way (or use another --work) to run it again")
+                continue
             self.train(name, task.train, line, options)
             fuse = fuse_options(method, step)
             log(f"seed {self.seed}: fuse {name} into {line} ({fuse})")
             self.timed(f"fuse:{line}@{step}", lambda: self.api.fuse(name, line, registry=self.registry, **fuse))
+            history = self.versions(line)
 
     def line(self, method: str) -> str:
         """A method's line: its name, or `METHOD-firstN` when only the first N tasks are run

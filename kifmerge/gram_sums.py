@@ -120,7 +120,9 @@ class SharedGramSums:
         if group in self._sums:
             self._sums[group].add_(gram)
         else:
-            self._sums[group] = gram.clone()  # its own buffer: the product may be reused by the next round
+            # its own float32 buffer (the product may be reused by the next round): a sum kept in the
+            # product's dtype would, for a bfloat16 one, stop growing by small products after a few steps
+            self._sums[group] = gram.to(torch.float32, copy=True)
 
     def _new_group(self, names: list[str]) -> int:
         group, self._groups = self._groups, self._groups + 1

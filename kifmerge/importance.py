@@ -181,8 +181,13 @@ def calibrate(model: torch.nn.Module, batches: Iterable[dict], accumulator: Impo
 
 
 def _gram_of(inputs: torch.Tensor) -> torch.Tensor:
+    """XᵀX in float32 with autocast off: the hooks run inside the Trainer's autocast under --bf16,
+    which computes a float32 product in bfloat16 (3 significant digits). Summed that way the
+    matrices came out indefinite (negative eigenvalues ~1e-4 of the largest) and RegMean's solve
+    blew the merged update up ×20 along those directions."""
     x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
-    return x.T @ x
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return x.T @ x
 
 
 class GramCollector:

@@ -16,6 +16,9 @@ input Gram matrix `XᵀX`, float32, as its upper triangle packed row by row (1-D
 full n × n matrix reads too, as written before 2026-12-06). Modules that see the same inputs
 (q/k/v of one attention layer) store it once: metadata `gram-shared` maps each such module to
 the one whose key holds it (JSON). Both halve the storage, exactly: a Gram is symmetric.
+Metadata `gram-precision: float32` says they were summed in float32; a file without it written
+by a --bf16/--fp16 training (before 2026-12-06) holds sums taken in bfloat16, which RegMean
+does not use (kifmerge/services/fusing.py, `unusable_grams`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kifmerge.errors import InvalidInputError, NotFoundError
-from kifmerge.profile_format import ELEMENT, FORMAT, GRAM, GRAM_SHARED, NOT_UNITS, VERSION  # noqa: F401 (re-exported)
+from kifmerge.profile_format import ELEMENT, FORMAT, GRAM, GRAM_PRECISION, GRAM_SHARED, NOT_UNITS, VERSION  # noqa: F401 (re-exported)
 from kifmerge.units import UnitLayout
 
 
@@ -106,9 +109,20 @@ def write_profile(path: str | Path, flat: torch.Tensor, layout: UnitLayout, extr
 
 def gram_entries(grams: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The safetensors keys and metadata that store `grams` (packed, shared ones once): what
-    `read_grams` reads, in a profile or in a training checkpoint's state."""
+    `read_grams` reads, in a profile or in a training checkpoint's state, marked as summed in
+    float32 (every writer sums them so; a line's never includes a sum that was not: fusing.py)."""
     packed, shared = pack_grams(grams)
-    return {GRAM + name: gram for name, gram in packed.items()}, ({GRAM_SHARED: json.dumps(shared, sort_keys=True)} if shared else {})
+    meta = {GRAM_PRECISION[0]: GRAM_PRECISION[1]}
+    if shared:
+        meta[GRAM_SHARED] = json.dumps(shared, sort_keys=True)
+    return {GRAM + name: gram for name, gram in packed.items()}, meta
+
+
+def grams_precise(path: str | Path) -> bool:
+    """Whether the file's Gram matrices were summed in float32 (written since 2026-12-06); an
+    older file's were too unless its training ran under --bf16/--fp16, which the caller knows."""
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get(GRAM_PRECISION[0]) == GRAM_PRECISION[1]
 
 
 def pack_grams(grams: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -112,11 +112,14 @@ def save_importance(accumulator, path: Path, grams: dict[str, torch.Tensor] | No
 
 
 @torch.no_grad()
-def load_importance(accumulator, path: Path, grams=None, *, main_process: bool = True) -> None:
+def load_importance(accumulator, path: Path, grams=None, *, main_process: bool = True,
+                    reduced_precision: bool = False) -> None:
     """Restore what `save_importance` wrote; `grams` (a GramCollector) gets the Gram sums so far, so a
     resumed `--gram` run's matrices cover every step, not only those after the resume (in a
-    data-parallel run on the main process only: the saved sums are every rank's already)."""
-    from kifmerge.profiles import GRAM, read_grams
+    data-parallel run on the main process only: the saved sums are every rank's already).
+    `reduced_precision`: the run trains under --bf16/--fp16, where an older kifmerge summed them
+    in bfloat16."""
+    from kifmerge.profiles import GRAM, grams_precise, read_grams
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
@@ -139,6 +142,10 @@ def load_importance(accumulator, path: Path, grams=None, *, main_process: bool =
                 metadata.get(GRAM_SUMS_OF_EVERY_PROCESS[0]) != GRAM_SUMS_OF_EVERY_PROCESS[1]:
             raise InvalidInputError(f"the checkpoint in {path.parent} was saved by several processes with a kifmerge "
                                     "that kept only the main process's Gram sums; run without --resume to start afresh")
+        if saved is not None and reduced_precision and not grams_precise(path):
+            raise InvalidInputError(f"the checkpoint in {path.parent} holds Gram sums that a kifmerge before 2026-12-06 "
+                                    "took in bfloat16 under --bf16/--fp16 (too imprecise for RegMean); run without "
+                                    "--resume to start afresh")
         device = next(iter(accumulator.ipt.values())).device
         # read_grams gives modules that share a matrix one tensor: moved once, they share one buffer again
         moved: dict[int, torch.Tensor] = {}

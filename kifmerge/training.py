@@ -272,7 +272,8 @@ def run_training(base_dir: Path, config: dict, options: TrainOptions, init_dir: 
                                          callbacks=[ProgressBridge(progress, description)], outer=outer)
     grams = GramCollector.attach(trainer.model, options.gram) if options.records_grams else None
     if start is not None:
-        load_importance(accumulator, start / STATE_FILE, grams, main_process=trainer.is_world_process_zero())
+        load_importance(accumulator, start / STATE_FILE, grams, main_process=trainer.is_world_process_zero(),
+                        reduced_precision=bool(options.bf16 or options.fp16))
     if grams is not None:
         from kifmerge.resume import ImportanceCheckpoint
 

@@ -266,6 +266,27 @@ def test_the_running_mean_row_weighs_the_t_th_task_1_over_t(tmp_path, llama_dir)
     assert alphas[0] is None and alphas[1] == 0.5 and abs(alphas[2] - 1 / 3) < 1e-6, alphas
 
 
+def test_a_line_built_from_other_trainings_is_never_resumed(tmp_path, llama_dir):
+    """The work registry outlives a protocol: a line whose versions fused trainings of other inputs
+    (here another --lr; for RegMean, Gram matrices summed the old way) stops the run with what to do,
+    instead of being evaluated as this protocol's row."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for seed, task in enumerate(("parity", "vowel")):
+        write_jsonl(data / f"{task}.jsonl", task_records(task, 8, seed))
+        write_jsonl(data / f"{task}-dev.jsonl", task_records(task, 2, 10 + seed))
+    sequence = {"name": "tiny", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in ("parity", "vowel")]}
+    (data / "sequence.json").write_text(json.dumps(sequence))
+    args = ["--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq", "--steps", 1,
+            "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 2,
+            "--eval-batch-size", 2, "--max-new-tokens", 1, "--precision", "fp32", "--work", tmp_path / "work"]
+    run("continual.py", *args, "--results", tmp_path / "first")
+    done = subprocess.run([sys.executable, "benchmarks/continual.py", *map(str, args), "--lr", "0.003", "--results",
+                           tmp_path / "second"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "seq@v1" in done.stderr and "move that line out of the way" in done.stderr
+    assert not (tmp_path / "second" / "runs" / "tiny" / "seed42" / "seq.json").exists()
+
+
 def test_bf16_check_on_the_tiny_llama(tmp_path, llama_dir):
     """The first task of order 4 trained in bf16 and in float32 (where bf16 is not native here,
     both run float32 and the check says nothing), each evaluated both ways, with paired intervals."""

@@ -222,3 +222,73 @@ def test_learn_run_again_is_reused_whatever_the_default_fused_by(cli, tmp_path, 
     assert cli.json("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget, "--gram")["reused"] is True
     refused = cli("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget, "--no-gram", code=6)
     assert "--gram: on ≠ off" in refused.stderr
+
+
+def test_gram_matrices_are_float32_sums_under_bf16_autocast(llama_dir):
+    """--bf16 trains under autocast, which computes a float32 XᵀX in bfloat16 (3 significant
+    digits) unless turned off: summed so, SmolLM2's matrices came out indefinite and RegMean's
+    merge grew ×20 along their negative directions. The recorded sums equal float64 XᵀX of the
+    inputs the modules read, to float32 precision, and are float32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kifmerge.importance import GramCollector
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    collector = GramCollector(model)
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if name in collector._linears:
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[0].detach().clone()))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=torch.randint(0, model.config.vocab_size, (4, 24), generator=generator))
+    grams = collector.grams
+    assert set(grams) == set(seen) and seen
+    for name, inputs in seen.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).to(torch.float64)
+        assert grams[name].dtype == torch.float32
+        torch.testing.assert_close(grams[name].to(torch.float64), x.T @ x, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_gram_matrices_an_older_kifmerge_summed_in_bfloat16_are_not_used(cli, tmp_path, llama_dir):
+    """A profile written before the float32 mark by a --bf16 training holds bfloat16 sums: the
+    default fuse falls back to MagMax and says why, `--method regmean` refuses, and the line keeps
+    no Gram matrices from it. The same file from a float32 training is used as before."""
+    from safetensors.torch import save_file
+
+    from kifmerge.registry import Registry
+
+    cli("base", "add", "llama", llama_dir)
+    data = {k: write_jsonl(tmp_path / f"{k}.jsonl", task_records(k, 8, seed=2)) for k in ("parity", "vowel")}
+    budget = ["--max-steps", "1", "--lora-r", "4"]
+    cli("learn", "t1", "--data", data["parity"], "--into", "main", "--base", "llama", *budget)
+    for task in ("old", "old32"):
+        cli("train", task, "--data", data["vowel"], "--line", "main", *budget)
+    reg = Registry.open(cli.registry)
+    for task, bf16 in (("old", True), ("old32", False)):  # as an older kifmerge left them: no mark
+        row = reg.catalog.rows("profiles", "task = ?", [task])[0]
+        path = reg.blobs.open_verified(row["scores"])
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            metadata = {k: v for k, v in handle.metadata().items() if k != "gram-precision"}
+        unmarked = tmp_path / f"{task}.safetensors"
+        save_file(tensors, str(unmarked), metadata=metadata)
+        config = {**json.loads(reg.catalog.db["tasks"].get(task)["training_config"]), "bf16": bf16}
+        with reg.catalog.db.conn:
+            reg.catalog.db["profiles"].update(task, {"scores": reg.blobs.put_file(unmarked)})
+            reg.catalog.db["tasks"].update(task, {"training_config": json.dumps(config)})
+
+    refused = cli("fuse", "old", "--into", "main", "--method", "regmean", code=4)
+    assert "task 'old''s Gram matrices were summed in bfloat16" in refused.stderr and "retrain" in refused.stderr
+    fused = cli("fuse", "old", "--into", "main", "--json")
+    version = json.loads(fused.stdout)
+    assert version["method"] == "magmax" and "summed in bfloat16" in version["params"]["fallback"]
+    assert "summed in bfloat16" in fused.stderr
+    later = cli.json("fuse", "old32", "--into", "main")  # the line holds none now: later fuses fall back too
+    assert later["method"] == "magmax" and "none usable" in later["params"]["fallback"]
+    assert cli.json("fuse", "old32", "--into", "other", "--json")["method"] == "initial"
+    cli("learn", "t3", "--data", data["parity"], "--into", "other", *budget)
+    assert cli.json("show", "other@v2")["method"] == "regmean", "an unmarked float32 training's matrices are used"

@@ -309,15 +309,18 @@ def test_a_resumed_gram_run_records_the_gram_matrices_of_every_step(cli, llama_d
         torch.testing.assert_close(job[module], ref[module], rtol=1e-4, atol=1e-3, msg=module)
 
 
-def test_resume_refuses_a_multi_process_checkpoint_whose_gram_sums_are_one_process_s(cli, llama_dir, parity):
-    """A checkpoint saved under torchrun by a kifmerge from before the Gram sums were all-reduced holds the
-    main process's share only: resumed, the task's RegMean weight would count a fraction of its batches.
-    The Trainer's per-process RNG files tell such a checkpoint; it is refused, and nothing is registered."""
+@pytest.mark.parametrize("older", ["one-process-sums", "bfloat16-sums"])
+def test_resume_refuses_gram_sums_an_older_kifmerge_kept_imprecisely(cli, llama_dir, parity, older):
+    """Checkpoints whose Gram sums would make the task's RegMean weight wrong, told by what they lack:
+    saved under torchrun by a kifmerge from before the sums were all-reduced (the main process's share
+    only; the Trainer's per-process RNG files tell it), or under --bf16 by one from before they were
+    summed in float32. Both are refused, and nothing is registered."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     cli("base", "add", "llama", llama_dir)
-    steps = ["--max-steps", "4", "--save-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--gram"]
+    steps = ["--max-steps", "4", "--save-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--gram",
+             *(["--bf16", "--bf16-force"] if older == "bfloat16-sums" else [])]
     env = {**os.environ, "KIFMERGE_FAULT_POINT": "train.step#3", "OMP_NUM_THREADS": "1"}
     killed = subprocess.run([sys.executable, "-m", "kifmerge", "train", "job", "--data", str(parity), "--line", "b",
                              "--base", "llama", *steps, "--registry", str(cli.registry)],
@@ -326,14 +329,17 @@ def test_resume_refuses_a_multi_process_checkpoint_whose_gram_sums_are_one_proce
     [folder] = resume_folders(cli)
     checkpoint = folder / "checkpoint-2"
     state = checkpoint / "kifmerge-importance.safetensors"
+    marker = {"one-process-sums": "gram-sums", "bfloat16-sums": "gram-precision"}[older]
     with safe_open(str(state), framework="pt") as handle:  # as the earlier kifmerge wrote it: no marker
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        metadata = {k: v for k, v in handle.metadata().items() if k != "gram-sums"}
+        metadata = {k: v for k, v in handle.metadata().items() if k != marker}
     save_file(tensors, str(state), metadata=metadata)
-    (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")  # as two processes leave it
-    (checkpoint / "rng_state_1.pth").write_bytes(b"")
+    if older == "one-process-sums":
+        (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")  # as two processes leave it
+        (checkpoint / "rng_state_1.pth").write_bytes(b"")
 
     refused = cli("train", "job", "--data", parity, "--line", "b", "--base", "llama", *steps, "--resume", code=4)
-    assert "saved by several processes" in refused.stderr and "without --resume" in refused.stderr
+    expected = {"one-process-sums": "saved by several processes", "bfloat16-sums": "took in bfloat16"}[older]
+    assert expected in refused.stderr and "without --resume" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) <= 2  # the resume note and the one-line error
     assert cli.json("list", "tasks") == [] and checkpoint.is_dir(), "nothing registered, the checkpoint kept"

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kifmerge.errors import ConflictError, FallbackWarning, InvalidInputError, UsageError
@@ -102,22 +103,38 @@ def check_profile_for(method: str, task: str, profile_row: dict | None, chosen: 
 
 
 GRAM_FALLBACK = {"regmean": "magmax"}  # the default rule → what fuses when it was not chosen and cannot run
+SUMMED_IN_BF16 = ("summed in bfloat16 (a --bf16/--fp16 training by a kifmerge before 2026-12-06), too imprecise "
+                  "for RegMean")
 
 
-def gram_fallback(params, kind: str, task_row: dict, head: str, task_grams: dict | None, head_grams: dict | None):
+def imprecise_grams(profile: Path, task_rows: list[dict]) -> bool:
+    """Gram matrices an older kifmerge summed in bfloat16: a profile without the float32 mark
+    (`grams_precise`) from a training under --bf16/--fp16 (for a line's head: of any task it holds).
+    Such sums are indefinite, and RegMean's solve amplified those directions ×20 (measured on
+    benchmarks/results/lr3e-3, order 5); a file of a float32 training never had the problem."""
+    from kifmerge.profiles import grams_precise
+
+    configs = [row.get("training_config") or {} for row in task_rows]
+    return any(c.get("bf16") or c.get("fp16") for c in configs) and not grams_precise(profile)
+
+
+def gram_fallback(params, kind: str, task_row: dict, head: str, task_grams: dict | None, head_grams: dict | None,
+                  problem: str | None = None):
     """(params, why) for a fuse by a Gram rule: as they are, or, when the rule is the default (not
     chosen) and a side has no Gram matrices (a task added without `--calibrate`, trained with
-    `--no-gram` or before they were recorded by default, a full fine-tuning), MagMax's, with the
-    reason, warned on stderr and recorded on the version. A rule chosen with --method is never
-    swapped: it refuses."""
+    `--no-gram` or before they were recorded by default, a full fine-tuning) or none usable
+    (`problem`), MagMax's, with the reason, warned on stderr and recorded on the version. A rule
+    chosen with --method is never swapped: it refuses."""
     if params.method not in GRAM_FALLBACK or "method" in params.model_fields_set:
         return params, None
-    if kind != "lora":
+    if problem is not None:
+        why = problem
+    elif kind != "lora":
         why = "a full fine-tuning line has no Gram matrices"
     elif task_grams is None:
         why = f"task {task_row['name']!r} has no Gram matrices ({_why_no_grams(task_row.get('training_config') or {})})"
     elif head_grams is None:
-        why = f"{head} has no Gram matrices (a task of the line had none, so no later fuse into it has them)"
+        why = f"{head} has no Gram matrices (a task of the line had none, or none usable, so no later fuse into it has them)"
     else:
         return params, None
     fallback = GRAM_FALLBACK[params.method]
@@ -279,6 +296,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
     new_ws = reg.weights(task_row["weights"])
     new_headers = read_headers(new_ws.tensor_files(), new_ws.weight_map)
     layout = layout_for(kind, new_headers.shapes)
+    gram_problem = None  # why Gram matrices that are there are not used
     if profile_sha is None:
         p_new, task_elements, task_grams = torch.zeros(layout.size), None, None
     else:
@@ -286,6 +304,8 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
         task_elements = read_elements(reg.blobs.open_verified(profile_sha), new_headers.shapes)
         task_grams = read_grams(reg.blobs.open_verified(profile_sha), list(layout.groups),
                                 lora_input_widths(new_headers.shapes)) if kind == "lora" else None
+        if task_grams is not None and imprecise_grams(reg.blobs.open_verified(profile_sha), [task_row]):
+            task_grams, gram_problem = None, f"task {task!r}'s Gram matrices were {SUMMED_IN_BF16}"
     line_elements, line_grams = None, None
     staging = reg.blobs.staging_dir()
     timings: dict[str, float] = {}
@@ -305,7 +325,13 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
             head_elements = read_elements(reg.blobs.open_verified(head["profile"]), new_headers.shapes)
             head_grams = read_grams(reg.blobs.open_verified(head["profile"]), list(layout.groups),
                                     lora_input_widths(new_headers.shapes)) if task_grams else None
-            params, instead = gram_fallback(params, kind, task_row, f"{into}@v{head['number']}", task_grams, head_grams)
+            from kifmerge.services.validation import held_tasks
+
+            if head_grams is not None and imprecise_grams(reg.blobs.open_verified(head["profile"]),
+                                                          [reg.catalog.get("tasks", name, "task") for name in held_tasks(reg, into)]):
+                head_grams, gram_problem = None, f"{into}@v{head['number']}'s Gram matrices include sums {SUMMED_IN_BF16}"
+            params, instead = gram_fallback(params, kind, task_row, f"{into}@v{head['number']}", task_grams, head_grams,
+                                            gram_problem)
             family = METHODS[params.method].family
             validation, selection = None, None
             if family == DATA or max_regression is not None:
@@ -325,6 +351,9 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                                    for name in task_elements}
                 fusion = ElementBlend(old_source, new_source, element_weights)
             elif family == GRAM:
+                if gram_problem is not None:
+                    raise InvalidInputError(f"{params.method} needs precise Gram matrices, and {gram_problem}: retrain "
+                                            "the task (or `add-task --calibrate DATA` its checkpoint), or fuse by another rule")
                 if task_grams is None or head_grams is None:
                     whose = f"task {task!r}" if task_grams is None else f"{into}@v{head['number']}"
                     raise InvalidInputError(f"{params.method} needs the Gram matrices of a LoRA line's inputs, and {whose}'s "
@@ -401,8 +430,6 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
             if family == GRAM or (family == TASK_VECTOR and kind == "lora"):
                 recorded["refactor"] = fusion.summary()
             p_line = accumulate(p_old, p_new, params.profile_weights)
-            from kifmerge.services.validation import held_tasks
-
             line_elements = _line_elements(head_elements, task_elements, lambda: len(held_tasks(reg, into)))
             if task_grams is not None:  # the line's Gram matrices: the sum over the tasks it holds
                 line_grams = {name: head_grams[name] + task_grams[name] for name in task_grams} if head_grams else None
