@@ -192,3 +192,17 @@ def test_json_errors_are_json_on_stdout_and_version_is_printed(cli, line):
     assert "is a file; give the model's folder" in cli("base", "add", "b2", line["parity"], code=2).stderr
     assert cli("show", "nosuch", code=3).stdout == "", "without --json stdout stays empty"
     assert cli("--version").stdout.strip() == f"kifmerge {__import__('kifmerge').__version__}"
+
+
+def test_click_usage_errors_are_one_line_and_json_too(cli, line):
+    """A missing argument, an unknown option, a value of the wrong type or an unknown command fail as every
+    other error: one `kifmerge: error:` line naming the problem and where the help is, exit 2, and with --json
+    the error object on stdout."""
+    for args, says in ((["fuse"], "Missing argument"), (["fuse", "t", "--into", "main", "--grace", "1"], "No such option: --grace"),
+                       (["fuse", "t", "--into", "main", "--alpha", "abc"], "Invalid value for '--alpha'"),
+                       (["nosuch"], "No such command 'nosuch'"), (["base", "nosuch"], "No such command 'nosuch'")):
+        result = cli(*args, code=2)
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("kifmerge: error: ") and says in result.stderr
+        assert "--help`)" in result.stderr and result.stdout == ""
+        out = json.loads(cli(*args, "--json", code=2).stdout)
+        assert out["error"] == "usage" and out["exit_code"] == 2 and says in out["message"]

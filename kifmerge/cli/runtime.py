@@ -17,12 +17,41 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
+import typer.core
 
 from kifmerge.errors import KifError
 from kifmerge.redact import redact
 
 
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """Click's own usage errors (a missing argument, an unknown option, a value of the wrong type)
+    as every other error: one line on stderr, `kifmerge: error: …` with where to find the help, and
+    with --json the error object on stdout (`_json_error`); exit 2 as before. Click would print a
+    usage block and a framed message instead, and nothing on stdout."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's exceptions (typer vendors click; this is their public base)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a group given nothing: its help, as asked for
+                exc.show()
+                sys.exit(exc.exit_code)
+            context = getattr(exc, "ctx", None)
+            message = f"{_one_line(exc.format_message())} (see `{context.command_path if context else 'kifmerge'} --help`)"
+            print(f"kifmerge: error: {message}", file=sys.stderr)
+            _json_error({"json_out": "--json" in argv}, "usage", message, exc.exit_code, None)
+            sys.exit(exc.exit_code)
+        except typer.Abort:  # Ctrl-C while click itself was reading (a prompt)
+            print("kifmerge: interrupted; nothing was recorded", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="kifmerge",
     help="Continual learning of language models by importance-guided merging (KIF).",
     no_args_is_help=True,
