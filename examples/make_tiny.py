@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 NUMBERS = "one two three four five six seven eight nine ten".split()
@@ -74,4 +73,8 @@ def main(out: str = "tiny") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A tiny Llama (+ tokenizer) and two small JSONL tasks, in seconds.")
+    parser.add_argument("out", nargs="?", default="tiny", help="the folder to write (default: tiny)")
+    main(parser.parse_args().out)
