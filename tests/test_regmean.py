@@ -292,3 +292,40 @@ def test_gram_matrices_an_older_kifmerge_summed_in_bfloat16_are_not_used(cli, tm
     assert cli.json("fuse", "old32", "--into", "other", "--json")["method"] == "initial"
     cli("learn", "t3", "--data", data["parity"], "--into", "other", *budget)
     assert cli.json("show", "other@v2")["method"] == "regmean", "an unmarked float32 training's matrices are used"
+
+
+def test_regmean_records_how_much_a_merge_grew_and_warns_when_far_above_either_update(cli, tmp_path, llama_dir):
+    """A least-squares average stays near the size of what it averages. Gram matrices that are not the
+    inputs' (here: two nearly parallel rank-1 directions, as a hand-edited file might hold) make the
+    solve amplify the direction they barely tell apart; the version records the largest growth and its
+    module, and the fuse warns in one line. Ordinary matrices (calibrated) record a growth near 1, silently."""
+    from safetensors.torch import save_file
+
+    from conftest import LORA_TARGETS, make_lora, write_profile
+
+    cli("base", "add", "llama", llama_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", task_records("parity", 8))
+    adapters = {n: make_lora(llama_dir, tmp_path / n, seed, LORA_TARGETS) for seed, n in enumerate(("a", "b"), 1)}
+    for name in adapters:
+        cli("add-task", f"{name}-calibrated", adapters[name], "--base", "llama", "--calibrate", data, "--calibrate-batches", "2")
+    cli("fuse", "a-calibrated", "--into", "plain")
+    plain = cli("fuse", "b-calibrated", "--into", "plain", "--json")
+    refactor = json.loads(plain.stdout)["params"]["refactor"]
+    assert 0 < refactor["largest_growth"] < 3 and refactor["largest_growth_module"] and "warning" not in plain.stderr
+
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in load_file(adapters["a"] / "adapter_model.safetensors")})
+    width = load_file(adapters["a"] / "adapter_model.safetensors")[f"{modules[0]}.lora_A.weight"].shape[1]
+    first, second = torch.zeros(width), torch.zeros(width)
+    first[0], second[0], second[1] = 1.0, 1.0, 1e-3  # nearly parallel: they differ by 1e-3 along feature 1
+    for name, direction in (("a", first), ("b", second)):
+        gram = torch.outer(direction, direction) + 1e-6 * torch.eye(width)
+        profile = write_profile(tmp_path / f"{name}.safetensors", {m: [1.0] * 4 for m in modules}, "lora-rank")
+        tensors = load_file(profile) | {f"gram:{m}": gram.clone() for m in modules}
+        save_file(tensors, str(profile), metadata={"format": "kifmerge-profile", "version": "1", "unit": "lora-rank"})
+        cli("add-task", f"{name}-edited", adapters[name], "--base", "llama", "--profile", profile)
+    cli("fuse", "a-edited", "--into", "edited")
+    fused = cli("fuse", "b-edited", "--into", "edited", "--non-diagonal", "1", "--json")
+    refactor = json.loads(fused.stdout)["params"]["refactor"]
+    assert refactor["largest_growth"] > 3 and refactor["largest_growth_module"] in modules
+    [warning] = [line for line in fused.stderr.splitlines() if line.startswith("kifmerge: warning:")]
+    assert f"{refactor['largest_growth']:.1f}× the larger of the two it merges" in warning and "magmax" in warning

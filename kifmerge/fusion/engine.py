@@ -330,6 +330,7 @@ class LoraDeltaFusion:
         self.density, self.lam, self.seed = density, lam, seed
         self._factors: dict[str, dict[int, torch.Tensor]] = {}
         self.cut, self.total, self.worst, self.rank = 0.0, 0.0, 0.0, 0
+        self.growth, self.growth_module = 0.0, None  # the largest ‖merged ΔW‖ ÷ the larger input's, and where
 
     def prepare(self, name: str, mapper: Callable) -> torch.Tensor:
         from kifmerge.fusion.rules import lora_product, refactor_to_rank
@@ -346,7 +347,13 @@ class LoraDeltaFusion:
                 lora_a, lora_b = (source.get(f"{module}.lora_{side}.weight") for side in "AB")
                 products.append(lora_product(lora_a, lora_b))
             rank = self.sources[-1].info(f"{module}.lora_A.weight").shape[0]
-            lora_a, lora_b, cut, total = refactor_to_rank(self.merge(module, products), rank)
+            merged = self.merge(module, products)
+            largest = max(float(p.norm()) for p in products)
+            growth = float(merged.norm()) / largest if largest > 0 else 0.0
+            if growth > self.growth:
+                self.growth, self.growth_module = growth, module
+            lora_a, lora_b, cut, total = refactor_to_rank(merged, rank)
+            del merged
             self.cut, self.total, self.rank = self.cut + cut, self.total + total, rank
             self.worst = max(self.worst, math.sqrt(cut / total) if total > 0 else 0.0)
             self._factors[module] = {0: lora_a, 1: lora_b}
@@ -366,10 +373,12 @@ class LoraDeltaFusion:
         return factor[rows[0]:rows[1]]
 
     def summary(self) -> dict:
-        """The re-factoring's record: rank, and the relative Frobenius error ‖ΔW − B·A‖ / ‖ΔW‖
-        over all modules and at the worst module."""
+        """The re-factoring's record: rank, the relative Frobenius error ‖ΔW − B·A‖ / ‖ΔW‖ over all
+        modules and at the worst module, and the largest growth ‖merged ΔW‖ / max ‖ΔW_input‖ with
+        its module (an average-like rule stays near or below 1; far above, the merge amplified something)."""
         relative = math.sqrt(self.cut / self.total) if self.total > 0 else 0.0
-        return {"rank": self.rank, "relative_error": round(relative, 6), "worst_module_relative_error": round(self.worst, 6)}
+        return {"rank": self.rank, "relative_error": round(relative, 6), "worst_module_relative_error": round(self.worst, 6),
+                "largest_growth": round(self.growth, 4), "largest_growth_module": self.growth_module}
 
 
 class ElementBlend:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kifmerge.errors import ConflictError, FallbackWarning, InvalidInputError, UsageError
+from kifmerge.errors import ConflictError, FallbackWarning, InvalidInputError, KifWarning, UsageError
 from kifmerge.faults import fault_point
 from kifmerge.options import FuseParams
 from kifmerge.registry import Registry
@@ -103,6 +103,7 @@ def check_profile_for(method: str, task: str, profile_row: dict | None, chosen: 
 
 
 GRAM_FALLBACK = {"regmean": "magmax"}  # the default rule → what fuses when it was not chosen and cannot run
+GRAM_GROWTH_WARNING = 3.0  # RegMean's merged ΔW above this × the larger input's (bfloat16 sums gave 22–64×, float32 ones ≤ 1.7)
 SUMMED_IN_BF16 = ("summed in bfloat16 (a --bf16/--fp16 training by a kifmerge before 2026-12-06), too imprecise "
                   "for RegMean")
 
@@ -429,6 +430,11 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                 recorded["line_profile"] = flat_profile
             if family == GRAM or (family == TASK_VECTOR and kind == "lora"):
                 recorded["refactor"] = fusion.summary()
+            if family == GRAM and recorded["refactor"]["largest_growth"] > GRAM_GROWTH_WARNING:
+                warnings.warn(f"{params.method}: the merged update of {recorded['refactor']['largest_growth_module']} is "
+                              f"{recorded['refactor']['largest_growth']:.1f}× the larger of the two it merges (a least-squares "
+                              "average stays near 1): the Gram matrices may not be the inputs' (recorded elsewhere, edited); "
+                              "compare the version's scores with a --method magmax fuse", KifWarning, stacklevel=2)
             p_line = accumulate(p_old, p_new, params.profile_weights)
             line_elements = _line_elements(head_elements, task_elements, lambda: len(held_tasks(reg, into)))
             if task_grams is not None:  # the line's Gram matrices: the sum over the tasks it holds
