@@ -168,17 +168,24 @@ def test_kif_diagnostics_reads_unit_and_element_scores_apart(tmp_path, llama_dir
     assert all(-1 <= row[k] <= 1 for k in ("spearman_elements_old_new", "spearman_elements_new_vs_start_abs"))
 
 
+def tiny_sequence(tmp_path: Path, dev_examples: int, names: tuple[str, ...] = ("parity", "vowel")) -> Path:
+    """A sequence file of small tasks (a name ending in 2 is another draw of the same kind)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for seed, task in enumerate(names):
+        write_jsonl(data / f"{task}.jsonl", task_records(task.rstrip("2"), 8, seed))
+        write_jsonl(data / f"{task}-dev.jsonl", task_records(task.rstrip("2"), dev_examples, 10 + seed))
+    name = "tiny" if len(names) == 2 else "three"
+    sequence = {"name": name, "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in names]}
+    (data / "sequence.json").write_text(json.dumps(sequence))
+    return data / "sequence.json"
+
+
 def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     """The main benchmark end to end on a two-task sequence: trainings, fuses and evaluations, one
     cell per method, the sequence's results assembled from the cells, and the screen of the
     candidates against the rows they have to beat."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for seed, task in enumerate(("parity", "vowel")):
-        write_jsonl(data / f"{task}.jsonl", task_records(task, 8, seed))
-        write_jsonl(data / f"{task}-dev.jsonl", task_records(task, 6, 10 + seed))
-    sequence = {"name": "tiny", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in ("parity", "vowel")]}
-    (data / "sequence.json").write_text(json.dumps(sequence))
+    data = tiny_sequence(tmp_path, 6).parent
     run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq,regmean,linear-0.5,kif-element,regmean-diagonal", "--steps", 2,
         "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 4,
         "--eval-batch-size", 4, "--max-new-tokens", 2, "--precision", "fp32", "--work", tmp_path / "work", "--results", tmp_path)
@@ -249,15 +256,7 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
 def test_the_running_mean_row_weighs_the_t_th_task_1_over_t(tmp_path, llama_dir):
     """`linear-mean` fuses the t-th task with α = 1/t (every task ends with the same weight), as
     its versions record: the control for RegMean, whose summed Gram matrices weigh tasks alike."""
-    data = tmp_path / "data"
-    data.mkdir()
-    names = ("parity", "vowel", "parity2")
-    for seed, task in enumerate(names):
-        write_jsonl(data / f"{task}.jsonl", task_records(task.rstrip("2"), 8, seed))
-        write_jsonl(data / f"{task}-dev.jsonl", task_records(task.rstrip("2"), 4, 10 + seed))
-    sequence = {"name": "three", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in names]}
-    (data / "sequence.json").write_text(json.dumps(sequence))
-    run("continual.py", "--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "linear-mean", "--steps", 1,
+    run("continual.py", "--sequence", tiny_sequence(tmp_path, 4, ("parity", "vowel", "parity2")), "--model", llama_dir, "--methods", "linear-mean", "--steps", 1,
         "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 2,
         "--eval-batch-size", 2, "--max-new-tokens", 1, "--precision", "fp32", "--work", tmp_path / "work", "--results", tmp_path)
     history = Cli(tmp_path / "work" / "seed42" / "registry").json("history", "linear-mean")
@@ -270,14 +269,7 @@ def test_a_line_built_from_other_trainings_is_never_resumed(tmp_path, llama_dir)
     """The work registry outlives a protocol: a line whose versions fused trainings of other inputs
     (here another --lr; for RegMean, Gram matrices summed the old way) stops the run with what to do,
     instead of being evaluated as this protocol's row."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for seed, task in enumerate(("parity", "vowel")):
-        write_jsonl(data / f"{task}.jsonl", task_records(task, 8, seed))
-        write_jsonl(data / f"{task}-dev.jsonl", task_records(task, 2, 10 + seed))
-    sequence = {"name": "tiny", "tasks": [{"name": t, "train": f"{t}.jsonl", "dev": f"{t}-dev.jsonl"} for t in ("parity", "vowel")]}
-    (data / "sequence.json").write_text(json.dumps(sequence))
-    args = ["--sequence", data / "sequence.json", "--model", llama_dir, "--methods", "seq", "--steps", 1,
+    args = ["--sequence", tiny_sequence(tmp_path, 2), "--model", llama_dir, "--methods", "seq", "--steps", 1,
             "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 2,
             "--eval-batch-size", 2, "--max-new-tokens", 1, "--precision", "fp32", "--work", tmp_path / "work"]
     run("continual.py", *args, "--results", tmp_path / "first")
