@@ -311,7 +311,7 @@ def test_regmean_records_how_much_a_merge_grew_and_warns_when_far_above_either_u
     cli("fuse", "a-calibrated", "--into", "plain")
     plain = cli("fuse", "b-calibrated", "--into", "plain", "--json")
     refactor = json.loads(plain.stdout)["params"]["refactor"]
-    assert 0 < refactor["largest_growth"] < 10 and refactor["largest_growth_module"] and "warning" not in plain.stderr
+    assert 0 < refactor["largest_growth"] < 16 and refactor["largest_growth_module"] and "warning" not in plain.stderr
 
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in load_file(adapters["a"] / "adapter_model.safetensors")})
     width = load_file(adapters["a"] / "adapter_model.safetensors")[f"{modules[0]}.lora_A.weight"].shape[1]
@@ -326,6 +326,6 @@ def test_regmean_records_how_much_a_merge_grew_and_warns_when_far_above_either_u
     cli("fuse", "a-edited", "--into", "edited")
     fused = cli("fuse", "b-edited", "--into", "edited", "--non-diagonal", "1", "--json")
     refactor = json.loads(fused.stdout)["params"]["refactor"]
-    assert refactor["largest_growth"] > 10 and refactor["largest_growth_module"] in modules
+    assert refactor["largest_growth"] > 16 and refactor["largest_growth_module"] in modules
     [warning] = [line for line in fused.stderr.splitlines() if line.startswith("kifmerge: warning:")]
-    assert f"{refactor['largest_growth']:.1f}× the larger of the two it merges" in warning and "magmax" in warning
+    assert f"{refactor['largest_growth']:.1f}× the larger of the two it merges" in warning and "--method magmax" in warning
