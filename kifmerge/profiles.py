@@ -18,7 +18,7 @@ full n × n matrix reads too, as written before 2026-12-06). Modules that see th
 the one whose key holds it (JSON). Both halve the storage, exactly: a Gram is symmetric.
 Metadata `gram-precision: float32` says they were summed in float32; a file without it written
 by a --bf16/--fp16 training (before 2026-12-06) holds sums taken in bfloat16, which RegMean
-does not use (kifmerge/services/fusing.py, `unusable_grams`).
+does not use (kifmerge/services/fusing.py, `imprecise_grams`).
 """
 
 from __future__ import annotations
