@@ -51,9 +51,24 @@ def test_dry_run_checks_and_estimates_without_touching_anything(cli, tmp_path, i
     result = cli.json("run", plan, "--dry-run")
     assert [s["kind"] for s in result["steps"]] == ["add-task", "fuse", "add-task", "fuse", "eval"]
     assert all(s["status"] == "pending" and len(s["fingerprint"]) == 64 for s in result["steps"])
-    assert result["steps"][0]["estimate"]["weights_bytes"] > 0
+    adapter = result["steps"][0]["estimate"]["weights_bytes"]
+    assert adapter > 0
+    # v1 is t1's weights as they are (no new blob); v2 adds an adapter of the same layout
+    assert [result["steps"][i]["estimate"]["weights_bytes"] for i in (1, 3)] == [0, adapter]
     assert result["steps"][4]["subject"] == "main@v2" and result["steps"][4]["estimate"]["examples"] == {"parity": 4}
     assert cli.json("list", "tasks") == before == [] and result["pending"] == 5
+
+
+def test_dry_run_sizes_a_new_lines_fuses_of_a_task_already_registered(cli, tmp_path, inputs):
+    cli("base", "add", "llama", inputs["base"])
+    cli("add-task", "t1", inputs["t1"], "--base", "llama", "--profile", inputs["p1"])
+    adapter = sum(f.stat().st_size for f in inputs["t1"].glob("*.safetensors"))
+    plan = write_plan(tmp_path, inputs, steps=[
+        {"fuse": {"task": "t1"}},
+        {"add-task": {"task": "t2", "checkpoint": str(inputs["t2"]), "profile": str(inputs["p2"])}},
+        {"fuse": {"task": "t2"}}])
+    steps = cli.json("run", plan, "--dry-run")["steps"]
+    assert [s["estimate"]["weights_bytes"] for s in steps] == [0, adapter, adapter]
 
 
 @pytest.mark.parametrize("change,code,message", [

@@ -158,6 +158,7 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
     planned_tasks: set[str] = set()
     base_model = _check_base(plan, catalog, line_row)
     weight_bytes = _weights_bytes(reg, line_row and catalog.head(plan.line))
+    task_bytes: dict[str, int | None] = {}  # the weights of the tasks add-task steps will register
     out: list[PlannedStep] = []
     for index, step in enumerate(plan.steps):
         body, where = step.body, f"steps[{index}].{step.kind}"
@@ -194,6 +195,7 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
                 raise ConflictError(f"{where}: task {body.task!r} already exists and was not made by this step; rename it")
             done = fingerprint in finished or existing is not None
             estimate = {"weights_bytes": sum(p.stat().st_size for p in files if p.suffix in (".safetensors", ".bin"))}
+            task_bytes[body.task] = estimate["weights_bytes"]
             subject = body.task
         elif isinstance(body, FuseStep):
             if body.task not in known_tasks and body.task not in planned_tasks:
@@ -201,7 +203,13 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
             _as_run(where, _check_fuse, plan, body, known_tasks.get(body.task), line_row, catalog)
             fingerprint = _fingerprint(step.kind, body, {"fuse": {**plan.fuse, **body.fuse}}, [])
             done = fingerprint in finished or body.task in versions_by_task
-            estimate = {"weights_bytes": weight_bytes}
+            if weight_bytes is None:  # the line's first version: the task's weights as they are, no new blob;
+                # each later version of the line adds weights of that layout
+                weight_bytes = task_bytes[body.task] if body.task in task_bytes else \
+                    _weights_bytes(reg, known_tasks.get(body.task))
+                estimate = {"weights_bytes": 0 if weight_bytes is not None else None}
+            else:
+                estimate = {"weights_bytes": weight_bytes}
             subject = body.task
             head += 0 if done else 1
         else:
