@@ -793,6 +793,9 @@ def main() -> None:
                         help="only write screen-<order>.{json,md} from the assembled order (--order, default 4, or "
                              "--sequence): issue 21's candidates against the rows they have to beat")
     parser.add_argument("--assemble", action="store_true", help="only write the order's results from the cells present")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("CELL_A", "CELL_B"),
+                        help="only compare two cells of the same tasks run under other settings (bf16 against fp32, "
+                             "another --lr), paired over examples; with --out, also write OUT.{json,md}")
     parser.add_argument("--export-finished", action="store_true",
                         help="only write the cells of methods finished in the work registry (a run in progress elsewhere)")
     parser.add_argument("--methods", default="seq,kif,linear-0.5,mtl,ties,linear-0.7,linear-0.3,dare,magmax,replay,kif-adaptive-rank",
@@ -815,6 +818,19 @@ def main() -> None:
         parser.error("--reference goes with --summary")
     if args.summary and args.screen:
         parser.error("--summary and --screen write different files: give one")
+    if args.compare:
+        for path in args.compare:
+            if not path.is_file():
+                sys.exit(f"{path}: no such cell")
+        result = compare_cells(*map(load_cell_file, args.compare))
+        table = render_comparison(result, tuple(map(str, args.compare)))
+        print(table)
+        if args.out:
+            result.update(benchmark="continual-compare", command="python benchmarks/continual.py --compare "
+                          + " ".join(map(str, args.compare)), git_commit=git_commit())
+            args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+            args.out.with_suffix(".md").write_text(table + "\n\nCommand: `" + result["command"] + "`\n")
+        return
     if args.summary:
         write_summary(sorted(ORDERS), args.results, args.reference or DEFAULT_METHOD, args.suffix)
         return
@@ -874,6 +890,64 @@ def assemble(args: argparse.Namespace, label: str, tasks: list[str], cells: Path
     write_order(stem, label, tasks, per_seed, args.seeds, args.results)
     print(stem.with_suffix(".md").read_text())
     log(f"wrote {stem}.json / .md / .png")
+
+
+# ---- two cells of other settings, side by side -----------------------------------------------
+def load_cell_file(path: Path) -> dict:
+    """A cell read for --compare, its answers as numbers."""
+    cell = json.loads(path.read_text())
+    cell["examples"] = {k: [[int(c) for c in task] for task in v] for k, v in cell["examples"].items()}
+    return cell
+
+
+def settings_apart(a: dict, b: dict) -> dict:
+    """The settings the two cells differ in, flattened one level: {key: (A's, B's)}."""
+    def flat(s: dict) -> dict:
+        return {f"{k}.{j}" if isinstance(v, dict) else k: w for k, v in s.items()
+                for j, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+    fa, fb = flat(a["settings"]), flat(b["settings"])
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
+
+def compare_cells(a: dict, b: dict) -> dict:
+    """Two cells of the same tasks under other settings (bf16 / fp32, another lr), which no table mixes: each
+    one's AP, BWT vs learned and fuse cost, and B − A paired over the same dev examples."""
+    if a["settings"]["tasks"] != b["settings"]["tasks"]:
+        sys.exit(f"the cells ran other tasks: {a['settings']['tasks']} against {b['settings']['tasks']}")
+    sizes = [len(t) for t in a["examples"]["final"]]
+    if sizes != [len(t) for t in b["examples"]["final"]]:
+        sys.exit(f"the cells scored other numbers of examples per task: {sizes} against "
+                 f"{[len(t) for t in b['examples']['final']]}")
+    from kifmerge.stats import interval, paired_difference
+
+    indices = task_indices(a["settings"]["tasks"], sizes)
+    ea, eb = estimates(a, indices), estimates(b, indices)
+    rows = {}
+    for name in ("AP", "BWT_vs_learned", "fuse_cost"):
+        if name in ea and name in eb:
+            rows[name] = {"A": interval(ea[name][1], ea[name][0]), "B": interval(eb[name][1], eb[name][0]),
+                          "B_minus_A": paired_difference(eb[name], ea[name])}
+    per_task = {t: {"A": 100 * sum(x) / len(x), "B": 100 * sum(y) / len(y)}
+                for t, x, y in zip(a["settings"]["tasks"], a["examples"]["final"], b["examples"]["final"], strict=True)}
+    return {"method": [a["method"], b["method"]], "seed": [a["seed"], b["seed"]], "settings_apart": settings_apart(a, b),
+            "summaries": rows, "final_per_task": per_task}
+
+
+def render_comparison(result: dict, names: tuple[str, str]) -> str:
+    def ci(d: dict, signed: bool = False) -> str:
+        f = "{:+.1f}" if signed else "{:.1f}"
+        return f"{f.format(100 * d['value'])} [{f.format(100 * d['low'])}, {f.format(100 * d['high'])}]"
+
+    apart = "; ".join(f"{k}: {va!r} → {vb!r}" for k, (va, vb) in result["settings_apart"].items()) or "none"
+    lines = [f"A = {names[0]}", f"B = {names[1]}", f"method {' / '.join(dict.fromkeys(result['method']))}, "
+             f"seed {' / '.join(map(str, dict.fromkeys(result['seed'])))}; settings apart: {apart}", "",
+             "| summary | A | B | B − A |", "| --- | --- | --- | --- |"]
+    for name, row in result["summaries"].items():
+        lines.append(f"| {name} | {ci(row['A'], name != 'AP')} | {ci(row['B'], name != 'AP')} | "
+                     f"{ci(row['B_minus_A'], True)} {row['B_minus_A']['called']} |")
+    lines += ["", "final score per task (A → B): " + ", ".join(f"{t} {v['A']:.1f} → {v['B']:.1f}"
+                                                              for t, v in result["final_per_task"].items())]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,21 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
     assert "AP_minus_default" in result["statistics"]["seq"], "the paired difference from the default method (regmean)"
     assert f"{llama_dir.name}, LoRA r 8" in (tmp_path / "tiny.md").read_text()
 
+    # --compare: two cells side by side (as bf16 and fp32 cells of one method), paired over the same examples
+    cells = tmp_path / "runs" / "tiny" / "seed42"
+    run("continual.py", "--compare", cells / "seq.json", cells / "regmean.json", "--out", tmp_path / "compare")
+    compared = json.loads((tmp_path / "compare.json").read_text())["summaries"]["AP"]
+    ap = {m: result["statistics"][m]["AP"]["value"] for m in ("seq", "regmean")}
+    assert compared["A"]["value"] == ap["seq"] and compared["B"]["value"] == ap["regmean"]
+    assert abs(compared["B_minus_A"]["value"] - (ap["regmean"] - ap["seq"])) < 1e-6
+    assert "| AP |" in (tmp_path / "compare.md").read_text()
+    other = json.loads((cells / "seq.json").read_text())
+    other["settings"]["tasks"] = other["settings"]["tasks"][::-1]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    refused = subprocess.run([sys.executable, "benchmarks/continual.py", "--compare", cells / "seq.json", tmp_path / "other.json"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 1 and "the cells ran other tasks" in refused.stderr
+
     run("continual.py", "--sequence", data / "sequence.json", "--screen", "--results", tmp_path)
     screen = json.loads((tmp_path / "screen-tiny.json").read_text())["rows"]
     assert screen["kif-element"]["status"] == "screened" and set(screen["kif-element"]["versus"]) == {"linear-0.5", "regmean"}
