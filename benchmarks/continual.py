@@ -404,14 +404,19 @@ def cells_folder(results: Path, name: str) -> Path:
     return results / "runs" / name
 
 
+def with_numeric_examples(cell: dict) -> dict:
+    """A cell with its per-example answers as numbers (stored as one string of 0/1 per task)."""
+    cell["examples"] = {k: [[int(c) for c in task] for task in v] for k, v in cell["examples"].items()}
+    return cell
+
+
 def load_seed(cells: Path, seed: int, methods: list[str]) -> dict[str, dict]:
     """method → its cell with per-example scores as lists of ints (the bootstrap's input)."""
     out = {}
     for method in methods:
         cell = read_cell(cells / f"seed{seed}" / f"{method}.json")
         if cell is not None:
-            cell["examples"] = {k: [[int(c) for c in task] for task in v] for k, v in cell["examples"].items()}
-            out[method] = cell
+            out[method] = with_numeric_examples(cell)
     return out
 
 
@@ -822,7 +827,7 @@ def main() -> None:
         for path in args.compare:
             if not path.is_file():
                 sys.exit(f"{path}: no such cell")
-        result = compare_cells(*map(load_cell_file, args.compare))
+        result = compare_cells(*(with_numeric_examples(json.loads(p.read_text())) for p in args.compare))
         table = render_comparison(result, tuple(map(str, args.compare)))
         print(table)
         if args.out:
@@ -893,11 +898,6 @@ def assemble(args: argparse.Namespace, label: str, tasks: list[str], cells: Path
 
 
 # ---- two cells of other settings, side by side -----------------------------------------------
-def load_cell_file(path: Path) -> dict:
-    """A cell read for --compare, its answers as numbers."""
-    cell = json.loads(path.read_text())
-    cell["examples"] = {k: [[int(c) for c in task] for task in v] for k, v in cell["examples"].items()}
-    return cell
 
 
 def settings_apart(a: dict, b: dict) -> dict:
