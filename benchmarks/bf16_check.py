@@ -44,7 +44,15 @@ def main() -> None:
     add_model_option(parser)
     parser.add_argument("--work", type=Path, default=None, help="the benchmark's state folder (default benchmarks/work/orderN/seedS)")
     add_results_option(parser)
+    parser.add_argument("--bf16-force", action="store_true",
+                        help="run bf16 even where this machine has no native bf16 (slow: a bf16 matmul ran ~34× slower)")
     args = parser.parse_args()
+    from kifmerge.precision import SLOWDOWN_WITHOUT_NATIVE_BF16, bf16_support
+
+    native, why = bf16_support()
+    if not native and not args.bf16_force:  # kifmerge would run its bf16 side in float32: nothing to compare
+        sys.exit(f"no native bf16 here ({why}): the check would compare float32 with float32; run it where bf16 is "
+                 f"native, or pass --bf16-force (bf16 ran ~{SLOWDOWN_WITHOUT_NATIVE_BF16}× slower than float32 on such a CPU)")
     require_model(args.model)
     check_other_model_folders(args)
     base = "smollm2" if args.model == SMOLLM2 else "base"  # another model: another registry (--work)
@@ -64,14 +72,16 @@ def main() -> None:
         name = training_name(task, None, options)  # the first task's training from the base, as continual.py names it
         if name not in existing:
             print(f"train {name} ({precision})", file=sys.stderr, flush=True)
-            api.train(name, task.train, f"bf16check-{precision}", base=base, options=options, registry=registry)
+            api.train(name, task.train, f"bf16check-{precision}", base=base, options={**options, "bf16_force": args.bf16_force},
+                      registry=registry)
         trained[precision] = name
         train_s[precision] = api.show(name, registry=registry)["metrics"]["runtime_s"]
     scores, seconds = {}, {}
     for precision, name in trained.items():
         for mode in ("fp32", "bf16"):
             t0 = time.perf_counter()
-            result = api.evaluate(f"task:{name}", {task.name: task.dev}, bf16=mode == "bf16", registry=registry, **eval_options(args))
+            result = api.evaluate(f"task:{name}", {task.name: task.dev}, bf16=mode == "bf16", bf16_force=args.bf16_force,
+                                  registry=registry, **eval_options(args))
             seconds[f"train {precision}, eval {mode}"] = result["results"][task.name].get("seconds", round(time.perf_counter() - t0, 1))
             scores[(precision, mode)] = predictions(registry, name, task.name, mode == "bf16")
     idx = resample_indices([args.eval_examples], 2000, seed=0)
@@ -86,13 +96,15 @@ def main() -> None:
              for p in ("bf16", "fp32")}
     payload = {**run_record("bf16_check"), "task": task.name, "exact_match": rows, "differences": diffs,
                "identical_answers": agree, "examples": args.eval_examples, "train_runtime_s": train_s,
-               "eval_seconds": seconds, "settings": options_record(args)}
+               "eval_seconds": seconds, "settings": options_record(args),
+               "bf16": f"native ({why})" if native else f"forced (--bf16-force; {why})"}
     lines = [f"# bf16 autocast check: {task.name}, {args.steps} steps, first {args.eval_examples} dev examples", "",
              "| adapter / evaluation | exact match [95 % CI] |", "| --- | --- |"]
     lines += [f"| {k} | {100 * v['value']:.1f} [{100 * v['low']:.1f}, {100 * v['high']:.1f}] |" for k, v in rows.items()]
     lines += ["", "| paired difference | points [95 % CI] | called |", "| --- | --- | --- |"]
     lines += [f"| {k} | {100 * v['value']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}] | {v['called']} |" for k, v in diffs.items()]
     lines += [""] + [f"- {k}: {v} of {args.eval_examples}" for k, v in agree.items()]
+    lines += [f"- bf16 on this machine: {payload['bf16']}"]
     lines += [f"- training time: bf16 {train_s['bf16']:.0f} s, fp32 {train_s['fp32']:.0f} s (2 cores, as loaded as the machine was)",
               "", f"Command: `{payload['command']}` (commit {payload['git_commit']}).", ""]
     write_results(args.results / "bf16_check.json", payload, "\n".join(lines))

@@ -295,12 +295,22 @@ def test_a_line_built_from_other_trainings_is_never_resumed(tmp_path, llama_dir)
 
 
 def test_bf16_check_on_the_tiny_llama(tmp_path, llama_dir):
-    """The first task of order 4 trained in bf16 and in float32 (where bf16 is not native here,
-    both run float32 and the check says nothing), each evaluated both ways, with paired intervals."""
-    run("bf16_check.py", "--model", llama_dir, "--steps", 2, "--warmup", 0, "--batch-size", 2, "--max-length", 48,
-        "--train-examples", 8, "--eval-examples", 4, "--eval-batch-size", 4, "--max-new-tokens", 2,
-        "--work", tmp_path / "work", "--results", tmp_path)
+    """The first task of order 4 trained in bf16 and in float32, each evaluated both ways, with paired
+    intervals. Where bf16 is not native (an AVX2-only CPU) kifmerge would run the bf16 side in float32,
+    so the check refuses unless --bf16-force."""
+    from kifmerge.precision import bf16_support
+
+    args = ["--model", llama_dir, "--steps", 2, "--warmup", 0, "--batch-size", 2, "--max-length", 48,
+            "--train-examples", 8, "--eval-examples", 4, "--eval-batch-size", 4, "--max-new-tokens", 2,
+            "--work", tmp_path / "work", "--results", tmp_path]
+    native = bf16_support()[0]
+    if not native:
+        refused = subprocess.run([sys.executable, "benchmarks/bf16_check.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+        assert refused.returncode == 1 and "no native bf16 here" in refused.stderr and "--bf16-force" in refused.stderr
+        assert not (tmp_path / "bf16_check.json").exists()
+    run("bf16_check.py", *args, "--bf16-force")
     result = record(tmp_path / "bf16_check.json", "bf16_check")
+    assert result["bf16"].startswith("native" if native else "forced")
     assert result["task"] == "dbpedia" and result["examples"] == 4
     assert set(result["exact_match"]) == {f"train {t}, eval {e}" for t in ("bf16", "fp32") for e in ("bf16", "fp32")}
     assert len(result["differences"]) == 3 and all(0 <= n <= 4 for n in result["identical_answers"].values())
