@@ -934,10 +934,6 @@ def compare_cells(a: dict, b: dict) -> dict:
 
 
 def render_comparison(result: dict, names: tuple[str, str]) -> str:
-    def ci(d: dict, signed: bool = False) -> str:
-        f = "{:+.1f}" if signed else "{:.1f}"
-        return f"{f.format(100 * d['value'])} [{f.format(100 * d['low'])}, {f.format(100 * d['high'])}]"
-
     apart = "; ".join(f"{k}: {va!r} → {vb!r}" for k, (va, vb) in result["settings_apart"].items()) or "none"
     lines = [f"A = {names[0]}", f"B = {names[1]}", f"method {' / '.join(dict.fromkeys(result['method']))}, "
              f"seed {' / '.join(map(str, dict.fromkeys(result['seed'])))}; settings apart: {apart}", "",

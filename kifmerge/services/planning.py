@@ -205,9 +205,11 @@ def _check(plan: Plan, reg: Registry | None) -> list[PlannedStep]:
             done = fingerprint in finished or body.task in versions_by_task
             if weight_bytes is None:  # the line's first version: the task's weights as they are, no new blob;
                 # each later version of the line adds weights of that layout
-                weight_bytes = task_bytes[body.task] if body.task in task_bytes else \
-                    _weights_bytes(reg, known_tasks.get(body.task))
-                estimate = {"weights_bytes": 0 if weight_bytes is not None else None}
+                if body.task in task_bytes:
+                    weight_bytes = task_bytes[body.task]
+                else:
+                    weight_bytes = _weights_bytes(reg, known_tasks.get(body.task))
+                estimate = {"weights_bytes": None if weight_bytes is None else 0}
             else:
                 estimate = {"weights_bytes": weight_bytes}
             subject = body.task
