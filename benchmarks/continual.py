@@ -559,6 +559,13 @@ def render_order(p: dict) -> str:
     lines += ["", "Wall time per method counts every step its line used, the shared first-task training included; "
               "evaluations answered from the registry's cache count nothing. Cells: "
               + "; ".join(f"{m} {', '.join(sorted({c['git_commit'] or '?' for c in seeds.values()}))}" for m, seeds in p["cells"].items())]
+    machines: dict[str, list[str]] = {}  # machine → its cells (method/seed)
+    for m, seeds in p["cells"].items():
+        for seed, cell in seeds.items():
+            machines.setdefault(cell.get("machine") or "not recorded", []).append(f"{m}/{seed}")
+    if len(machines) > 1:  # wall times of two CPUs differ up to 4×: say which cell ran where
+        lines += ["", f"The cells ran on {len(machines)} machines; compare wall times only within one: "
+                  + "; ".join(f"{name} ({', '.join(cells)})" for name, cells in machines.items()) + "."]
     lines += ["", "## What each row is", ""] + [f"- **{m}**: {d}" for m, d in p["methods"].items()]
     lines += ["", "## Per task (seeds averaged): learned / fused (diagonal) / final, majority class, most frequent answers", "",
               "| method | " + " | ".join(p["tasks"]) + " |", "| --- |" + " --- |" * len(p["tasks"])]

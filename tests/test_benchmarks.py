@@ -219,6 +219,14 @@ def test_continual_on_the_tiny_llama(tmp_path, llama_dir):
                              cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 1 and "the cells ran other tasks" in refused.stderr
 
+    # cells of two machines: the table says which ran where (their wall times differ up to 4×)
+    moved = json.loads((cells / "seq.json").read_text())
+    (cells / "seq.json").write_text(json.dumps({**moved, "machine": "another machine"}))
+    run("continual.py", "--sequence", data / "sequence.json", "--assemble", "--work", tmp_path / "work", "--results", tmp_path)
+    table = (tmp_path / "tiny.md").read_text()
+    assert "The cells ran on 2 machines; compare wall times only within one: " in table and "another machine (seq/42); " in table
+    assert json.loads((tmp_path / "tiny.json").read_text())["statistics"] == result["statistics"]
+
     run("continual.py", "--sequence", data / "sequence.json", "--screen", "--results", tmp_path)
     screen = json.loads((tmp_path / "screen-tiny.json").read_text())["rows"]
     assert screen["kif-element"]["status"] == "screened" and set(screen["kif-element"]["versus"]) == {"linear-0.5", "regmean"}
