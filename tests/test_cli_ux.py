@@ -206,3 +206,19 @@ def test_click_usage_errors_are_one_line_and_json_too(cli, line):
         assert "--help`)" in result.stderr and result.stdout == ""
         out = json.loads(cli(*args, "--json", code=2).stdout)
         assert out["error"] == "usage" and out["exit_code"] == 2 and says in out["message"]
+
+
+def test_help_lists_each_command_on_unbroken_lines():
+    """`kifmerge --help` and each group's --help list every command with the first paragraph of its
+    docstring as one flowing text: on a terminal wide enough, one line, never broken where the source
+    wraps (Typer's rich help kept those breaks, so rows stopped mid-sentence)."""
+    import inspect
+
+    from kifmerge.cli.runtime import app as root
+
+    groups = [([], root)] + [([g.name], g.typer_instance) for g in root.registered_groups]
+    for prefix, group in groups:
+        shown = invoke(*prefix, "--help", env={"COLUMNS": "400"}).stdout
+        for info in group.registered_commands:
+            summary = " ".join(inspect.getdoc(info.callback).split("\n\n")[0].split())
+            assert summary in shown, f"{' '.join(prefix + [info.name or info.callback.__name__])}: {summary!r} not on one line"

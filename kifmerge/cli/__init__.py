@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 
 from kifmerge.cli import commands, operations  # noqa: F401  (each registers its commands on the app)
-from kifmerge.cli.runtime import app
+from kifmerge.cli.runtime import app, one_line_summaries
+
+one_line_summaries(app)
 
 
 def main() -> None:

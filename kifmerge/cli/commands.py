@@ -317,7 +317,7 @@ def report(
                                                                 "the diagonal and learned (for paired bootstrap).")] = False,
     registry: RegistryOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """The continual-learning matrix R[version][task] from stored evaluations; per task learned
+    """The continual-learning matrix R (version × task) from stored evaluations; per task learned
     (`eval task:NAME`), fused (diagonal) and final scores, the majority class and the predicted
     answers; AP, BWT vs learned, BWT after fuse, fuse cost and FWT."""
     from kifmerge import api

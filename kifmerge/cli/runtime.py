@@ -58,6 +58,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
 )
+
+
+def one_line_summaries(typer_app: typer.Typer) -> None:
+    """Give every command of `typer_app` (and of its groups) a one-line summary for the command lists
+    of `--help`: the first paragraph of its docstring with the source's line breaks removed. Without it
+    Typer's rich help keeps those breaks, and a list row stops mid-sentence at the docstring's wrap."""
+    for info in typer_app.registered_commands:
+        if info.short_help is None and (text := info.help or inspect.getdoc(info.callback)):
+            info.short_help = " ".join(text.split("\n\n")[0].split())
+    for group in typer_app.registered_groups:
+        one_line_summaries(group.typer_instance)
+
+
 base_app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 profile_app = typer.Typer(help="Inspect importance profiles.", no_args_is_help=True)
