@@ -19,9 +19,9 @@ test -d "$HOME/.cache/kifmerge/models/smollm2-135m-instruct" || make smollm2
 git worktree prune
 rm -rf /tmp/bench-src
 git worktree add -f /tmp/bench-src HEAD >/dev/null
-METHODS=seq,regmean,kif-element,magmax,linear-0.5,ties,kif,dare,mtl,linear-0.3,linear-0.7,replay,kif-adaptive-rank
+source "$ROOT/scripts/ruler_methods.sh"
 cd /tmp/bench-src
 PYTHONPATH=/tmp/bench-src nohup nice -n 5 "$ROOT/.venv/bin/python" benchmarks/continual.py --lr 0.003 --precision fp32 \
-    --results "$ROOT/benchmarks/results/lr3e-3" --order 4 --seeds 42,43 --methods "$METHODS" \
+    --results "$ROOT/benchmarks/results/lr3e-3" --order 4 --seeds 42,43 --methods "$RULER_METHODS" \
     --work "$ROOT/benchmarks/work/probe-o4-lr3e-3-fp32" > /tmp/ruler-o4.log 2>&1 &
 echo "started (pid $!): tail -f /tmp/ruler-o4.log"

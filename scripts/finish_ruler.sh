@@ -10,16 +10,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${RESULTS:-benchmarks/results/lr3e-3}"
 PY="${PYTHON:-.venv/bin/python}"
-# the rows of the chain in scripts/continue_ruler.sh
-METHODS="seq regmean kif-element magmax linear-0.5 ties kif dare mtl linear-0.3 linear-0.7 replay kif-adaptive-rank"
+source scripts/ruler_methods.sh
 missing=()
 for seed in 42 43; do
-    for method in $METHODS; do
+    for method in ${RULER_METHODS//,/ }; do
         [ -f "$RESULTS/runs/order4/seed$seed/$method.json" ] || missing+=("order4/seed$seed/$method")
     done
 done
 for order in 5 6; do
-    for method in $METHODS; do
+    for method in ${RULER_METHODS//,/ }; do
         [ -f "$RESULTS/runs/order$order/seed42/$method.json" ] || missing+=("order$order/seed42/$method")
     done
 done
