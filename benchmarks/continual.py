@@ -31,6 +31,10 @@ Methods (each row says exactly what it is: see METHODS). Trainings with identica
     python benchmarks/continual.py --order 5 --assemble          # order5.{json,md,png} from every cell present
     python benchmarks/continual.py --sequence my-sequence.json   # any sequence: {"name", "tasks": [{"name","train","dev"}]}
     python benchmarks/continual.py --summary                     # → benchmarks/results/summary.{json,md} over orders 4–6
+
+The committed ruler (benchmarks/results/ruler.md) ran these defaults: lr 3e-3, 120 steps, LoRA r 8;
+order 4 in float32 (--precision fp32, seeds 42 and 43), orders 5 and 6 in bf16 (seed 42). A run that
+adds a row to it passes the same precision; the lr 1e-3 protocol before it is in benchmarks/results/lr1e-3.
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ from common import (
 from kifmerge.options import FuseParams  # pydantic only: the tool's own default is the reference row
 
 DEFAULT_METHOD = FuseParams.model_fields["method"].default
+# The rows of the committed ruler (benchmarks/results/order{4,5,6}, summary): the default first, then
+# the rules it is paired with, the baselines and the upper bound; a run resumes in this order.
+RULER_ROWS = ("seq", "regmean", "kif-element", "magmax", "linear-0.5", "ties", "kif", "dare", "mtl",
+              "linear-0.3", "linear-0.7", "replay", "kif-adaptive-rank")
 REPLICATES = 2000
 ALPHA_ORDER = "order4"  # linear-best's α is chosen on this order and carried to the others
 VALIDATION_EXAMPLES = 100  # per task, after the reported dev examples
@@ -810,8 +818,8 @@ def main() -> None:
                              "another --lr), paired over examples; with --out, also write OUT.{json,md}")
     parser.add_argument("--export-finished", action="store_true",
                         help="only write the cells of methods finished in the work registry (a run in progress elsewhere)")
-    parser.add_argument("--methods", default="seq,kif,linear-0.5,mtl,ties,linear-0.7,linear-0.3,dare,magmax,replay,kif-adaptive-rank",
-                        type=lambda s: [m for m in s.split(",") if m])
+    parser.add_argument("--methods", default=",".join(RULER_ROWS), type=lambda s: [m for m in s.split(",") if m],
+                        help=f"rows to run, in this order (default: the committed ruler's {len(RULER_ROWS)} rows)")
     parser.add_argument("--tasks", type=int, default=0, help="only the first N tasks (a cheap screen: lines METHOD-firstN)")
     parser.add_argument("--seeds", default="42", type=lambda s: [int(x) for x in s.split(",")])
     add_sequence_options(parser)

@@ -184,7 +184,7 @@ def _gram_of(inputs: torch.Tensor) -> torch.Tensor:
     """XᵀX in float32 with autocast off: the hooks run inside the Trainer's autocast under --bf16,
     which computes a float32 product in bfloat16 (3 significant digits). Summed that way the
     matrices came out indefinite (negative eigenvalues ~1e-4 of the largest) and RegMean's solve
-    blew the merged update up to ×64 along those directions (SmolLM2, benchmarks/results/lr3e-3)."""
+    blew the merged update up to ×64 along those directions (SmolLM2, benchmarks/results/ruler.md)."""
     x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return x.T @ x

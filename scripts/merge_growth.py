@@ -1,7 +1,7 @@
 """How much each fuse of a LoRA line grew each module's update: ‖merged ΔW‖ ÷ the larger of the
 head's and the task's, per version, the four largest and the range of the rest. Versions fused
 since 2026-12-06 record the largest (`params.refactor.largest_growth`); this reads any line, older
-ones included, from the weights (how the RegMean figures of benchmarks/results/lr3e-3 were read).
+ones included, from the weights (how the RegMean figures of benchmarks/results/ruler.md were read).
 
     python scripts/merge_growth.py benchmarks/work/probe-o5-lr3e-3/seed42/registry regmean
 """

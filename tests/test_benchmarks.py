@@ -300,7 +300,7 @@ def test_a_line_built_from_other_trainings_is_never_resumed(tmp_path, llama_dir)
             "--warmup", 0, "--batch-size", 2, "--max-length", 48, "--train-examples", 8, "--eval-examples", 2,
             "--eval-batch-size", 2, "--max-new-tokens", 1, "--precision", "fp32", "--work", tmp_path / "work"]
     run("continual.py", *args, "--results", tmp_path / "first")
-    done = subprocess.run([sys.executable, "benchmarks/continual.py", *map(str, args), "--lr", "0.003", "--results",
+    done = subprocess.run([sys.executable, "benchmarks/continual.py", *map(str, args), "--lr", "0.001", "--results",
                            tmp_path / "second"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0 and "seq@v1" in done.stderr and "move that line out of the way" in done.stderr
     assert not (tmp_path / "second" / "runs" / "tiny" / "seed42" / "seq.json").exists()

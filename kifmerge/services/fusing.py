@@ -115,7 +115,7 @@ def imprecise_grams(profile: Path, task_rows: list[dict]) -> bool:
     """Gram matrices an older kifmerge summed in bfloat16: a profile without the float32 mark
     (`grams_precise`) from a training under --bf16/--fp16 (for a line's head: of any task it holds).
     Such sums are indefinite, and RegMean's solve amplified those directions up to ×64 (measured on
-    benchmarks/results/lr3e-3, order 5); a file of a float32 training never had the problem."""
+    benchmarks/results/ruler.md, order 5); a file of a float32 training never had the problem."""
     from kifmerge.profiles import grams_precise
 
     configs = [row.get("training_config") or {} for row in task_rows]
