@@ -294,7 +294,7 @@ class GramCollector:
 
             name, kind = next(iter(collector.unsupported.items()))
             warnings.warn(f"no Gram matrices recorded: the LoRA module {name} is a {kind}, not a linear layer, so the "
-                          "default fuse rule (regmean) will fuse this task by magmax (--no-gram: without this note)",
+                          "default fuse rule (regmean) will fuse this task by ties (--no-gram: without this note)",
                           KifWarning, stacklevel=2)
             collector.remove()
             return None

@@ -45,8 +45,8 @@ class FuseParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     method: str = option("regmean", help="A fusion method: {methods}. The default has the best mean AP over the "
-                                              "benchmark's orders 4–6 on two seeds; where a task or the line has no Gram "
-                                              "matrices it fuses by magmax and says so (README: The fusion rules).")
+                                              "benchmark's orders 4–6; where a task or the line has no Gram "
+                                              "matrices it fuses by ties and says so (README: The fusion rules).")
     top: float = option(0.2, gt=0.0, le=1.0, help="Fraction of units counted important (kif).")
     tau: float = option(0.25, gt=0.0, help="Softmax temperature (kif-adaptive).")
     scores: Literal["minmax", "rank"] = option("minmax", help="kif-adaptive compares minmax-normalised scores or their ranks: minmax | rank.")

@@ -57,8 +57,8 @@ def test_sixteen_concurrent_writers(tmp_path, llama_dir):
     assert [v["parent"] for v in history] == [None] + [f"v{n}" for n in range(1, len(shared))]
     assert sorted(v["task"] for v in history) == sorted(shared), "every fuse landed once"
     assert sorted(r["version"] for r in fused if r["line"] == "shared") == [f"shared@v{n}" for n in range(1, 7)]
-    assert [v["method"] for v in history] == ["initial"] + ["magmax"] * (len(shared) - 1), \
-        "the default (regmean), which falls back to magmax: tasks added without Gram matrices"
+    assert [v["method"] for v in history] == ["initial"] + ["ties"] * (len(shared) - 1), \
+        "the default (regmean), which falls back to ties: tasks added without Gram matrices"
     for task in own:
         assert [(v["number"], v["task"]) for v in cli.json("history", f"line-{task}")] == [(1, task)]
     assert {t["name"] for t in cli.json("list", "tasks")} >= {f"new{i}" for i in range(WRITERS - 10)}
@@ -118,11 +118,11 @@ def test_a_warning_of_a_staging_that_refused_is_still_said():
     from kifmerge.services.fusing import warnings_once
 
     warned: set[str] = set()
-    with pytest.warns(FallbackWarning, match="fused by magmax"), pytest.raises(RuntimeError):
+    with pytest.warns(FallbackWarning, match="fused by ties"), pytest.raises(RuntimeError):
         with warnings_once(warned):
-            warnings.warn("regmean (the default): fused by magmax", FallbackWarning)
+            warnings.warn("regmean (the default): fused by ties", FallbackWarning)
             raise RuntimeError("refused")
-    assert warned == {"regmean (the default): fused by magmax"}
+    assert warned == {"regmean (the default): fused by ties"}
 
 
 def test_locked_database_is_retried(tmp_path, llama_dir, monkeypatch):

@@ -15,7 +15,7 @@ from test_fuse_export import designed_scores, unit_groups
 
 
 # what the default fuses `world`'s tasks by: they were added without Gram matrices, so regmean falls back
-FUSED_BY_DEFAULT = "magmax"
+FUSED_BY_DEFAULT = "ties"
 
 
 def add_tasks(cli: Cli, tmp_path: Path, llama_dir: Path, tasks: dict[str, str | None], first_seed: int = 1) -> None:

@@ -53,7 +53,7 @@ def test_fuse_memory_is_bounded_by_tensors_not_model(cli, tmp_path):
     # 2 MiB), a constant of the machine, not of the model; with 2 threads the fuse grows by ~65 MiB
     fused = peak_rss_mb([sys.executable, "-m", "kifmerge", "fuse", "t2", "--into", "line", "--threads", "1"], env)
     model_mb = TENSORS * SHAPE[0] * SHAPE[1] * 4 / 2**20
-    # the default rule (regmean, here magmax: the tasks have no Gram matrices) streams three inputs, the line's head, the task and the base: reading
+    # the default rule (regmean, here ties: the tasks have no Gram matrices) streams three inputs, the line's head, the task and the base: reading
     # any one of them whole would add 192 MiB; a few 2 MiB blocks per input plus bookkeeping must not
     # (measured 51 MiB growth at 96 and at 192 MiB models: a constant, not a share of the model)
     assert fused - imports < 0.5 * model_mb, f"fuse grew RSS by {fused - imports:.0f} MiB for a {model_mb:.0f} MiB model"

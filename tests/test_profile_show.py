@@ -99,7 +99,7 @@ def test_split_layer_names():
 
 def test_a_task_added_without_a_profile_fuses_by_the_default_and_keeps_the_line_profile(cli, tmp_path, llama_dir):
     """`add-task` with neither --profile nor --calibrate (a checkpoint trained elsewhere, no data at
-    hand): the default rule (regmean) falls back to magmax, which reads no profile, so the fuse goes through. The task counts as
+    hand): the default rule (regmean) falls back to ties, which reads no profile, so the fuse goes through. The task counts as
     all-equal scores, which leave the line's accumulated profile as it was, and the version says so."""
     cli("base", "add", "llama", llama_dir)
     first = make_lora(llama_dir, tmp_path / "a", 1, LORA_TARGETS)
@@ -111,7 +111,7 @@ def test_a_task_added_without_a_profile_fuses_by_the_default_and_keeps_the_line_
     fused = cli.json("fuse", "b", "--into", "main")
     assert fused["version"] == "main@v2"
     shown = cli.json("show", "main@v2")
-    assert shown["method"] == "magmax" and "task 'b' has no Gram matrices" in shown["params"]["fallback"]
+    assert shown["method"] == "ties" and "task 'b' has no Gram matrices" in shown["params"]["fallback"]
     assert shown["params"]["task_profile"] == "none: the line's importance scores carried over unchanged"
     v1, v2 = (cli.json("profile", "show", f"main@v{n}", "--top", "100") for n in (1, 2))
     assert [(u["unit"], u["score"]) for u in v2["top"]] == [(u["unit"], u["score"]) for u in v1["top"]]

@@ -143,9 +143,9 @@ def test_gram_is_refused_where_it_cannot_record_anything(cli, tmp_path, llama_di
     assert cli.json("list", "tasks") == []
 
 
-def test_the_default_is_regmean_and_falls_back_to_magmax_where_it_cannot_run(cli, tmp_path, llama_dir):
+def test_the_default_is_regmean_and_falls_back_to_ties_where_it_cannot_run(cli, tmp_path, llama_dir):
     """Tasks trained here record Gram matrices by default, so the default fuse is RegMean; a task
-    without them (added from elsewhere, no --calibrate … --gram) is fused by MagMax, with the reason
+    without them (added from elsewhere, no --calibrate … --gram) is fused by TIES, with the reason
     warned once and recorded; asked for by name, regmean refuses instead."""
     from conftest import LORA_TARGETS, make_lora
 
@@ -161,15 +161,15 @@ def test_the_default_is_regmean_and_falls_back_to_magmax_where_it_cannot_run(cli
     assert "which --method regmean reads" in refused.stderr
     fused = cli("fuse", "outside", "--into", "main", "--json")
     version = json.loads(fused.stdout)
-    assert version["method"] == "magmax" and "task 'outside' has no Gram matrices (added without --calibrate)" in version["params"]["fallback"]
-    assert sum("fused by magmax" in line for line in fused.stderr.splitlines()) == 1
+    assert version["method"] == "ties" and "task 'outside' has no Gram matrices (added without --calibrate)" in version["params"]["fallback"]
+    assert sum("fused by ties" in line for line in fused.stderr.splitlines()) == 1
     history = cli("history", "main").stdout
     assert "fallback" in history and history.count("regmean") >= 1, "history says which fuse was the default's fallback"
 
 
 def test_the_default_falls_back_in_a_plan(cli, tmp_path, llama_dir):
     """The default is no reason to refuse a plan: fuse steps over tasks without Gram matrices (a
-    profile-free task; one calibrated with `gram: false`) pass its dry run and fuse by MagMax,
+    profile-free task; one calibrated with `gram: false`) pass its dry run and fuse by TIES,
     recording why; a rule that reads a profile still refuses the profile-free task."""
     import yaml
 
@@ -193,12 +193,12 @@ def test_the_default_falls_back_in_a_plan(cli, tmp_path, llama_dir):
     result = cli.json("run", plan)
     assert [s["status"] for s in result["steps"]] == ["done"] * 3
     shown = cli.json("show", "planned@v2")
-    assert shown["method"] == "magmax" and "task 'c' has no Gram matrices (calibrated with --no-gram" in shown["params"]["fallback"]
+    assert shown["method"] == "ties" and "task 'c' has no Gram matrices (calibrated with --no-gram" in shown["params"]["fallback"]
 
 
 def test_learn_run_again_is_reused_whatever_the_default_fused_by(cli, tmp_path, llama_dir):
     """A pipeline re-runs its `learn` steps: the same command returns the version it made, also where
-    the default fell back to MagMax (a full fine-tuning line; a LoRA line whose head has no Gram
+    the default fell back to TIES (a full fine-tuning line; a LoRA line whose head has no Gram
     matrices), and `--gram` is compared by what it does (the default is on for LoRA), not as written."""
     from conftest import LORA_TARGETS, make_lora
 
@@ -210,14 +210,14 @@ def test_learn_run_again_is_reused_whatever_the_default_fused_by(cli, tmp_path, 
             *(["--base", "llama"] if task == "f1" else []))
     again = cli("learn", "f2", "--data", data["vowel"], "--into", "full", "--mode", "full", "--max-steps", "1", "--json")
     first = json.loads(again.stdout)
-    assert first["reused"] is True and first["method"] == "magmax" and "full fine-tuning" in first["params"]["fallback"]
+    assert first["reused"] is True and first["method"] == "ties" and "full fine-tuning" in first["params"]["fallback"]
     assert cli.json("learn", "f2", "--data", data["vowel"], "--into", "full", "--mode", "full", "--max-steps", "1",
                     "--no-gram")["reused"] is True  # off for full either way
 
     cli("add-task", "outside", make_lora(llama_dir, tmp_path / "outside", 3, LORA_TARGETS), "--base", "llama")
     cli("fuse", "outside", "--into", "mixed")
     learned = cli.json("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget)
-    assert learned["method"] == "magmax" and "mixed@v1 has no Gram matrices" in learned["params"]["fallback"]
+    assert learned["method"] == "ties" and "mixed@v1 has no Gram matrices" in learned["params"]["fallback"]
     assert cli.json("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget)["reused"] is True
     assert cli.json("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget, "--gram")["reused"] is True
     refused = cli("learn", "l2", "--data", data["parity"], "--into", "mixed", *budget, "--no-gram", code=6)
@@ -255,7 +255,7 @@ def test_gram_matrices_are_float32_sums_under_bf16_autocast(llama_dir):
 
 def test_gram_matrices_an_older_kifmerge_summed_in_bfloat16_are_not_used(cli, tmp_path, llama_dir):
     """A profile written before the float32 mark by a --bf16 training holds bfloat16 sums: the
-    default fuse falls back to MagMax and says why, `--method regmean` refuses, and the line keeps
+    default fuse falls back to TIES and says why, `--method regmean` refuses, and the line keeps
     no Gram matrices from it. The same file from a float32 training is used as before."""
     from safetensors.torch import save_file
 
@@ -285,10 +285,10 @@ def test_gram_matrices_an_older_kifmerge_summed_in_bfloat16_are_not_used(cli, tm
     assert "task 'old''s Gram matrices were summed in bfloat16" in refused.stderr and "retrain" in refused.stderr
     fused = cli("fuse", "old", "--into", "main", "--json")
     version = json.loads(fused.stdout)
-    assert version["method"] == "magmax" and "summed in bfloat16" in version["params"]["fallback"]
+    assert version["method"] == "ties" and "summed in bfloat16" in version["params"]["fallback"]
     assert "summed in bfloat16" in fused.stderr
     later = cli.json("fuse", "old32", "--into", "main")  # the line holds none now: later fuses fall back too
-    assert later["method"] == "magmax" and "none usable" in later["params"]["fallback"]
+    assert later["method"] == "ties" and "none usable" in later["params"]["fallback"]
     assert cli.json("fuse", "old32", "--into", "other", "--json")["method"] == "initial"
     cli("learn", "t3", "--data", data["parity"], "--into", "other", *budget)
     assert cli.json("show", "other@v2")["method"] == "regmean", "an unmarked float32 training's matrices are used"
@@ -328,4 +328,4 @@ def test_regmean_records_how_much_a_merge_grew_and_warns_when_far_above_either_u
     refactor = json.loads(fused.stdout)["params"]["refactor"]
     assert refactor["largest_growth"] > 16 and refactor["largest_growth_module"] in modules
     [warning] = [line for line in fused.stderr.splitlines() if line.startswith("kifmerge: warning:")]
-    assert f"{refactor['largest_growth']:.1f}× the larger of the two it merges" in warning and "--method magmax" in warning
+    assert f"{refactor['largest_growth']:.1f}× the larger of the two it merges" in warning and "--method ties" in warning

@@ -153,7 +153,7 @@ def add_task(
 @with_fuse_options
 def fuse(
     task: Annotated[str, typer.Argument(help="A registered task (with a profile, unless the rule reads none: magmax, ties, dare-*, task-arithmetic; "
-                                                       "the default then fuses by magmax).")],
+                                                       "the default then fuses by ties).")],
     into: Annotated[str, typer.Option("--into", help="The line to fuse into (created when new).")],
     again: Annotated[bool, typer.Option("--again", help="Fuse TASK even when the line already holds it; without it "
                                                         "that is refused (exit 6), so a retried step cannot fuse twice.")] = False,

@@ -102,7 +102,10 @@ def check_profile_for(method: str, task: str, profile_row: dict | None, chosen: 
             "or `--calibrate DATA` (`kifmerge train` records one)")
 
 
-GRAM_FALLBACK = {"regmean": "magmax"}  # the default rule → what fuses when it was not chosen and cannot run
+# The default rule → what fuses when it was not chosen and cannot run: the best data-free rule on the
+# benchmark's ruler, TIES +2.6 [+1.7, +3.6] AP above MagMax over orders 4–6 (-0.1 [-1.1, +0.9] at lr 1e-3;
+# benchmarks/results/summary-vs-magmax.md); it reads the base like MagMax and no profile
+GRAM_FALLBACK = {"regmean": "ties"}
 # RegMean's merged ΔW above this × the larger input's warns. SmolLM2, lr 3e-3, orders 5–6: float32 Gram sums
 # reach 8.3 (layers 0–1; layer 0's inputs' Gram matrices span 8 orders of magnitude), the bfloat16 sums of the same
 # trainings 21 and 64 (the 64 made the merge answer amazon at 3 %)
@@ -127,7 +130,7 @@ def gram_fallback(params, kind: str, task_row: dict, head: str, task_grams: dict
     """(params, why) for a fuse by a Gram rule: as they are, or, when the rule is the default (not
     chosen) and a side has no Gram matrices (a task added without `--calibrate`, trained with
     `--no-gram` or before they were recorded by default, a full fine-tuning) or none usable
-    (`problem`), MagMax's, with the reason, warned on stderr and recorded on the version. A rule
+    (`problem`), the fallback's (TIES), with the reason, warned on stderr and recorded on the version. A rule
     chosen with --method is never swapped: it refuses."""
     if params.method not in GRAM_FALLBACK or "method" in params.model_fields_set:
         return params, None
@@ -437,7 +440,7 @@ def stage_version(reg: Registry, task_row: dict, profile_sha: str | None, into: 
                 warnings.warn(f"{params.method}: the merged update of {recorded['refactor']['largest_growth_module']} is "
                               f"{recorded['refactor']['largest_growth']:.1f}× the larger of the two it merges (the solve "
                               "amplified directions the inputs barely excite; Gram matrices that are not the inputs', e.g. "
-                              "edited, do this): if the version scores badly, compare a --method magmax fuse", KifWarning,
+                              "edited, do this): if the version scores badly, compare a --method ties fuse", KifWarning,
                               stacklevel=2)
             p_line = accumulate(p_old, p_new, params.profile_weights)
             line_elements = _line_elements(head_elements, task_elements, lambda: len(held_tasks(reg, into)))
