@@ -198,7 +198,8 @@ def add_sequence_options(parser: argparse.ArgumentParser) -> None:
     """How every task is trained and evaluated (continual.py; bf16_check.py trains the same tasks)."""
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per task")
     parser.add_argument("--lr", type=float, default=3e-3,
-                        help="peak learning rate (default 3e-3: at 1e-3 SeqLoRA hardly forgot on orders 5 and 6, BWT vs learned −12.8 / −10.4; benchmarks/results/ruler.md)")
+                        help="peak learning rate (default 3e-3: at 1e-3 SeqLoRA hardly forgot on orders 5 and 6, "
+                             "BWT vs learned −12.8 / −10.4; benchmarks/results/ruler.md)")
     parser.add_argument("--warmup", type=int, default=10, help="warmup steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lora-r", type=int, default=8)
